@@ -1,0 +1,109 @@
+"""Offline reconstruction of a raw file with the network (``cycguard recon`` / ``cycguard demo``).
+
+Until the defended Gadgetron chain exists this runs ``recon.pipeline`` in process. Images
+leave with ``CycGuard.Verdict = unverified``: no consistency check ran on them, and an
+image never looks verified when it is not.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from recon.io.mrd import read_raw
+from recon.io.mrd_write import read_images, write_images
+from recon.metrics import quality
+from recon.models.weights import load_model
+from recon.pipeline import reconstruct
+from recon.report import SliceReport, montage, write_report
+from recon.types import ReconImage
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r} is not a torch device (use auto, cpu or cuda[:N])") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+@dataclass(frozen=True)
+class OfflineResult:
+    """Where the outputs went and the per-slice report rows."""
+
+    images: Path
+    report_json: Path
+    report_html: Path
+    rows: tuple[SliceReport, ...]
+
+
+def reconstruct_file(
+    raw: Path,
+    out: Path,
+    report_dir: Path,
+    reference: Path | None = None,
+    weights: Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> OfflineResult:
+    """Reconstruct every slice of ``raw``, write images to ``out`` and a report to ``report_dir``.
+
+    Args:
+        raw: ISMRMRD raw file.
+        out: ISMRMRD file for the images (group ``images``, series 1; overwritten).
+        report_dir: folder for ``report.json``, ``report.html`` and PNG montages.
+        reference: optional ISMRMRD image file with one complex reference per slice.
+        weights: network weights (the shipped default when ``None``).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        progress: show a progress bar on stderr.
+    """
+    torch_device = resolve_device(device)
+    model, manifest = load_model(weights, torch_device)
+    scan = read_raw(raw)
+    references = [image for image, _ in read_images(reference)] if reference is not None else None
+    if references is not None and len(references) != len(scan.slices):
+        raise ValueError(f"{reference} holds {len(references)} images, {raw} has {len(scan.slices)} slices")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    images, rows = [], []
+    for n, data in enumerate(tqdm(scan.slices, desc="recon", unit="slice", disable=not progress)):
+        result = reconstruct(data, model, torch_device)
+        x_zf = result.prepared.x_zf[0].cpu().numpy()
+        meta = (
+            ("CycGuard.Verdict", "unverified"),
+            ("CycGuard.Model", f"{manifest.name}:{manifest.sha256[:12]}"),
+            ("GADGETRON_ImageComment", "CycGuard DL recon; verdict unverified (no consistency check)"),
+            ("ImageProcessingHistory", "CYCGUARD_MODL"),
+        )
+        images.append(ReconImage(result.image, data.key, data.geometry, meta))
+        ref = references[n] if references is not None else None
+        name = f"slice {data.key.slice} rep {data.key.repetition}"
+        panels = [("zero-filled", x_zf), ("CycGuard", result.image)] + ([("reference", ref)] if ref is not None else [])
+        picture = montage(report_dir / f"slice_{n:03d}.png", panels).name
+        rows.append(
+            SliceReport(
+                name=name,
+                verdict="unverified",
+                timings=dict(result.timings),
+                quality=quality(result.image, ref) if ref is not None else None,
+                quality_zero_filled=quality(x_zf, ref) if ref is not None else None,
+                picture=picture,
+            )
+        )
+    out.unlink(missing_ok=True)
+    write_images(out, images, xml=scan.xml)
+    json_path, html_path = write_report(report_dir, f"CycGuard reconstruction of {raw.name}", str(raw), rows)
+    if references is not None:
+        log.info("mean PSNR %.2f dB", float(np.mean([r.quality.psnr for r in rows if r.quality])))
+    return OfflineResult(out, json_path, html_path, tuple(rows))

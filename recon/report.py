@@ -1,0 +1,86 @@
+"""Per-slice reports a person reads: JSON for machines, HTML with PNG montages for people."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from recon.metrics import Quality  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SliceReport:
+    """One slice's line in the report.
+
+    Attributes:
+        name: human-readable slice label.
+        verdict: the CycGuard verdict carried by the image (``unverified`` when no check ran).
+        timings: seconds per stage.
+        quality: against the reference, when one was given.
+        quality_zero_filled: the zero-filled image against the same reference.
+        picture: PNG file name of the montage (relative to the report folder).
+    """
+
+    name: str
+    verdict: str
+    timings: dict[str, float]
+    quality: Quality | None
+    quality_zero_filled: Quality | None
+    picture: str
+
+
+def montage(path: Path, panels: Sequence[tuple[str, np.ndarray]], error_gain: float = 5.0) -> Path:
+    """Save magnitude panels side by side (common grey scale), with ``|error| x gain`` panels
+    for every panel after a ``reference`` one when present."""
+    names = [n for n, _ in panels]
+    images = [np.abs(p) for _, p in panels]
+    vmax = float(np.percentile(np.concatenate([i.ravel() for i in images]), 99.5)) or 1.0
+    reference = images[names.index("reference")] if "reference" in names else None
+    extra = [(f"|{n} - ref| x{error_gain:g}", np.abs(i - reference) * error_gain) for n, i in zip(names, images) if reference is not None and n != "reference"]
+    columns = list(zip(names, images)) + extra
+    fig, axes = plt.subplots(1, len(columns), figsize=(2.2 * len(columns), 2.4), squeeze=False)
+    for ax, (title, image) in zip(axes[0], columns):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=vmax)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def write_report(folder: Path, title: str, source: str, rows: Sequence[SliceReport]) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` into ``folder``; returns both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [asdict(r) for r in rows]
+    json_path = folder / "report.json"
+    json_path.write_text(json.dumps({"title": title, "source": source, "slices": records}, indent=2) + "\n")
+
+    def fmt(q: Quality | None) -> str:
+        return "&ndash;" if q is None else f"{q.psnr:.2f} dB / {q.ssim:.3f}"
+
+    body = "\n".join(
+        f"<tr><td>{html.escape(r.name)}</td><td class='{html.escape(r.verdict)}'>{html.escape(r.verdict)}</td>"
+        f"<td>{fmt(r.quality)}</td><td>{fmt(r.quality_zero_filled)}</td>"
+        f"<td>{sum(r.timings.values()):.2f}</td><td><img src='{html.escape(r.picture)}'></td></tr>"
+        for r in rows
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif}} td{{padding:4px 8px;vertical-align:middle}}
+.unverified{{color:#a60}} .clean{{color:#070}} .flagged{{color:#c00}} .mitigated{{color:#06c}}</style></head>
+<body><h1>{html.escape(title)}</h1><p>Source: <code>{html.escape(source)}</code></p>
+<table><tr><th>slice</th><th>verdict</th><th>PSNR / SSIM vs reference</th><th>zero-filled</th><th>seconds</th><th>images</th></tr>
+{body}</table></body></html>
+"""
+    html_path = folder / "report.html"
+    html_path.write_text(page)
+    return json_path, html_path

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny synthetic data made here, real binaries found or (under CI) required."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recon.data.simulate import birdcage_maps, noise_cholesky, simulate_kspace, smooth_phase
+from recon.io.mrd_write import ScanDescription, write_raw
+from recon.physics.masks import MaskFamily
+from recon.types import SliceGeometry
+
+
+def require_binary(name: str) -> str:
+    """Path of a Debian tool; skip when absent locally, fail under CI where .ci/run installs it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not installed (apt-get install it; .ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def disc_phantom(shape: tuple[int, int]) -> np.ndarray:
+    """A smooth-edged ellipse with two inserts, values in [0, 1]."""
+    y, x = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    image = ((x / 0.7) ** 2 + (y / 0.85) ** 2 < 1).astype(np.float32) * 0.6
+    image += ((x - 0.2) ** 2 + (y + 0.2) ** 2 < 0.05).astype(np.float32) * 0.4
+    image -= ((x + 0.25) ** 2 + (y - 0.3) ** 2 < 0.02).astype(np.float32) * 0.3
+    return np.clip(image, 0, 1)
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def small_raw(tmp_path: Path) -> tuple[Path, ScanDescription, np.ndarray]:
+    """A real ISMRMRD raw file: 2 slices, 4 coils, 32x32, 2x readout oversampling, noise scans."""
+    rng = np.random.default_rng(11)
+    desc = ScanDescription(matrix=(32, 32), coils=4, acceleration=2)
+    ny, nx = desc.matrix
+    maps = birdcage_maps(4, (ny, 2 * nx), rng, radius=1.3, extent=(1.0, 2.0))
+    chol = noise_cholesky(4, rng)
+    family = MaskFamily("equispaced", 2, 8)
+    kspaces, masks, geometries = [], [], []
+    for n in range(2):
+        obj = np.zeros((ny, 2 * nx), np.complex64)
+        obj[:, nx // 2 : nx // 2 + nx] = disc_phantom((ny, nx)) * np.exp(1j * smooth_phase((ny, nx), rng, 1.0))
+        kspaces.append(simulate_kspace(obj, maps, 0.01, chol, rng))
+        masks.append(family.equispaced(ny, n))
+        geometries.append(SliceGeometry(position=(0.0, 0.0, 5.0 * n)))
+    noise = 0.01 * np.einsum("ij,jn->in", chol, (rng.standard_normal((4, 512)) + 1j * rng.standard_normal((4, 512))) / np.sqrt(2))
+    path = write_raw(tmp_path / "small.h5", desc, kspaces, masks, family.acs_mask(ny), geometries, noise.astype(np.complex64))
+    return path, desc, chol
+
+
+@pytest.fixture
+def shepp_logan(tmp_path: Path) -> Path:
+    """ismrmrd-tools' Shepp-Logan raw file: 128 matrix, 8 coils, R = 4, 16 calibration lines."""
+    tool = require_binary("ismrmrd_generate_cartesian_shepp_logan")
+    out = tmp_path / "shepp_logan.h5"
+    subprocess.run([tool, "-m", "128", "-c", "8", "-a", "4", "-w", "16", "-n", "0.05", "-C", "-o", str(out)], check=True, capture_output=True)
+    return out
