@@ -45,10 +45,10 @@ def montage(path: Path, panels: Sequence[tuple[str, np.ndarray]], error_gain: fl
     images = [np.abs(p) for _, p in panels]
     vmax = float(np.percentile(np.concatenate([i.ravel() for i in images]), 99.5)) or 1.0
     reference = images[names.index("reference")] if "reference" in names else None
-    extra = [(f"|{n} - ref| x{error_gain:g}", np.abs(i - reference) * error_gain) for n, i in zip(names, images) if reference is not None and n != "reference"]
-    columns = list(zip(names, images)) + extra
+    extra = [(f"|{n} - ref| x{error_gain:g}", np.abs(i - reference) * error_gain) for n, i in zip(names, images, strict=True) if reference is not None and n != "reference"]
+    columns = list(zip(names, images, strict=True)) + extra
     fig, axes = plt.subplots(1, len(columns), figsize=(2.2 * len(columns), 2.4), squeeze=False)
-    for ax, (title, image) in zip(axes[0], columns):
+    for ax, (title, image) in zip(axes[0], columns, strict=True):
         ax.imshow(image, cmap="gray", vmin=0, vmax=vmax)
         ax.set_title(title, fontsize=8)
         ax.axis("off")

@@ -147,7 +147,7 @@ def train(config: TrainConfig, out_dir: Path, name: str = "modl_default", progre
         picks = rng.choice(len(pool), size=config.batch, replace=False)
         batch = [pool[i] for i in picks]
         masks = [torch.from_numpy(config.family.sample(config.matrix, rng)) for _ in batch]
-        batch = [Sample(s.kspace_full, s.maps, m, s.reference, s.truth, s.noise_std) for s, m in zip(batch, masks)]
+        batch = [Sample(s.kspace_full, s.maps, m, s.reference, s.truth, s.noise_std) for s, m in zip(batch, masks, strict=True)]
         x_zf, op, _, reference = batch_inputs(batch)
         loss = loss_fn(model(x_zf, op), reference)
         optimiser.zero_grad()

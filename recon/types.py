@@ -26,7 +26,7 @@ def _freeze(name: str, array: np.ndarray, ndim: int, dtype: type) -> np.ndarray:
         raise TypeError(f"{name} must be a numpy array, got {type(array).__name__}")
     if array.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
-    out = np.ascontiguousarray(array, dtype=dtype)
+    out: np.ndarray = np.ascontiguousarray(array, dtype=dtype)
     out.flags.writeable = False
     return out
 

@@ -46,7 +46,7 @@ def make_sample(
     family: MaskFamily,
     coils: int,
     rng: np.random.Generator,
-    noise_range: tuple[float, float] = (0.004, 0.03),
+    noise_range: tuple[float, float] = (0.005, 0.04),
 ) -> Sample:
     """Simulate an acquisition of ``magnitude`` (``(y, x)``, values in [0, 1])."""
     shape = (int(magnitude.shape[0]), int(magnitude.shape[1]))

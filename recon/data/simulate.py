@@ -11,6 +11,8 @@ from scipy import ndimage
 
 from recon.physics.fft import fft2c
 
+SOFTENING = 0.4  # in units of the object's half field of view
+
 
 def birdcage_maps(
     coils: int,
@@ -33,7 +35,7 @@ def birdcage_maps(
         the object's field of view.
     """
     ny, nx = shape
-    radius = float(rng.uniform(1.1, 1.6)) if radius is None else radius
+    radius = float(rng.uniform(1.2, 1.6)) if radius is None else radius
     rotation = float(rng.uniform(0, 2 * np.pi))
     aspect = float(rng.uniform(0.85, 1.15))
     y, x = np.meshgrid(np.linspace(-extent[0], extent[0], ny), np.linspace(-extent[1], extent[1], nx), indexing="ij")
@@ -42,7 +44,9 @@ def birdcage_maps(
         angle = rotation + 2 * np.pi * c / coils
         cx, cy = radius * np.cos(angle) * aspect, radius * np.sin(angle) / aspect
         dx, dy = x - cx, y - cy
-        distance = np.sqrt(dx**2 + dy**2)
+        # softened 1/r fall-off: a loop's field is finite at its own conductor, and a head
+        # array's combined receive field varies by ~1.5x between centre and edge
+        distance = np.sqrt(dx**2 + dy**2 + SOFTENING**2)
         phase = np.arctan2(dx, -dy) - angle
         maps[c] = np.exp(1j * phase) / distance
     rss = np.sqrt(np.sum(np.abs(maps) ** 2, axis=0))

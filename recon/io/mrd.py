@@ -16,8 +16,8 @@ naming the file and what is wrong.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -25,7 +25,7 @@ import ismrmrd
 import numpy as np
 
 from recon.physics.noise import noise_covariance, remove_readout_oversampling, whitening_matrix
-from recon.types import ReconImage, SliceGeometry, SliceKey, SliceKSpace
+from recon.types import SliceGeometry, SliceKey, SliceKSpace
 
 log = logging.getLogger(__name__)
 

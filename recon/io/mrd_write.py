@@ -221,7 +221,7 @@ def read_images(path: str | Path, group: str = "images", series_index: int = 1) 
     if data.dtype.names:
         data = data["real"] + 1j * data["imag"]
     out = []
-    for array, attribute in zip(data, attributes):
+    for array, attribute in zip(data, attributes, strict=True):
         text = attribute.decode("utf-8") if isinstance(attribute, bytes) else str(attribute)
         meta = ismrmrd.Meta.deserialize(text) if text else ismrmrd.Meta()
         out.append((np.asarray(array)[0, 0], {k: str(meta[k]) for k in meta.keys()}))

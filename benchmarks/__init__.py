@@ -1,0 +1,1 @@
+"""Benchmarks: each script reproduces one table of benchmarks/RESULTS.md."""

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up CycGuard on a fresh Debian machine: Debian tools (as root), a virtual environment
+# in .venv, and the package with its extras. Safe to rerun: it skips what is already done.
+#   scripts/bootstrap.sh run   # what `make demo` needs: the package, CPU torch
+#   scripts/bootstrap.sh dev   # + test tools, training data, gadgetron, ismrmrd-tools, bart
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+case "$mode" in
+  run) extras="" ; debs="" ;;
+  dev) extras="[dev,data,gadgetron]" ; debs="ismrmrd-tools bart" ;;
+  *) echo "usage: $0 run|dev" >&2; exit 2 ;;
+esac
+
+missing=""
+for pkg in $debs; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "bootstrap: apt-get install$missing" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  else
+    echo "bootstrap: please install the Debian packages:$missing (tests that need them fail under CI, skip elsewhere)" >&2
+  fi
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=.venv/.install-stamp
+want="$mode $(cat setup.cfg constraints.txt | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
+  echo "bootstrap: installing cycguard$extras into .venv (torch pinned by constraints.txt)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".$extras" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  .venv/bin/python -c "import recon, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+  echo "$want" > "$stamp"
+fi
