@@ -70,8 +70,8 @@ def reconstruct_file(
         progress: show a progress bar on stderr.
     """
     torch_device = resolve_device(device)
+    scan = read_raw(raw)  # bad input fails before the weights are touched
     model, manifest = load_model(weights, torch_device)
-    scan = read_raw(raw)
     references = [image for image, _ in read_images(reference)] if reference is not None else None
     if references is not None and len(references) != len(scan.slices):
         raise ValueError(f"{reference} holds {len(references)} images, {raw} has {len(scan.slices)} slices")
