@@ -48,3 +48,10 @@ def remove_readout_oversampling(data: np.ndarray, recon_samples: int) -> np.ndar
     # orthonormal transforms keep white noise at its per-sample variance, so whitened
     # data stay in units of the noise level after the crop
     return fftc(cropped, dim=-1).numpy().astype(np.complex64)
+
+
+def complex_randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Circular complex Gaussian noise, unit variance per entry, from an explicit generator."""
+    real = torch.randn(shape, generator=generator)
+    imag = torch.randn(shape, generator=generator)
+    return (torch.complex(real, imag) / 2**0.5).to(device)

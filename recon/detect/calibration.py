@@ -1,0 +1,159 @@
+"""Detection thresholds calibrated on clean slices, tied to a model and a protocol.
+
+A calibration holds the sorted clean scores of one statistic, the threshold for a target
+false-positive rate and what they are valid for: the weights' SHA-256, the protocol
+(matrix, coils, mask family) and the detector's settings. Loading checks all three and
+the file's own digest, and refuses a mismatch with an error that says which.
+
+Threshold: the conformal quantile ``s_(ceil((n + 1)(1 - alpha)))`` of the n clean scores,
+which keeps the false-positive rate at or below ``alpha`` for exchangeable clean data.
+p-value of a score s: ``(1 + #{clean >= s}) / (n + 1)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FORMAT = "cycguard-calibration/1"
+
+
+class CalibrationError(ValueError):
+    """A calibration file that does not fit the model, protocol or detector in use."""
+
+
+@dataclass(frozen=True)
+class ProtocolKey:
+    """What a calibration is valid for besides the model."""
+
+    matrix: tuple[int, int]
+    coils: int
+    mask_kind: str
+    acceleration: int
+    acs_lines: int
+
+
+@dataclass(frozen=True)
+class DetectorKey:
+    """The detector settings the scores were computed with."""
+
+    statistic: str
+    alternatives: int
+    jitter_scale: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibrated threshold and the clean scores behind it."""
+
+    model_sha256: str
+    protocol: ProtocolKey
+    detector: DetectorKey
+    target_fpr: float
+    threshold: float
+    clean_scores: tuple[float, ...]
+
+    def flags(self, score: float) -> bool:
+        """Whether ``score`` exceeds the threshold (non-finite scores are flagged: fail closed)."""
+        return not math.isfinite(score) or score > self.threshold
+
+    def p_value(self, score: float) -> float:
+        """Conformal p-value of ``score`` among the clean calibration scores."""
+        if not math.isfinite(score):
+            return 0.0
+        exceed = sum(1 for s in self.clean_scores if s >= score)
+        return (1 + exceed) / (len(self.clean_scores) + 1)
+
+    def _payload(self) -> dict[str, object]:
+        return {
+            "format": FORMAT,
+            "model_sha256": self.model_sha256,
+            "protocol": asdict(self.protocol),
+            "detector": asdict(self.detector),
+            "target_fpr": self.target_fpr,
+            "threshold": self.threshold,
+            "clean_scores": list(self.clean_scores),
+        }
+
+    def save(self, path: Path) -> Path:
+        """Write JSON with a SHA-256 of its canonical payload."""
+        payload = self._payload()
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        path.write_text(json.dumps({**payload, "sha256": digest}, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Path, model_sha256: str, protocol: ProtocolKey, detector: DetectorKey) -> Calibration:
+        """Read a calibration and check that it belongs to this model, protocol and detector.
+
+        Raises:
+            CalibrationError: unreadable, edited (digest mismatch), or made for another
+                model, protocol or detector.
+        """
+        try:
+            raw = json.loads(Path(path).read_text())
+            digest = raw.pop("sha256")
+            if raw.get("format") != FORMAT:
+                raise CalibrationError(f"calibration {path}: format {raw.get('format')!r}, expected {FORMAT!r}")
+            calibration = cls(
+                model_sha256=str(raw["model_sha256"]),
+                protocol=ProtocolKey(
+                    matrix=(int(raw["protocol"]["matrix"][0]), int(raw["protocol"]["matrix"][1])),
+                    coils=int(raw["protocol"]["coils"]),
+                    mask_kind=str(raw["protocol"]["mask_kind"]),
+                    acceleration=int(raw["protocol"]["acceleration"]),
+                    acs_lines=int(raw["protocol"]["acs_lines"]),
+                ),
+                detector=DetectorKey(**raw["detector"]),
+                target_fpr=float(raw["target_fpr"]),
+                threshold=float(raw["threshold"]),
+                clean_scores=tuple(float(s) for s in raw["clean_scores"]),
+            )
+        except CalibrationError:
+            raise
+        except FileNotFoundError as err:
+            raise CalibrationError(f"calibration {path} not found") from err
+        except (KeyError, TypeError, ValueError) as err:
+            raise CalibrationError(f"calibration {path} is malformed: {err!r}") from err
+        if hashlib.sha256(json.dumps(calibration._payload(), sort_keys=True).encode()).hexdigest() != digest:
+            raise CalibrationError(f"calibration {path} has been modified (SHA-256 mismatch)")
+        if calibration.model_sha256 != model_sha256:
+            raise CalibrationError(
+                f"calibration {path} was made for model {calibration.model_sha256[:12]}, "
+                f"the loaded model is {model_sha256[:12]}: recalibrate (cycguard calibrate)"
+            )
+        if calibration.protocol != protocol:
+            raise CalibrationError(f"calibration {path} was made for protocol {calibration.protocol}, this scan is {protocol}")
+        if calibration.detector != detector:
+            raise CalibrationError(f"calibration {path} was made with detector {calibration.detector}, configured {detector}")
+        return calibration
+
+
+def calibrate(
+    scores: Sequence[float],
+    target_fpr: float,
+    model_sha256: str,
+    protocol: ProtocolKey,
+    detector: DetectorKey,
+) -> Calibration:
+    """Threshold for ``target_fpr`` from clean scores (conformal quantile).
+
+    Raises:
+        ValueError: too few scores for the target (need ``n + 1 >= 1 / target_fpr``), a
+            target outside (0, 1), or a non-finite score.
+    """
+    if not 0 < target_fpr < 1:
+        raise ValueError(f"target false-positive rate must be in (0, 1), got {target_fpr}")
+    clean = sorted(float(s) for s in scores)
+    if any(not math.isfinite(s) for s in clean):
+        raise ValueError("clean calibration scores must be finite")
+    n = len(clean)
+    rank = math.ceil((n + 1) * (1 - target_fpr))
+    if rank > n:
+        raise ValueError(f"{n} clean scores cannot calibrate a {target_fpr:g} false-positive rate; need at least {math.ceil(1 / target_fpr) - 1}")
+    return Calibration(model_sha256, protocol, detector, target_fpr, clean[rank - 1], tuple(clean))

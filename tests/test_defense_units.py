@@ -1,0 +1,150 @@
+"""Attacks stay in budget and touch only what they say; detector and calibration behave."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recon.attacks import (
+    benign_noise,
+    fgsm_image,
+    fgsm_kspace,
+    impulse_spikes,
+    pgd_image_linf,
+    pgd_kspace_l2,
+    pgd_kspace_linf,
+)
+from recon.data.samples import batch_inputs, make_sample
+from recon.detect import CalibrationError, CyclicDetector, calibrate
+from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey
+from recon.mitigate import mitigate_faithful, mitigate_kspace
+from recon.models.modl import MoDL, MoDLConfig
+from recon.physics.masks import MaskFamily
+from tests.conftest import disc_phantom
+
+FAMILY = MaskFamily("equispaced", 4, 8)
+PROTOCOL = ProtocolKey((32, 32), 4, "equispaced", 4, 8)
+DETECTOR = DetectorKey("cyclic", 3, 6.0, 0)
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[MoDL, object, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = MoDL(MoDLConfig(channels=8, layers=3, unrolls=2, cg_iterations=3)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sample = make_sample(disc_phantom((32, 32)), FAMILY, 4, np.random.default_rng(3))
+    x_zf, op, y, _ = batch_inputs([sample])
+    return model, op, y, x_zf
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _off_mask(op: object, k: torch.Tensor) -> torch.Tensor:
+    return k[0][:, ~op.mask[0]]  # type: ignore[attr-defined]
+
+
+def test_image_attacks_stay_in_the_box(setup: tuple) -> None:
+    model, op, _, x_zf = setup
+    eps = 0.01 * float(x_zf.abs().max())
+    for attacked in (pgd_image_linf(model, op, x_zf, eps, _gen()), fgsm_image(model, op, x_zf, eps, _gen())):
+        delta = attacked - x_zf
+        assert float(delta.real.abs().max()) <= eps * (1 + 1e-5)
+        assert float(delta.imag.abs().max()) <= eps * (1 + 1e-5)
+        assert float(delta.abs().max()) > 0.5 * eps  # it used its budget
+
+
+def test_kspace_attacks_respect_budget_and_mask(setup: tuple) -> None:
+    model, op, y, _ = setup
+    eps = 0.05 * float(torch.linalg.vector_norm(y))
+    l2 = pgd_kspace_l2(model, op, y, eps, _gen())
+    assert float(torch.linalg.vector_norm(l2 - y)) <= eps * (1 + 1e-5)
+    assert float(torch.linalg.vector_norm(l2 - y)) > 0.9 * eps
+    fgsm = fgsm_kspace(model, op, y, eps, _gen())
+    assert float(torch.linalg.vector_norm(fgsm - y)) == pytest.approx(eps, rel=1e-3)
+    box = 0.01 * float(y.abs().max())
+    linf = pgd_kspace_linf(model, op, y, box, _gen())
+    assert float((linf - y).real.abs().max()) <= box * (1 + 1e-5)
+    for attacked in (l2, fgsm, linf, benign_noise(op, y, 0.1, _gen()), impulse_spikes(op, y, 5, 3.0, _gen())):
+        assert not bool(_off_mask(op, attacked).abs().any())  # nothing off the acquired lines
+
+
+def test_impulse_spikes_count_and_amplitude(setup: tuple) -> None:
+    _, op, y, _ = setup
+    spiked = impulse_spikes(op, y, 6, 5.0, _gen(1))
+    changed = (spiked - y).abs()
+    assert int((changed > 0).sum()) <= 6 and int((changed > 0).sum()) >= 5  # collisions are possible
+    np.testing.assert_allclose(changed[changed > 0].numpy(), 5.0, rtol=1e-5)
+
+
+def test_attacks_are_seeded(setup: tuple) -> None:
+    model, op, y, _ = setup
+    eps = 0.05 * float(torch.linalg.vector_norm(y))
+    a = pgd_kspace_l2(model, op, y, eps, _gen(5))
+    b = pgd_kspace_l2(model, op, y, eps, _gen(5))
+    torch.testing.assert_close(a, b)
+
+
+def test_detector_is_deterministic_and_single_slice(setup: tuple) -> None:
+    model, op, y, x_zf = setup
+    detector = CyclicDetector(model, FAMILY)
+    x1 = model(x_zf, op)
+    first, second = detector.score(op, y, x1), detector.score(op, y, x1)
+    assert first == second
+    assert first.cyclic > 0 and first.dc > 0 and first.cycle_image > 0
+    with pytest.raises(ValueError, match="one slice at a time"):
+        detector.cycle(type(op)(op.maps.expand(2, -1, -1, -1), op.mask.expand(2, -1)), y, x1)
+    with pytest.raises(ValueError, match="statistic 'psnr'"):
+        first.get("psnr")
+
+
+def test_calibration_threshold_and_p_values(tmp_path: Path) -> None:
+    scores = np.linspace(0.0, 1.0, 199)
+    cal = calibrate(scores, 0.05, "ab" * 32, PROTOCOL, DETECTOR)
+    # conformal rank ceil(200 * 0.95) = 190 -> the 190th smallest score
+    assert cal.threshold == pytest.approx(scores[189])
+    assert np.mean([cal.flags(s) for s in scores]) <= 0.05
+    assert cal.p_value(2.0) == pytest.approx(1 / 200)
+    assert cal.p_value(-1.0) == pytest.approx(1.0)
+    assert cal.flags(float("nan")) and cal.p_value(float("nan")) == 0.0
+    with pytest.raises(ValueError, match="cannot calibrate a 0.001 false-positive rate"):
+        calibrate(scores, 0.001, "ab" * 32, PROTOCOL, DETECTOR)
+    path = cal.save(tmp_path / "cal.json")
+    assert Calibration.load(path, "ab" * 32, PROTOCOL, DETECTOR) == cal
+
+
+def test_calibration_refuses_other_model_protocol_detector_or_edits(tmp_path: Path) -> None:
+    path = calibrate(np.linspace(0, 1, 99), 0.05, "ab" * 32, PROTOCOL, DETECTOR).save(tmp_path / "cal.json")
+    with pytest.raises(CalibrationError, match="made for model abababababab"):
+        Calibration.load(path, "cd" * 32, PROTOCOL, DETECTOR)
+    with pytest.raises(CalibrationError, match="made for protocol"):
+        Calibration.load(path, "ab" * 32, ProtocolKey((64, 64), 4, "equispaced", 4, 8), DETECTOR)
+    with pytest.raises(CalibrationError, match="made with detector"):
+        Calibration.load(path, "ab" * 32, PROTOCOL, DetectorKey("dc", 3, 6.0, 0))
+    raw = json.loads(path.read_text())
+    raw["threshold"] = 99.0
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError, match="has been modified"):
+        Calibration.load(path, "ab" * 32, PROTOCOL, DETECTOR)
+    with pytest.raises(CalibrationError, match="not found"):
+        Calibration.load(tmp_path / "absent.json", "ab" * 32, PROTOCOL, DETECTOR)
+
+
+def test_mitigations_stay_in_their_budgets(setup: tuple) -> None:
+    model, op, y, x_zf = setup
+    detector = CyclicDetector(model, FAMILY)
+    x1 = model(x_zf, op)
+    cycle = detector.cycle(op, y, x1)
+    eps = 0.01 * float(x_zf.abs().max())
+    faithful = mitigate_faithful(model, op, x_zf, cycle, eps, eps / 2, iterations=3)
+    assert faithful.loss_best <= faithful.loss_start
+    assert faithful.network_passes == 2 * 3 * 4
+    ours = mitigate_kspace(model, op, y, cycle, noise_sigma=0.01, iterations=4)
+    assert ours.loss_best <= ours.loss_start and ours.iterations <= 4
+    assert ours.image.shape == x1.shape
