@@ -5,6 +5,7 @@ Sub-commands:
 * ``demo``: reconstruct the bundled demo raw file and write images plus a report.
 * ``recon IN.h5 -o OUT.h5``: reconstruct a raw file.
 * ``train``: retrain the default network (needs the ``data`` extra).
+* ``calibrate``: threshold the detector on clean slices for a target false-positive rate.
 * ``make-demo``: regenerate the bundled demo raw file and its reference (``data`` extra).
 
 Results and summaries go to stdout; logs and progress bars to stderr.
@@ -37,7 +38,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from recon.offline import reconstruct_file
 
     out_dir = Path(args.out)
-    result = reconstruct_file(DEMO_RAW, out_dir / "demo_images.h5", out_dir / "report", DEMO_REFERENCE, args.weights, args.device)
+    result = reconstruct_file(
+        DEMO_RAW, out_dir / "demo_images.h5", out_dir / "report", DEMO_REFERENCE, args.weights, args.device, calibration=args.calibration
+    )
     print(_summary(result.rows))
     print(f"images: {result.images}\nreport: {result.report_html}")
     return 0
@@ -48,7 +51,9 @@ def _cmd_recon(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     report = Path(args.report) if args.report else out.with_suffix("").with_name(out.stem + "_report")
-    result = reconstruct_file(Path(args.input), out, report, Path(args.reference) if args.reference else None, args.weights, args.device)
+    result = reconstruct_file(
+        Path(args.input), out, report, Path(args.reference) if args.reference else None, args.weights, args.device, calibration=args.calibration
+    )
     print(_summary(result.rows))
     print(f"images: {result.images}\nreport: {result.report_html}")
     return 0
@@ -60,6 +65,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, pool=args.pool, seed=args.seed, val_every=args.val_every, workers=args.workers)
     weights = train(config, Path(args.out), name=args.name)
     print(f"weights: {weights}\nmanifest: {weights.with_suffix('.json')}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from recon.calibrate import (
+        build_calibration,
+        default_calibration_path,
+        detector_for,
+        scores_from_raw,
+        scores_from_simulation,
+    )
+    from recon.models.weights import load_model
+
+    model, manifest = load_model(args.weights)
+    if bool(args.raw) == bool(args.simulate):
+        raise ValueError("give clean raw files or --simulate N (not both)")
+    if args.raw:
+        scores, protocol = scores_from_raw([Path(p) for p in args.raw], model, manifest)
+    else:
+        scores, protocol = scores_from_simulation(args.simulate, model, manifest, seed=args.seed)
+    detector = detector_for(model, manifest, protocol.acs_lines)
+    calibration = build_calibration(scores, protocol, manifest, detector, args.statistic, args.fpr)
+    out = Path(args.output) if args.output else default_calibration_path(manifest)
+    calibration.save(out)
+    print(f"calibration: {out}\nstatistic {args.statistic}, {len(scores)} clean slices, threshold {calibration.threshold:.6g} for FPR {args.fpr:g}")
     return 0
 
 
@@ -85,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="cycguard-demo", help="output folder (default: ./cycguard-demo)")
     demo.add_argument("--weights", type=Path, default=None, help="network weights (.pt with .json manifest)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    demo.add_argument("--calibration", type=Path, default=None, help="detection calibration (default: shipped)")
     demo.set_defaults(func=_cmd_demo)
 
     recon = sub.add_parser("recon", help="reconstruct an ISMRMRD raw file")
@@ -94,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--reference", help="ISMRMRD image .h5 with one reference per slice")
     recon.add_argument("--weights", type=Path, default=None)
     recon.add_argument("--device", default="auto")
+    recon.add_argument("--calibration", type=Path, default=None, help="detection calibration (default: shipped)")
     recon.set_defaults(func=_cmd_recon)
 
     train = sub.add_parser("train", help="retrain the default network (needs cycguard[data])")
@@ -105,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-every", type=int, default=defaults.val_every)
     train.add_argument("--workers", type=int, default=defaults.workers)
     train.set_defaults(func=_cmd_train)
+
+    cal = sub.add_parser("calibrate", help="calibrate the detection threshold on clean slices")
+    cal.add_argument("raw", nargs="*", help="clean ISMRMRD raw files of one protocol")
+    cal.add_argument("--simulate", type=int, default=0, help="use N simulated held-out slices instead (needs cycguard[data])")
+    cal.add_argument("--seed", type=int, default=101, help="seed of the simulated slices")
+    cal.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
+    cal.add_argument("--statistic", default="cyclic", choices=["cyclic", "cycle_image", "dc"])
+    cal.add_argument("--weights", type=Path, default=None)
+    cal.add_argument("-o", "--output", help="calibration JSON (default: beside the weights)")
+    cal.set_defaults(func=_cmd_calibrate)
 
     make_demo = sub.add_parser("make-demo", help="regenerate the demo raw file (needs cycguard[data])")
     make_demo.add_argument("--out", default=str(DEMO_DIR))

@@ -1,8 +1,10 @@
-"""Offline reconstruction of a raw file with the network (``cycguard recon`` / ``cycguard demo``).
+"""Offline defended reconstruction of a raw file (``cycguard recon`` / ``cycguard demo``).
 
-Until the defended Gadgetron chain exists this runs ``recon.pipeline`` in process. Images
-leave with ``CycGuard.Verdict = unverified``: no consistency check ran on them, and an
-image never looks verified when it is not.
+Runs ``recon.pipeline`` in process (the Gadgetron chain calls the same core). When a
+calibration fits the model and the scan's protocol, every slice goes through
+recon -> detect -> mitigate-if-flagged and carries its verdict (``clean``, ``flagged``,
+``mitigated``); otherwise images leave with ``CycGuard.Verdict = unverified`` and a
+warning: an image never looks verified when it is not.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recon.calibrate import DEFAULT_STATISTIC, default_calibration_path, detector_for, protocol_of
+from recon.detect.calibration import Calibration, CalibrationError, DetectorKey, ProtocolKey
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import read_images, write_images
 from recon.metrics import quality
-from recon.models.weights import load_model
-from recon.pipeline import reconstruct
+from recon.models.modl import MoDL
+from recon.models.weights import ModelManifest, load_model
+from recon.physics.noise import estimate_noise_sigma
+from recon.pipeline import Defense, defend, prepare, reconstruct
 from recon.report import SliceReport, montage, write_report
 from recon.types import ReconImage
 
@@ -57,6 +63,7 @@ def reconstruct_file(
     weights: Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    calibration: Path | None = None,
 ) -> OfflineResult:
     """Reconstruct every slice of ``raw``, write images to ``out`` and a report to ``report_dir``.
 
@@ -68,6 +75,9 @@ def reconstruct_file(
         weights: network weights (the shipped default when ``None``).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         progress: show a progress bar on stderr.
+        calibration: detection calibration (default: the one shipped beside the weights;
+            a missing default makes images ``unverified``, a named file that does not fit
+            is an error).
     """
     torch_device = resolve_device(device)
     scan = read_raw(raw)  # bad input fails before the weights are touched
@@ -76,29 +86,55 @@ def reconstruct_file(
     if references is not None and len(references) != len(scan.slices):
         raise ValueError(f"{reference} holds {len(references)} images, {raw} has {len(scan.slices)} slices")
     report_dir.mkdir(parents=True, exist_ok=True)
+    defenses: dict[ProtocolKey, Defense | None] = {}
     images, rows = [], []
     for n, data in enumerate(tqdm(scan.slices, desc="recon", unit="slice", disable=not progress)):
-        result = reconstruct(data, model, torch_device)
-        x_zf = result.prepared.x_zf[0].cpu().numpy()
-        meta = (
-            ("CycGuard.Verdict", "unverified"),
-            ("CycGuard.Model", f"{manifest.name}:{manifest.sha256[:12]}"),
-            ("GADGETRON_ImageComment", "CycGuard DL recon; verdict unverified (no consistency check)"),
-            ("ImageProcessingHistory", "CYCGUARD_MODL"),
-        )
-        images.append(ReconImage(result.image, data.key, data.geometry, meta))
+        protocol = protocol_of(data, manifest, scan.protocol.acceleration)
+        if protocol not in defenses:
+            defenses[protocol] = _defense(model, manifest, protocol, calibration)
+        defense = defenses[protocol]
+        tag = f"{manifest.name}:{manifest.sha256[:12]}"
+        if defense is None:
+            result = reconstruct(data, model, torch_device)
+            image, verdict, timings = result.image, "unverified", dict(result.timings)
+            x_zf = result.prepared.x_zf[0].cpu().numpy()
+            score = threshold = p_value = None
+            reason = "unverified: no calibration for this model and protocol, no consistency check ran"
+        else:
+            if scan.noise_covariance is None:
+                defense = Defense(defense.model, defense.detector, defense.calibration, defense.statistic, estimate_noise_sigma(np.asarray(data.kspace), np.asarray(data.mask)), defense.mitigation)
+            defended = defend(data, defense, torch_device)
+            image, verdict, timings = defended.image, defended.verdict, dict(defended.timings)
+            x_zf = None
+            score, threshold, p_value, reason = defended.score, defended.threshold, defended.p_value, defended.reason
+        meta = [
+            ("CycGuard.Verdict", verdict),
+            ("CycGuard.Model", tag),
+            ("GADGETRON_ImageComment", f"CycGuard {verdict}"),
+            ("ImageComment", reason),
+            ("ImageProcessingHistory", "CYCGUARD_MODL" + ("\\CYCGUARD_MITIGATION" if verdict == "mitigated" else "")),
+        ]
+        if score is not None:
+            meta += [("CycGuard.Score", f"{score:.6g}"), ("CycGuard.Threshold", f"{threshold:.6g}"), ("CycGuard.PValue", f"{p_value:.4g}")]
+        images.append(ReconImage(image, data.key, data.geometry, tuple(meta)))
+        if x_zf is None:
+            x_zf = prepare(data, torch_device).x_zf[0].cpu().numpy()
         ref = references[n] if references is not None else None
         name = f"slice {data.key.slice} rep {data.key.repetition}"
-        panels = [("zero-filled", x_zf), ("CycGuard", result.image)] + ([("reference", ref)] if ref is not None else [])
+        panels = [("zero-filled", x_zf), ("CycGuard", image)] + ([("reference", ref)] if ref is not None else [])
         picture = montage(report_dir / f"slice_{n:03d}.png", panels).name
         rows.append(
             SliceReport(
                 name=name,
-                verdict="unverified",
-                timings=dict(result.timings),
-                quality=quality(result.image, ref) if ref is not None else None,
+                verdict=verdict,
+                timings=timings,
+                quality=quality(image, ref) if ref is not None else None,
                 quality_zero_filled=quality(x_zf, ref) if ref is not None else None,
                 picture=picture,
+                score=score,
+                threshold=threshold,
+                p_value=p_value,
+                reason=reason,
             )
         )
     out.unlink(missing_ok=True)
@@ -107,3 +143,29 @@ def reconstruct_file(
     if references is not None:
         log.info("mean PSNR %.2f dB", float(np.mean([r.quality.psnr for r in rows if r.quality])))
     return OfflineResult(out, json_path, html_path, tuple(rows))
+
+
+def _defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, calibration: Path | None) -> Defense | None:
+    """The defense for a protocol, or ``None`` (with a warning) when no calibration fits."""
+    path = calibration if calibration is not None else default_calibration_path(manifest)
+    detector = detector_for(model, manifest, protocol.acs_lines)
+    statistic = calibration_statistic(path) if path.exists() else DEFAULT_STATISTIC
+    key = DetectorKey(statistic, detector.alternatives, detector.jitter_scale, detector.seed)
+    try:
+        loaded = Calibration.load(path, manifest.sha256, protocol, key)
+    except CalibrationError as err:
+        if calibration is not None:
+            raise  # a calibration the user named must fit
+        log.warning("%s; images will be tagged unverified", err)
+        return None
+    return Defense(model, detector, loaded, statistic)
+
+
+def calibration_statistic(path: Path) -> str:
+    """The statistic a calibration file was made for (read before full validation)."""
+    import json
+
+    try:
+        return str(json.loads(path.read_text())["detector"]["statistic"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_STATISTIC

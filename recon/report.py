@@ -28,6 +28,10 @@ class SliceReport:
         quality: against the reference, when one was given.
         quality_zero_filled: the zero-filled image against the same reference.
         picture: PNG file name of the montage (relative to the report folder).
+        score: the detection statistic (``None`` when no check ran).
+        threshold: its calibrated threshold.
+        p_value: conformal p-value among clean calibration slices.
+        reason: one line on what the defense did and why.
     """
 
     name: str
@@ -36,6 +40,10 @@ class SliceReport:
     quality: Quality | None
     quality_zero_filled: Quality | None
     picture: str
+    score: float | None = None
+    threshold: float | None = None
+    p_value: float | None = None
+    reason: str = ""
 
 
 def montage(path: Path, panels: Sequence[tuple[str, np.ndarray]], error_gain: float = 5.0) -> Path:
@@ -69,7 +77,7 @@ def write_report(folder: Path, title: str, source: str, rows: Sequence[SliceRepo
         return "&ndash;" if q is None else f"{q.psnr:.2f} dB / {q.ssim:.3f}"
 
     body = "\n".join(
-        f"<tr><td>{html.escape(r.name)}</td><td class='{html.escape(r.verdict)}'>{html.escape(r.verdict)}</td>"
+        f"<tr><td>{html.escape(r.name)}</td><td class='{html.escape(r.verdict)}'>{html.escape(r.verdict)}<br><small>{html.escape(r.reason)}</small></td>"
         f"<td>{fmt(r.quality)}</td><td>{fmt(r.quality_zero_filled)}</td>"
         f"<td>{sum(r.timings.values()):.2f}</td><td><img src='{html.escape(r.picture)}'></td></tr>"
         for r in rows

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Hyper-parameters of a training run."""
 
-    steps: int = 2400
+    steps: int = 2800
     batch: int = 4
     pool: int = 1200
     lr: float = 1e-3

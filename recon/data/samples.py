@@ -70,3 +70,30 @@ def batch_inputs(samples: list[Sample]) -> tuple[Tensor, SenseOp, Tensor, Tensor
     y = op.project(torch.stack([s.kspace_full for s in samples]))
     reference = torch.stack([s.reference for s in samples])
     return op.adjoint(y), op, y, reference
+
+
+def simulated_slices(
+    split: str,
+    count: int,
+    family: MaskFamily,
+    coils: int,
+    seed: int,
+    augment: bool = True,
+    matrix: int = 128,
+) -> list[Sample]:
+    """``count`` simulated acquisitions of MNI152 slices from ``split`` (``train``/``heldout``).
+
+    With ``augment`` each draw gets a random contrast, flips, rotation and warp, so a
+    20-slice held-out slab yields hundreds of distinct clean slices (coils, phase, noise
+    and mask are always drawn anew).
+    """
+    from recon.data import mni
+
+    rng = np.random.default_rng(seed)
+    refs = mni.catalog(split)
+    out = []
+    for i in range(count):
+        ref = refs[i % len(refs)] if not augment else refs[int(rng.integers(len(refs)))]
+        image = mni.magnitude_slice(ref, matrix, rng if augment else None)
+        out.append(make_sample(image, family, coils, rng))
+    return out

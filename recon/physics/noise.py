@@ -55,3 +55,16 @@ def complex_randn(shape: tuple[int, ...], generator: torch.Generator, device: to
     real = torch.randn(shape, generator=generator)
     imag = torch.randn(shape, generator=generator)
     return (torch.complex(real, imag) / 2**0.5).to(device)
+
+
+def estimate_noise_sigma(kspace: np.ndarray, mask: np.ndarray, edge: int = 8) -> float:
+    """Noise standard deviation per complex sample from the k-space periphery.
+
+    Uses the ``edge`` outermost readout samples on each side of every acquired line, where
+    an imaged object has almost no signal: for circular complex Gaussian noise with
+    ``E|n|^2 = sigma^2`` the median of ``|n|`` is ``sigma sqrt(ln 2)``. Prewhitened data give
+    about 1.
+    """
+    lines = kspace[:, np.asarray(mask, dtype=bool)]
+    periphery = np.concatenate([lines[..., :edge], lines[..., -edge:]], axis=-1)
+    return float(np.median(np.abs(periphery)) / np.sqrt(np.log(2)))

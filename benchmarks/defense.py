@@ -1,0 +1,343 @@
+"""Defense benchmark: attack damage, detection ROC, calibrated FPR, adaptive attack,
+mitigation quality and cost. Figures go to benchmarks/RESULTS.md.
+
+Usage: ``python -m benchmarks.defense [--clean 300] [--attacked 30] [--mitigated 8] [--out benchmarks/results]``
+
+Data: simulated acquisitions of the held-out MNI152 slab with augmentation (random
+contrast, flips, rotation, warp; new coils, phase, noise and mask per draw): a
+calibration set and a disjoint clean test set (different seeds), and attacked copies of
+the first ``--attacked`` clean test slices. R = 4 equispaced, 16 ACS lines, 8 coils.
+Budgets are stated twice: k-space l2 attacks in acquisition-noise norms
+(``sigma sqrt(n)`` over the n sampled entries) and as a fraction of ``||y||``; image
+attacks relative to ``max |x_zf|`` (the paper's unit) and to the noise ``sigma``.
+Damage is PSNR loss against the fully sampled reference; CG-SENSE on the same perturbed
+data is reported beside it (forged-looking data damage every method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from recon.attacks import benign_noise, fgsm_kspace, impulse_spikes, pgd_image_linf, pgd_kspace_l2  # noqa: E402
+from recon.attacks.adaptive import adaptive_kspace_l2  # noqa: E402
+from recon.baselines import cg_sense  # noqa: E402
+from recon.data.samples import Sample, simulated_slices  # noqa: E402
+from recon.detect import CyclicDetector, calibrate  # noqa: E402
+from recon.detect.calibration import DetectorKey, ProtocolKey  # noqa: E402
+from recon.detect.cyclic import STATISTICS, DetectionScores  # noqa: E402
+from recon.metrics import quality  # noqa: E402
+from recon.mitigate import k_from_image, mitigate_faithful, mitigate_kspace, randomized_smoothing  # noqa: E402
+from recon.models.weights import load_model  # noqa: E402
+from recon.physics.masks import MaskFamily  # noqa: E402
+from recon.physics.sense import SenseOp  # noqa: E402
+from recon.report import montage  # noqa: E402
+
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    """One slice ready for the benchmark."""
+
+    op: SenseOp
+    y: torch.Tensor
+    x_zf: torch.Tensor
+    reference: np.ndarray
+    sigma: float
+
+    @property
+    def noise_norm(self) -> float:
+        n = float(self.op.mask.sum()) * self.y.shape[1] * self.y.shape[-1]
+        return self.sigma * n**0.5
+
+    @property
+    def scale(self) -> float:
+        return float(self.x_zf.abs().max())
+
+
+def to_item(sample: Sample) -> Item:
+    op = SenseOp(sample.maps[None], sample.mask[None])
+    y = op.project(sample.kspace_full[None])
+    return Item(op, y, op.adjoint(y), sample.reference.numpy(), sample.noise_std)
+
+
+def psnr(image: torch.Tensor, item: Item) -> float:
+    return quality(image[0].detach().numpy(), item.reference).psnr
+
+
+@dataclass
+class Observation:
+    """What one (possibly attacked) input gave."""
+
+    psnr: float
+    psnr_cg: float
+    scores: dict[str, float]
+    seconds_recon: float
+    seconds_detect: float
+
+
+def observe(model: Any, detector: CyclicDetector, item: Item, y: torch.Tensor | None = None, x: torch.Tensor | None = None) -> tuple[Observation, torch.Tensor, torch.Tensor]:
+    """Reconstruct and score a k-space input ``y`` or an image-domain input ``x``."""
+    with torch.no_grad():
+        if x is None:
+            y = item.y if y is None else y
+            x = item.op.adjoint(y)
+        else:
+            y = k_from_image(item.op, x)
+        t0 = time.perf_counter()
+        x1 = model(x, item.op)
+        t1 = time.perf_counter()
+        scores: DetectionScores = detector.score(item.op, y, x1)
+        t2 = time.perf_counter()
+        cg = cg_sense(item.op, y)
+    return Observation(psnr(x1, item), psnr(cg, item), asdict(scores), t1 - t0, t2 - t1), x1, y
+
+
+def attack(name: str, budget: float, model: Any, item: Item, detector: CyclicDetector, threshold: float, statistic: str, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if name == "kspace-l2":
+        return {"y": pgd_kspace_l2(model, item.op, item.y, budget * item.noise_norm, g)}
+    if name == "kspace-fgsm":
+        return {"y": fgsm_kspace(model, item.op, item.y, budget * item.noise_norm, g)}
+    if name == "image-linf":
+        return {"x": pgd_image_linf(model, item.op, item.x_zf, budget * item.scale, g)}
+    if name == "impulse":
+        return {"y": impulse_spikes(item.op, item.y, 10, budget * float(item.y.abs().max()), g)}
+    if name == "benign":
+        return {"y": benign_noise(item.op, item.y, budget * item.sigma, g)}
+    if name == "adaptive":
+        return {"y": adaptive_kspace_l2(model, item.op, item.y, budget * item.noise_norm, detector, statistic, threshold, g)}
+    raise ValueError(name)
+
+
+ATTACKS: list[tuple[str, list[float], str]] = [
+    ("kspace-l2", [0.3, 1.0, 3.0], "noise norms"),
+    ("kspace-fgsm", [1.0, 3.0], "noise norms"),
+    ("impulse", [0.05, 0.2], "x max|y| per spike, 10 spikes"),
+    ("benign", [1.0], "x noise sigma"),
+    ("image-linf", [0.001, 0.003, 0.01], "x max|x_zf|"),
+]
+
+
+def auc(clean: list[float], attacked: list[float]) -> float:
+    labels = [0] * len(clean) + [1] * len(attacked)
+    return float(roc_auc_score(labels, clean + attacked))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clean", type=int, default=300)
+    parser.add_argument("--attacked", type=int, default=30)
+    parser.add_argument("--adaptive", type=int, default=15)
+    parser.add_argument("--mitigated", type=int, default=8)
+    parser.add_argument("--faithful", type=int, default=4, help="slices for the (slow) paper-faithful mitigation")
+    parser.add_argument("--statistic", default="cyclic", choices=STATISTICS)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--weights", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, manifest = load_model(args.weights)
+    family = MaskFamily(manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    detector = CyclicDetector(model, family)
+    results: dict[str, Any] = {"hardware": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}", "args": {k: str(v) for k, v in vars(args).items()}}
+
+    # 1. clean calibration and clean test sets
+    calib_items = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=101)]
+    test_items = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=202)]
+    calib = [observe(model, detector, it)[0] for it in tqdm(calib_items, desc="clean calibration")]
+    clean = [observe(model, detector, it)[0] for it in tqdm(test_items, desc="clean test")]
+    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    calibrations = {}
+    for stat in STATISTICS:
+        key = DetectorKey(stat, detector.alternatives, detector.jitter_scale, detector.seed)
+        for fpr in (0.01, 0.05):
+            cal = calibrate([o.scores[stat] for o in calib], fpr, manifest.sha256, protocol, key)
+            calibrations[(stat, fpr)] = cal
+    results["clean"] = {
+        "psnr": float(np.mean([o.psnr for o in clean])),
+        "psnr_cg": float(np.mean([o.psnr_cg for o in clean])),
+        "seconds_recon": float(np.median([o.seconds_recon for o in clean])),
+        "seconds_detect": float(np.median([o.seconds_detect for o in clean])),
+        "fpr": {f"{s}@{f}": float(np.mean([calibrations[(s, f)].flags(o.scores[s]) for o in clean])) for (s, f) in calibrations},
+        "thresholds": {f"{s}@{f}": calibrations[(s, f)].threshold for (s, f) in calibrations},
+    }
+    (args.out / "defense.json").write_text(json.dumps(results, indent=1))
+
+    # 2. attacks
+    victims = test_items[: args.attacked]
+    per_attack: dict[str, Any] = {}
+    roc_data: dict[str, tuple[list[float], list[float]]] = {}
+    examples: dict[str, Any] = {}
+    for name, budgets, unit in ATTACKS:
+        for budget in budgets:
+            label = f"{name} {budget:g} {unit}"
+            rows = []
+            for i, item in enumerate(tqdm(victims, desc=label)):
+                adv = attack(name, budget, model, item, detector, 0.0, args.statistic, seed=1000 + i)
+                obs, x1, y_seen = observe(model, detector, item, y=adv.get("y"), x=adv.get("x"))
+                base = clean[i]
+                rows.append((obs, base))
+                if i == 0:
+                    examples[label] = (item, adv, x1, y_seen)
+            entry = {
+                "damage_db": float(np.mean([b.psnr - o.psnr for o, b in rows])),
+                "damage_db_max": float(np.max([b.psnr - o.psnr for o, b in rows])),
+                "damage_cg_db": float(np.mean([b.psnr_cg - o.psnr_cg for o, b in rows])),
+                "auc": {s: auc([c.scores[s] for c in clean], [o.scores[s] for o, _ in rows]) for s in STATISTICS},
+                "tpr": {f"{s}@{f}": float(np.mean([calibrations[(s, f)].flags(o.scores[s]) for o, _ in rows])) for (s, f) in calibrations},
+                "tpr_damaging_3db": {
+                    f"{s}@{f}": (float(np.mean([calibrations[(s, f)].flags(o.scores[s]) for o, b in rows if b.psnr - o.psnr >= 3])) if any(b.psnr - o.psnr >= 3 for o, b in rows) else None)
+                    for (s, f) in calibrations
+                },
+                "damaging_3db": int(sum(b.psnr - o.psnr >= 3 for o, b in rows)),
+            }
+            if name in ("kspace-l2", "kspace-fgsm"):
+                entry["budget_relative_to_y"] = budget * float(np.mean([it.noise_norm / float(torch.linalg.vector_norm(it.y)) for it in victims]))
+            elif name == "image-linf":
+                entry["budget_relative_to_sigma"] = budget * float(np.mean([it.scale / it.sigma for it in victims]))
+            per_attack[label] = entry
+            roc_data[label] = ([c.scores[args.statistic] for c in clean], [o.scores[args.statistic] for o, _ in rows])
+            results["attacks"] = per_attack
+            (args.out / "defense.json").write_text(json.dumps(results, indent=1))
+
+    # 3. adaptive attacker against the deployed statistic at 1 % FPR
+    deployed = calibrations[(args.statistic, 0.01)]
+    adaptive_rows = []
+    for budget in (1.0, 3.0):
+        for i, item in enumerate(tqdm(victims[: args.adaptive], desc=f"adaptive {budget:g} noise norms")):
+            adv = attack("adaptive", budget, model, item, detector, deployed.threshold, args.statistic, seed=5000 + i)
+            obs, _, _ = observe(model, detector, item, y=adv["y"])
+            adaptive_rows.append({"budget": budget, "damage_db": clean[i].psnr - obs.psnr, "flagged": deployed.flags(obs.scores[args.statistic])})
+    unflagged = [r["damage_db"] for r in adaptive_rows if not r["flagged"]]
+    results["adaptive"] = {
+        "rows": adaptive_rows,
+        "max_unflagged_damage_db": float(max(unflagged)) if unflagged else None,
+        "flagged_rate": float(np.mean([r["flagged"] for r in adaptive_rows])),
+    }
+    (args.out / "defense.json").write_text(json.dumps(results, indent=1))
+
+    # 4. mitigation on damaging attacks and on clean slices
+    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, examples)
+    (args.out / "defense.json").write_text(json.dumps(results, indent=1))
+    plot_roc(roc_data, args.out / "defense_roc.png", args.statistic)
+    write_markdown(results, args.out / "defense.md", args.statistic)
+
+
+def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, examples: dict[str, Any]) -> dict[str, Any]:
+    from recon.pipeline import MitigationSettings
+
+    settings = MitigationSettings()
+    cases = {"kspace-l2 3 noise norms": ("kspace-l2", 3.0), "image-linf 0.01 max|x_zf|": ("image-linf", 0.01), "clean": ("none", 0.0)}
+    out: dict[str, Any] = {}
+    montage_panels: list[tuple[str, np.ndarray]] = []
+    for case, (name, budget) in cases.items():
+        rows = []
+        for i, item in enumerate(tqdm(victims[: args.mitigated], desc=f"mitigate {case}")):
+            g = torch.Generator().manual_seed(7000 + i)
+            adv = attack(name, budget, model, item, detector, 0.0, args.statistic, 1000 + i) if name != "none" else {"y": item.y}
+            x_in = adv.get("x")
+            y_in = adv["y"] if "y" in adv else k_from_image(item.op, x_in)
+            with torch.no_grad():
+                x1 = model(item.op.adjoint(y_in) if x_in is None else x_in, item.op)
+            cycle = detector.cycle(item.op, y_in, x1)
+            row: dict[str, Any] = {"clean": clean[i].psnr, "attacked": psnr(x1, item)}
+            t0 = time.perf_counter()
+            ours = mitigate_kspace(model, item.op, y_in, cycle, item.sigma, settings.fidelity, settings.radius, settings.iterations, settings.lr, settings.patience)
+            row["ours"], row["ours_seconds"], row["ours_passes"] = psnr(ours.image, item), time.perf_counter() - t0, ours.network_passes
+            if i < args.faithful:
+                x_rx = item.op.adjoint(y_in) if x_in is None else x_in
+                t0 = time.perf_counter()
+                faithful = mitigate_faithful(model, item.op, x_rx, cycle, 0.01 * item.scale, 0.005 * item.scale)
+                row["faithful"], row["faithful_seconds"], row["faithful_passes"] = psnr(faithful.image, item), time.perf_counter() - t0, faithful.network_passes
+            with torch.no_grad():
+                row["range_projection"] = psnr(model(item.op.adjoint(y_in), item.op), item)
+                row["smoothing"] = psnr(randomized_smoothing(model, item.op, y_in, item.sigma, 8, g), item)
+                row["cg_sense"] = psnr(cg_sense(item.op, y_in), item)
+            rows.append(row)
+            if i == 0:
+                montage_panels += [(f"{case}: received", x1[0].numpy()), (f"{case}: ours", ours.image[0].numpy())]
+        summary = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if not k.endswith("_passes")}
+        summary["faithful_passes"] = float(np.mean([r["faithful_passes"] for r in rows if "faithful_passes" in r])) if any("faithful_passes" in r for r in rows) else None
+        summary["ours_passes"] = float(np.mean([r["ours_passes"] for r in rows]))
+        loss = summary["clean"] - summary["attacked"]
+        for method in ("ours", "faithful", "range_projection", "smoothing", "cg_sense"):
+            if method in summary and loss > 0.5:
+                summary[f"{method}_recovered"] = (summary[method] - summary["attacked"]) / loss
+        out[case] = {"summary": summary, "rows": rows}
+    montage(args.out / "defense_montage.png", montage_panels + [("reference", victims[0].reference)])
+    return out
+
+
+def plot_roc(roc_data: dict[str, tuple[list[float], list[float]]], path: Path, statistic: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label, (clean, attacked) in roc_data.items():
+        fpr, tpr, _ = roc_curve([0] * len(clean) + [1] * len(attacked), clean + attacked)
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc(clean, attacked):.2f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_xlabel("false-positive rate (clean held-out slices)")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title(f"Detection ROC, statistic: {statistic}")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _formatter(summary: dict[str, Any]) -> Any:
+    def f(key: str) -> str:
+        v = summary.get(key)
+        return "-" if v is None else f"{v:.2f}"
+
+    return f
+
+
+def write_markdown(results: dict[str, Any], path: Path, statistic: str) -> None:
+    c = results["clean"]
+    lines = [
+        f"Clean held-out test slices: network {c['psnr']:.2f} dB, CG-SENSE {c['psnr_cg']:.2f} dB; "
+        f"recon {c['seconds_recon']:.3f} s, detect {c['seconds_detect']:.3f} s per slice (ratio {c['seconds_detect'] / c['seconds_recon']:.2f}).",
+        "",
+        "| attack (budget) | damage dB (mean / max) | CG-SENSE damage dB | AUC cyclic | AUC cycle_image | AUC dc | TPR@1% cyclic / cycle_image / dc | TPR@1% on >=3 dB (n) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, e in results["attacks"].items():
+        tpr = e["tpr"]
+        dmg = e["tpr_damaging_3db"]
+        damaging = "n/a" if e["damaging_3db"] == 0 else f"{dmg[statistic + '@0.01']:.2f} ({e['damaging_3db']})"
+        lines.append(
+            f"| {label} | {e['damage_db']:.2f} / {e['damage_db_max']:.2f} | {e['damage_cg_db']:.2f} | {e['auc']['cyclic']:.3f} | {e['auc']['cycle_image']:.3f} | {e['auc']['dc']:.3f} | "
+            f"{tpr['cyclic@0.01']:.2f} / {tpr['cycle_image@0.01']:.2f} / {tpr['dc@0.01']:.2f} | {damaging} |"
+        )
+    lines += ["", "Clean FPR at calibrated thresholds: " + ", ".join(f"{k} {v:.3f}" for k, v in c["fpr"].items())]
+    a = results["adaptive"]
+    lines += ["", f"Adaptive attacker ({statistic}, 1 % FPR threshold): flagged {a['flagged_rate']:.2f}; largest unflagged damage {a['max_unflagged_damage_db']} dB."]
+    lines += ["", "| mitigation case | clean | attacked | ours | faithful | range proj. | smoothing | CG-SENSE | ours recovered | faithful recovered | passes ours / faithful |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case, m in results["mitigation"].items():
+        s = m["summary"]
+        f = _formatter(s)
+        lines.append(
+            f"| {case} | {f('clean')} | {f('attacked')} | {f('ours')} | {f('faithful')} | {f('range_projection')} | {f('smoothing')} | {f('cg_sense')} | "
+            f"{f('ours_recovered')} | {f('faithful_recovered')} | {f('ours_passes')} / {f('faithful_passes')} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

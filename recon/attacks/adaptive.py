@@ -1,0 +1,67 @@
+"""An adaptive attacker who knows the detector: maximise damage, stay under the threshold."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from recon.attacks.common import complex_randn
+from recon.detect.cyclic import CyclicDetector, cyclic_loss
+from recon.physics.sense import SenseOp
+
+
+def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, statistic: str) -> Tensor:
+    """The detector's statistic, differentiable in ``y`` and ``x1``."""
+    if statistic == "dc":
+        return torch.linalg.vector_norm(y - op.forward(x1)) / torch.linalg.vector_norm(y)
+    cycle = detector.cycle(op, y.detach(), x1.detach())
+    x2, r = cycle.run(detector.model, x1)
+    if statistic == "cyclic":
+        return cyclic_loss(y, r)
+    norms = torch.linalg.vector_norm((x2 - x1).reshape(x2.shape[0], -1), dim=1)
+    return torch.mean(norms / torch.linalg.vector_norm(x1))
+
+
+def adaptive_kspace_l2(
+    model: torch.nn.Module,
+    op: SenseOp,
+    y: Tensor,
+    eps: float,
+    detector: CyclicDetector,
+    statistic: str,
+    threshold: float,
+    generator: torch.Generator,
+    steps: int = 10,
+    penalty: float = 10.0,
+    margin: float = 0.9,
+) -> Tensor:
+    """l2 PGD on the sampled k-space that maximises ``damage - penalty * relu(stat - margin * threshold)``.
+
+    The attacker evaluates the real detector after every step and returns the most damaging
+    iterate that the detector would pass; if none passes, the last iterate.
+    """
+    with torch.no_grad():
+        target = model(op.adjoint(y), op)
+    step = 2.5 * eps / steps
+    delta = op.project(complex_randn(tuple(y.shape), generator, y.device))
+    delta = delta * (0.5 * eps / torch.linalg.vector_norm(delta))
+    best, best_damage = None, -1.0
+    for _ in range(steps):
+        delta = delta.detach().requires_grad_(True)
+        y_adv = y + delta
+        x1 = model(op.adjoint(y_adv), op)
+        harm = torch.linalg.vector_norm(x1 - target) / torch.linalg.vector_norm(target)
+        stat = _statistic(detector, op, y_adv, x1, statistic)
+        objective = harm - penalty * torch.relu(stat - margin * threshold)
+        (grad,) = torch.autograd.grad(objective, delta)
+        grad = op.project(grad)
+        delta = delta.detach() + step * grad / torch.linalg.vector_norm(grad).clamp(min=1e-30)
+        delta = delta * torch.clamp(eps / torch.linalg.vector_norm(delta).clamp(min=1e-30), max=1.0)
+        with torch.no_grad():
+            y_try = y + delta
+            x_try = model(op.adjoint(y_try), op)
+            passes = detector.score(op, y_try, x_try).get(statistic) <= threshold
+            harm_try = float(torch.linalg.vector_norm(x_try - target) / torch.linalg.vector_norm(target))
+        if passes and harm_try > best_damage:
+            best, best_damage = y_try, harm_try
+    return (best if best is not None else y + delta).detach()

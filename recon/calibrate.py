@@ -1,0 +1,96 @@
+"""Calibrating the detector on clean slices (``cycguard calibrate``).
+
+Clean slices come from the user's raw files (the recommended route: clean scans of the
+site's own protocol) or from simulated acquisitions of the held-out MNI152 slab (the
+shipped default; needs the ``data`` extra). Every slice of a calibration must share one
+protocol; the file records it with the model's hash and the detector's settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey, calibrate
+from recon.detect.cyclic import CyclicDetector, DetectionScores
+from recon.io.mrd import read_raw
+from recon.models.modl import MoDL
+from recon.models.weights import WEIGHTS_DIR, ModelManifest
+from recon.physics.masks import MaskFamily
+from recon.physics.sense import SenseOp
+from recon.pipeline import prepare
+from recon.types import SliceKSpace
+
+DEFAULT_STATISTIC = "cyclic"
+CALIBRATION_DIR = WEIGHTS_DIR
+
+
+def default_calibration_path(manifest: ModelManifest) -> Path:
+    """Where the shipped calibration of a model lives (beside its weights)."""
+    return CALIBRATION_DIR / f"{manifest.name}.calibration.json"
+
+
+def protocol_of(data: SliceKSpace, manifest: ModelManifest, acceleration: int) -> ProtocolKey:
+    """The protocol key of a slice (mask kind from the model's training family)."""
+    return ProtocolKey(data.shape, data.coils, manifest.mask_kind, acceleration, int(data.acs.sum()))
+
+
+def detector_for(model: MoDL, manifest: ModelManifest, acs_lines: int | None = None) -> CyclicDetector:
+    """The detector with the project's default settings for a model."""
+    family = MaskFamily(manifest.mask_kind, manifest.acceleration, manifest.acs_lines if acs_lines is None else acs_lines)
+    return CyclicDetector(model, family)
+
+
+@torch.no_grad()
+def _score(model: MoDL, detector: CyclicDetector, op: SenseOp, y: torch.Tensor) -> DetectionScores:
+    x1 = model(op.adjoint(y), op)
+    return detector.score(op, y, x1)
+
+
+def scores_from_raw(paths: Sequence[Path], model: MoDL, manifest: ModelManifest, progress: bool = True) -> tuple[list[DetectionScores], ProtocolKey]:
+    """Scores of every slice of clean raw files, and their common protocol."""
+    scores: list[DetectionScores] = []
+    protocol: ProtocolKey | None = None
+    for path in paths:
+        scan = read_raw(path)
+        for data in tqdm(scan.slices, desc=f"calibrate {Path(path).name}", disable=not progress):
+            key = protocol_of(data, manifest, scan.protocol.acceleration)
+            if protocol is not None and key != protocol:
+                raise ValueError(f"{path}: slice protocol {key} differs from the calibration's {protocol}")
+            protocol = key
+            prepared = prepare(data)
+            detector = detector_for(model, manifest, int(data.acs.sum()))
+            scores.append(_score(model, detector, prepared.op, prepared.y))
+    if protocol is None:
+        raise ValueError("no clean slice to calibrate on")
+    return scores, protocol
+
+
+def scores_from_simulation(count: int, model: MoDL, manifest: ModelManifest, seed: int = 101, progress: bool = True) -> tuple[list[DetectionScores], ProtocolKey]:
+    """Scores of ``count`` simulated clean held-out slices in the model's own protocol."""
+    from recon.data.samples import simulated_slices
+
+    family = MaskFamily(manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    detector = detector_for(model, manifest)
+    scores = []
+    for sample in tqdm(simulated_slices("heldout", count, family, manifest.coils, seed), desc="calibrate (simulated)", disable=not progress):
+        op = SenseOp(sample.maps[None], sample.mask[None])
+        scores.append(_score(model, detector, op, op.project(sample.kspace_full[None])))
+    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    return scores, protocol
+
+
+def build_calibration(
+    scores: Iterable[DetectionScores],
+    protocol: ProtocolKey,
+    manifest: ModelManifest,
+    detector: CyclicDetector,
+    statistic: str = DEFAULT_STATISTIC,
+    target_fpr: float = 0.01,
+) -> Calibration:
+    """Threshold one statistic of clean scores for a target false-positive rate."""
+    key = DetectorKey(statistic, detector.alternatives, detector.jitter_scale, detector.seed)
+    return calibrate([s.get(statistic) for s in scores], target_fpr, manifest.sha256, protocol, key)
