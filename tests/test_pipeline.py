@@ -1,0 +1,91 @@
+"""The defended pipeline: verdicts, bit-identical clean images, safeguard, fail-closed tagging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recon.detect import CyclicDetector, calibrate
+from recon.detect.calibration import DetectorKey, ProtocolKey
+from recon.io.mrd import read_raw
+from recon.models.modl import MoDL, MoDLConfig
+from recon.physics.masks import MaskFamily
+from recon.pipeline import Defense, MitigationSettings, defend, reconstruct
+
+PROTOCOL = ProtocolKey((32, 32), 4, "equispaced", 2, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MoDL:
+    torch.manual_seed(0)
+    model = MoDL(MoDLConfig(channels=8, layers=3, unrolls=2, cg_iterations=3)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _defense(model: MoDL, threshold_scores: list[float], mitigation: MitigationSettings | None = None) -> Defense:
+    detector = CyclicDetector(model, MaskFamily("equispaced", 2, 8), alternatives=1)
+    key = DetectorKey("cyclic", 1, detector.jitter_scale, detector.seed)
+    calibration = calibrate(threshold_scores, 0.05, "00" * 32, PROTOCOL, key)
+    return Defense(model, detector, calibration, "cyclic", noise_sigma=1.0, mitigation=mitigation or MitigationSettings(iterations=3))
+
+
+def test_clean_slice_passes_bit_identical(tiny: MoDL, small_raw: tuple) -> None:
+    data = read_raw(small_raw[0]).slices[0]
+    result = defend(data, _defense(tiny, [1e6] * 19 + [2e6]))
+    assert result.verdict == "clean"
+    np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)
+    assert result.p_value == pytest.approx(1.0)
+    assert "clean" in result.reason
+    assert dict(result.network_passes) == {"recon": 1, "detect": 1}
+
+
+def test_flagged_slice_is_rewritten_or_tagged_flagged(tiny: MoDL, small_raw: tuple) -> None:
+    data = read_raw(small_raw[0]).slices[0]
+    result = defend(data, _defense(tiny, [1e-9] * 20))
+    assert result.verdict in ("mitigated", "flagged")
+    assert result.score > result.threshold and result.p_value == pytest.approx(1 / 21)
+    assert result.mitigated_score is not None
+    if result.verdict == "mitigated":
+        assert result.mitigated_score < result.score
+    else:
+        assert "refused by the safeguard" in result.reason
+        np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)
+    assert "mitigate" in dict(result.timings)
+
+
+def test_flagged_without_mitigation_ships_the_original_tagged(tiny: MoDL, small_raw: tuple) -> None:
+    data = read_raw(small_raw[0]).slices[1]
+    result = defend(data, _defense(tiny, [1e-9] * 20, MitigationSettings(enabled=False)))
+    assert result.verdict == "flagged" and "mitigation off" in result.reason
+    np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)
+
+
+def test_non_finite_score_is_flagged(tiny: MoDL) -> None:
+    cal = _defense(tiny, [0.1] * 20).calibration
+    assert cal.flags(float("inf")) and cal.flags(float("nan"))
+
+
+def test_offline_without_calibration_tags_unverified(small_raw: tuple, tmp_path: Path) -> None:
+    """A model with no calibration for the scan's protocol yields unverified images, not clean ones."""
+    import json
+
+    from recon.io.mrd_write import read_images
+    from recon.models.weights import manifest_path, sha256_file
+    from recon.offline import reconstruct_file
+
+    torch.manual_seed(0)
+    model = MoDL(MoDLConfig(channels=8, layers=3, unrolls=2, cg_iterations=3))
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    manifest = {"name": "tiny", "sha256": sha256_file(weights), "config": model.config.to_dict(),
+                "mask": {"kind": "equispaced", "acceleration": 2, "acs_lines": 8}, "matrix": [32, 32], "coils": 4}
+    manifest_path(weights).write_text(json.dumps(manifest))
+    result = reconstruct_file(small_raw[0], tmp_path / "out.h5", tmp_path / "report", weights=weights, device="cpu", progress=False)
+    assert [r.verdict for r in result.rows] == ["unverified", "unverified"]
+    metas = [meta for _, meta in read_images(tmp_path / "out.h5")]
+    assert all(m["CycGuard.Verdict"] == "unverified" and "CycGuard.Score" not in m for m in metas)
