@@ -99,7 +99,7 @@ def observe(model: Any, detector: CyclicDetector, item: Item, y: torch.Tensor | 
         t0 = time.perf_counter()
         x1 = model(x, item.op)
         t1 = time.perf_counter()
-        scores: DetectionScores = detector.score(item.op, y, x1)
+        scores: DetectionScores = detector.score(item.op, y, x1, item.sigma)
         t2 = time.perf_counter()
         cg = cg_sense(item.op, y)
     return Observation(psnr(x1, item), psnr(cg, item), asdict(scores), t1 - t0, t2 - t1), x1, y
@@ -118,7 +118,7 @@ def attack(name: str, budget: float, model: Any, item: Item, detector: CyclicDet
     if name == "benign":
         return {"y": benign_noise(item.op, item.y, budget * item.sigma, g)}
     if name == "adaptive":
-        return {"y": adaptive_kspace_l2(model, item.op, item.y, budget * item.noise_norm, detector, statistic, threshold, g)}
+        return {"y": adaptive_kspace_l2(model, item.op, item.y, budget * item.noise_norm, detector, statistic, threshold, g, noise_sigma=item.sigma)}
     raise ValueError(name)
 
 
@@ -143,11 +143,22 @@ def main() -> None:
     parser.add_argument("--adaptive", type=int, default=15)
     parser.add_argument("--mitigated", type=int, default=8)
     parser.add_argument("--faithful", type=int, default=4, help="slices for the (slow) paper-faithful mitigation")
-    parser.add_argument("--statistic", default="cyclic", choices=STATISTICS)
+    parser.add_argument("--statistic", default="cyclic_noise", choices=STATISTICS, help="the deployed statistic (adaptive attack, mitigation safeguard)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--replot", action="store_true", help="only redraw plots and tables from OUT/defense.json")
+    parser.add_argument("--image-domain", action="store_true", help="only the image-domain table, clean baseline through the same image path")
     args = parser.parse_args()
+    if args.image_domain:
+        torch.set_num_threads(args.threads)
+        image_domain_phase(args)
+        return
+    if args.replot:
+        saved = json.loads((args.out / "defense.json").read_text())
+        plot_damage(saved, args.out / "defense_damage.png")
+        write_markdown(saved, args.out / "defense.md", args.statistic)
+        return
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     model, manifest = load_model(args.weights)
@@ -234,6 +245,45 @@ def main() -> None:
     results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, examples)
     (args.out / "defense.json").write_text(json.dumps(results, indent=1))
     plot_roc(roc_data, args.out / "defense_roc.png", args.statistic)
+    plot_damage(results, args.out / "defense_damage.png")
+    write_markdown(results, args.out / "defense.md", args.statistic)
+
+
+def image_domain_phase(args: argparse.Namespace) -> None:
+    """Image-domain attacks scored against clean slices that took the same path.
+
+    An image-domain input has no measured k-space; the detector uses the CG pseudo-inverse
+    ``y(x)`` for it. Clean slices must then be scored through the same ``y(x_zf)`` (CG
+    truncation lowers the residual on its own), or the comparison measures the path, not
+    the attack.
+    """
+    model, manifest = load_model(args.weights)
+    family = MaskFamily(manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    detector = CyclicDetector(model, family)
+    calib_items = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=101)]
+    test_items = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=202)]
+    calib = [observe(model, detector, it, x=it.x_zf)[0] for it in tqdm(calib_items, desc="clean calibration (image path)")]
+    clean = [observe(model, detector, it, x=it.x_zf)[0] for it in tqdm(test_items, desc="clean test (image path)")]
+    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    cals = {
+        stat: calibrate([o.scores[stat] for o in calib], 0.01, manifest.sha256, protocol, DetectorKey(stat, detector.alternatives, detector.jitter_scale, detector.seed))
+        for stat in STATISTICS
+    }
+    table: dict[str, Any] = {"clean_fpr": {s: float(np.mean([cals[s].flags(o.scores[s]) for o in clean])) for s in STATISTICS}}
+    for budget in (0.001, 0.003, 0.01):
+        rows = []
+        for i, item in enumerate(tqdm(test_items[: args.attacked], desc=f"image-linf {budget:g}")):
+            adv = attack("image-linf", budget, model, item, detector, 0.0, args.statistic, seed=1000 + i)
+            rows.append((observe(model, detector, item, x=adv["x"])[0], clean[i]))
+        table[f"{budget:g}"] = {
+            "damage_db": float(np.mean([b.psnr - o.psnr for o, b in rows])),
+            "auc": {s: auc([c.scores[s] for c in clean], [o.scores[s] for o, _ in rows]) for s in STATISTICS},
+            "tpr": {s: float(np.mean([cals[s].flags(o.scores[s]) for o, _ in rows])) for s in STATISTICS},
+        }
+    path = args.out / "defense.json"
+    results = json.loads(path.read_text())
+    results["image_domain_same_path"] = table
+    path.write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out / "defense.md", args.statistic)
 
 
@@ -299,6 +349,35 @@ def plot_roc(roc_data: dict[str, tuple[list[float], list[float]]], path: Path, s
     plt.close(fig)
 
 
+def plot_damage(results: dict[str, Any], path: Path) -> None:
+    """Damage (network and CG-SENSE) and AUC against budget, one line per attack family."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    families: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    for label, entry in results["attacks"].items():
+        name, budget = label.split(" ")[:2]
+        families.setdefault(name, []).append((float(budget), entry))
+    for name, points in families.items():
+        if len(points) < 2:
+            continue
+        points.sort(key=lambda p: p[0])
+        budgets = [p[0] for p in points]
+        axes[0].plot(budgets, [p[1]["damage_db"] for p in points], "o-", label=f"{name}: network")
+        axes[0].plot(budgets, [p[1]["damage_cg_db"] for p in points], "x--", label=f"{name}: CG-SENSE")
+        for stat in STATISTICS:
+            axes[1].plot(budgets, [p[1]["auc"][stat] for p in points], "o-", label=f"{name}: {stat}")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("budget (k-space: noise norms; image: x max|x_zf|)")
+    axes[0].set_ylabel("PSNR loss (dB)")
+    axes[0].legend(fontsize=6)
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("budget")
+    axes[1].set_ylabel("detection ROC-AUC")
+    axes[1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _formatter(summary: dict[str, Any]) -> Any:
     def f(key: str) -> str:
         v = summary.get(key)
@@ -313,16 +392,22 @@ def write_markdown(results: dict[str, Any], path: Path, statistic: str) -> None:
         f"Clean held-out test slices: network {c['psnr']:.2f} dB, CG-SENSE {c['psnr_cg']:.2f} dB; "
         f"recon {c['seconds_recon']:.3f} s, detect {c['seconds_detect']:.3f} s per slice (ratio {c['seconds_detect'] / c['seconds_recon']:.2f}).",
         "",
-        "| attack (budget) | damage dB (mean / max) | CG-SENSE damage dB | AUC cyclic | AUC cycle_image | AUC dc | TPR@1% cyclic / cycle_image / dc | TPR@1% on >=3 dB (n) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| attack (budget) | other unit | damage dB (mean / max) | CG-SENSE damage dB | AUC cyclic (paper) | AUC cycle_image | AUC dc | AUC cyclic_noise | AUC dc_noise | TPR@1% cyclic / cyclic_noise / dc_noise | deployed TPR@1% on >=3 dB (n) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, e in results["attacks"].items():
         tpr = e["tpr"]
         dmg = e["tpr_damaging_3db"]
         damaging = "n/a" if e["damaging_3db"] == 0 else f"{dmg[statistic + '@0.01']:.2f} ({e['damaging_3db']})"
+        if e.get("budget_relative_to_y") is not None:
+            other = f"{e['budget_relative_to_y']:.4f} ||y||"
+        elif e.get("budget_relative_to_sigma") is not None:
+            other = f"{e['budget_relative_to_sigma']:.2f} sigma"
+        else:
+            other = ""
         lines.append(
-            f"| {label} | {e['damage_db']:.2f} / {e['damage_db_max']:.2f} | {e['damage_cg_db']:.2f} | {e['auc']['cyclic']:.3f} | {e['auc']['cycle_image']:.3f} | {e['auc']['dc']:.3f} | "
-            f"{tpr['cyclic@0.01']:.2f} / {tpr['cycle_image@0.01']:.2f} / {tpr['dc@0.01']:.2f} | {damaging} |"
+            f"| {label} | {other} | {e['damage_db']:.2f} / {e['damage_db_max']:.2f} | {e['damage_cg_db']:.2f} | {e['auc']['cyclic']:.3f} | {e['auc']['cycle_image']:.3f} | {e['auc']['dc']:.3f} | "
+            f"{e['auc']['cyclic_noise']:.3f} | {e['auc']['dc_noise']:.3f} | {tpr['cyclic@0.01']:.2f} / {tpr['cyclic_noise@0.01']:.2f} / {tpr['dc_noise@0.01']:.2f} | {damaging} |"
         )
     lines += ["", "Clean FPR at calibrated thresholds: " + ", ".join(f"{k} {v:.3f}" for k, v in c["fpr"].items())]
     a = results["adaptive"]
@@ -335,6 +420,16 @@ def write_markdown(results: dict[str, Any], path: Path, statistic: str) -> None:
             f"| {case} | {f('clean')} | {f('attacked')} | {f('ours')} | {f('faithful')} | {f('range_projection')} | {f('smoothing')} | {f('cg_sense')} | "
             f"{f('ours_recovered')} | {f('faithful_recovered')} | {f('ours_passes')} / {f('faithful_passes')} |"
         )
+    same = results.get("image_domain_same_path")
+    if same:
+        lines += ["", "Image-domain attacks against clean slices scored through the same pseudo-inverse path (AUC / TPR@1%):", ""]
+        lines += ["| l-inf budget x max|x_zf| | damage dB | " + " | ".join(STATISTICS) + " |", "|---|---|" + "---|" * len(STATISTICS)]
+        for budget, e in same.items():
+            if budget == "clean_fpr":
+                continue
+            lines.append(f"| {budget} | {e['damage_db']:.2f} | " + " | ".join(f"{e['auc'][s]:.3f} / {e['tpr'][s]:.2f}" for s in STATISTICS) + " |")
+        lines.append("")
+        lines.append("Clean FPR (image path, 1 % target): " + ", ".join(f"{k} {v:.3f}" for k, v in same["clean_fpr"].items()))
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -143,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--simulate", type=int, default=0, help="use N simulated held-out slices instead (needs cycguard[data])")
     cal.add_argument("--seed", type=int, default=101, help="seed of the simulated slices")
     cal.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
-    cal.add_argument("--statistic", default="cyclic", choices=["cyclic", "cycle_image", "dc"])
+    cal.add_argument(
+        "--statistic",
+        default="cyclic_noise",
+        choices=["cyclic_noise", "cyclic", "cycle_image", "dc", "dc_noise"],
+        help="detection statistic (default cyclic_noise; see recon/detect/cyclic.py)",
+    )
     cal.add_argument("--weights", type=Path, default=None)
     cal.add_argument("-o", "--output", help="calibration JSON (default: beside the weights)")
     cal.set_defaults(func=_cmd_calibrate)

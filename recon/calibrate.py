@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -20,17 +21,26 @@ from recon.io.mrd import read_raw
 from recon.models.modl import MoDL
 from recon.models.weights import WEIGHTS_DIR, ModelManifest
 from recon.physics.masks import MaskFamily
+from recon.physics.noise import estimate_noise_sigma
 from recon.physics.sense import SenseOp
 from recon.pipeline import prepare
 from recon.types import SliceKSpace
 
-DEFAULT_STATISTIC = "cyclic"
+DEFAULT_STATISTIC = "cyclic_noise"
 CALIBRATION_DIR = WEIGHTS_DIR
 
 
 def default_calibration_path(manifest: ModelManifest) -> Path:
     """Where the shipped calibration of a model lives (beside its weights)."""
     return CALIBRATION_DIR / f"{manifest.name}.calibration.json"
+
+
+def slice_noise_sigma(data: SliceKSpace, whitened: bool) -> float:
+    """Noise standard deviation per sample: 1 for prewhitened data, else estimated from the
+    k-space periphery (:func:`recon.physics.noise.estimate_noise_sigma`)."""
+    if whitened:
+        return 1.0
+    return estimate_noise_sigma(np.asarray(data.kspace), np.asarray(data.mask))
 
 
 def protocol_of(data: SliceKSpace, manifest: ModelManifest, acceleration: int) -> ProtocolKey:
@@ -45,9 +55,9 @@ def detector_for(model: MoDL, manifest: ModelManifest, acs_lines: int | None = N
 
 
 @torch.no_grad()
-def _score(model: MoDL, detector: CyclicDetector, op: SenseOp, y: torch.Tensor) -> DetectionScores:
+def _score(model: MoDL, detector: CyclicDetector, op: SenseOp, y: torch.Tensor, noise_sigma: float) -> DetectionScores:
     x1 = model(op.adjoint(y), op)
-    return detector.score(op, y, x1)
+    return detector.score(op, y, x1, noise_sigma)
 
 
 def scores_from_raw(paths: Sequence[Path], model: MoDL, manifest: ModelManifest, progress: bool = True) -> tuple[list[DetectionScores], ProtocolKey]:
@@ -63,7 +73,8 @@ def scores_from_raw(paths: Sequence[Path], model: MoDL, manifest: ModelManifest,
             protocol = key
             prepared = prepare(data)
             detector = detector_for(model, manifest, int(data.acs.sum()))
-            scores.append(_score(model, detector, prepared.op, prepared.y))
+            sigma = slice_noise_sigma(data, whitened=scan.noise_covariance is not None)
+            scores.append(_score(model, detector, prepared.op, prepared.y, sigma))
     if protocol is None:
         raise ValueError("no clean slice to calibrate on")
     return scores, protocol
@@ -78,7 +89,7 @@ def scores_from_simulation(count: int, model: MoDL, manifest: ModelManifest, see
     scores = []
     for sample in tqdm(simulated_slices("heldout", count, family, manifest.coils, seed), desc="calibrate (simulated)", disable=not progress):
         op = SenseOp(sample.maps[None], sample.mask[None])
-        scores.append(_score(model, detector, op, op.project(sample.kspace_full[None])))
+        scores.append(_score(model, detector, op, op.project(sample.kspace_full[None]), sample.noise_std))
     protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
     return scores, protocol
 

@@ -17,14 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recon.calibrate import DEFAULT_STATISTIC, default_calibration_path, detector_for, protocol_of
+from recon.calibrate import DEFAULT_STATISTIC, default_calibration_path, detector_for, protocol_of, slice_noise_sigma
 from recon.detect.calibration import Calibration, CalibrationError, DetectorKey, ProtocolKey
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import read_images, write_images
 from recon.metrics import quality
 from recon.models.modl import MoDL
 from recon.models.weights import ModelManifest, load_model
-from recon.physics.noise import estimate_noise_sigma
 from recon.pipeline import Defense, defend, prepare, reconstruct
 from recon.report import SliceReport, montage, write_report
 from recon.types import ReconImage
@@ -101,8 +100,9 @@ def reconstruct_file(
             score = threshold = p_value = None
             reason = "unverified: no calibration for this model and protocol, no consistency check ran"
         else:
-            if scan.noise_covariance is None:
-                defense = Defense(defense.model, defense.detector, defense.calibration, defense.statistic, estimate_noise_sigma(np.asarray(data.kspace), np.asarray(data.mask)), defense.mitigation)
+            sigma = slice_noise_sigma(data, whitened=scan.noise_covariance is not None)
+            if sigma != defense.noise_sigma:
+                defense = Defense(defense.model, defense.detector, defense.calibration, defense.statistic, sigma, defense.mitigation)
             defended = defend(data, defense, torch_device)
             image, verdict, timings = defended.image, defended.verdict, dict(defended.timings)
             x_zf = None

@@ -166,7 +166,7 @@ def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cp
     prepared = recon.prepared
     x1 = torch.from_numpy(recon.image)[None].to(prepared.y.device)
     t0 = time.perf_counter()
-    scores = defense.detector.score(prepared.op, prepared.y, x1)
+    scores = defense.detector.score(prepared.op, prepared.y, x1, defense.noise_sigma)
     t1 = time.perf_counter()
     k = defense.detector.alternatives
     score = scores.get(defense.statistic)
@@ -190,7 +190,7 @@ def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cp
             defense.model, prepared.op, prepared.y, cycle, defense.noise_sigma,
             settings.fidelity, settings.radius, settings.iterations, settings.lr, settings.patience,
         )
-    rescored = defense.detector.score(prepared.op, prepared.y, result.image).get(defense.statistic)
+    rescored = defense.detector.score(prepared.op, prepared.y, result.image, defense.noise_sigma).get(defense.statistic)
     t3 = time.perf_counter()
     timings.append(("mitigate", t3 - t2))
     passes.append(("mitigate", result.network_passes + k))

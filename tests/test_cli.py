@@ -18,27 +18,49 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gadgets.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_demo_reconstructs_the_bundled_file(tmp_path: Path) -> None:
+def test_demo_reconstructs_and_checks_the_bundled_file(tmp_path: Path) -> None:
     result = _run("demo", "--out", str(tmp_path), "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert "report:" in result.stdout and "unverified" in result.stdout
+    assert "report:" in result.stdout
     images = read_images(tmp_path / "demo_images.h5")
     assert len(images) == 4
-    assert all(meta["CycGuard.Verdict"] == "unverified" for _, meta in images)
+    for _, meta in images:
+        # the demo file is clean data of the calibrated protocol: every slice is checked
+        assert meta["CycGuard.Verdict"] == "clean"
+        assert float(meta["CycGuard.Score"]) <= float(meta["CycGuard.Threshold"])
+        assert 0 < float(meta["CycGuard.PValue"]) <= 1
+        assert meta["CycGuard.Model"].startswith("modl_default:")
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert len(report["slices"]) == 4
     for row in report["slices"]:
+        assert row["verdict"] == "clean"
         assert row["quality"]["psnr"] > row["quality_zero_filled"]["psnr"] + 3  # the network helps
         assert (tmp_path / "report" / row["picture"]).stat().st_size > 1000
     assert "<table>" in (tmp_path / "report" / "report.html").read_text()
 
 
-def test_recon_of_an_ismrmrd_tools_file(shepp_logan: Path, tmp_path: Path) -> None:
-    out = tmp_path / "sl_images.h5"
-    result = _run("recon", str(shepp_logan), "-o", str(out), "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    assert len(read_images(out)) == 4  # one image per repetition
-    assert (tmp_path / "sl_images_report" / "report.html").exists()
+def test_calibrate_from_clean_raw_files_and_use_it(tmp_path: Path) -> None:
+    from recon.data.demo import DEMO_RAW
+
+    too_strict = _run("calibrate", str(DEMO_RAW), "-o", str(tmp_path / "c.json"))
+    assert too_strict.returncode == 2 and "cannot calibrate a 0.01 false-positive rate" in too_strict.stderr
+    made = _run("calibrate", str(DEMO_RAW), "--fpr", "0.25", "-o", str(tmp_path / "c.json"))
+    assert made.returncode == 0, made.stderr
+    assert "4 clean slices" in made.stdout
+    used = _run("recon", str(DEMO_RAW), "-o", str(tmp_path / "out.h5"), "--calibration", str(tmp_path / "c.json"), "--device", "cpu")
+    assert used.returncode == 0, used.stderr
+    verdicts = [meta["CycGuard.Verdict"] for _, meta in read_images(tmp_path / "out.h5")]
+    assert len(verdicts) == 4 and set(verdicts) <= {"clean", "flagged", "mitigated"}
+
+
+def test_a_calibration_for_another_protocol_is_refused(small_raw: tuple, tmp_path: Path) -> None:
+    from recon.models.weights import DEFAULT_WEIGHTS
+
+    default = DEFAULT_WEIGHTS.with_name("modl_default.calibration.json")
+    result = _run("recon", str(small_raw[0]), "-o", str(tmp_path / "o.h5"), "--calibration", str(default))
+    assert result.returncode == 2
+    assert "was made for protocol" in result.stderr
+    assert not (tmp_path / "o.h5").exists()
 
 
 def test_bad_input_fails_with_its_reason(tmp_path: Path) -> None:

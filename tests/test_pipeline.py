@@ -89,3 +89,42 @@ def test_offline_without_calibration_tags_unverified(small_raw: tuple, tmp_path:
     assert [r.verdict for r in result.rows] == ["unverified", "unverified"]
     metas = [meta for _, meta in read_images(tmp_path / "out.h5")]
     assert all(m["CycGuard.Verdict"] == "unverified" and "CycGuard.Score" not in m for m in metas)
+
+
+@pytest.mark.slow
+def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse() -> None:
+    """Shipped model and calibration: a k-space PGD of 3 noise norms (the benchmark's
+    detectable budget) is flagged; whatever ships is no worse than the attacked
+    reconstruction by the image's own evidence, and carries a non-clean verdict."""
+    from dataclasses import replace
+
+    from recon.attacks import pgd_kspace_l2
+    from recon.calibrate import default_calibration_path, detector_for, protocol_of
+    from recon.data.demo import DEMO_RAW, DEMO_REFERENCE
+    from recon.detect.calibration import Calibration, DetectorKey
+    from recon.io.mrd_write import read_images
+    from recon.metrics import quality
+    from recon.models.weights import load_model
+    from recon.pipeline import prepare
+
+    model, manifest = load_model()
+    scan = read_raw(DEMO_RAW)
+    data = scan.slices[0]
+    reference = read_images(DEMO_REFERENCE)[0][0]
+    protocol = protocol_of(data, manifest, scan.protocol.acceleration)
+    detector = detector_for(model, manifest)
+    path = default_calibration_path(manifest)
+    statistic = "cyclic_noise"
+    calibration = Calibration.load(path, manifest.sha256, protocol, DetectorKey(statistic, 3, detector.jitter_scale, detector.seed))
+    prepared = prepare(data)
+    n = float(prepared.op.mask.sum()) * data.coils * data.shape[1]
+    attacked_y = pgd_kspace_l2(model, prepared.op, prepared.y, 3.0 * n**0.5, torch.Generator().manual_seed(0))
+    attacked = replace(data, kspace=attacked_y[0].numpy())
+    before = quality(reconstruct(attacked, model).image, reference).psnr
+    assert before < quality(reconstruct(data, model).image, reference).psnr - 3  # the attack does damage
+    result = defend(attacked, Defense(model, detector, calibration, statistic, noise_sigma=1.0))
+    assert result.verdict in ("flagged", "mitigated")
+    assert result.score > calibration.threshold and result.p_value < 0.01
+    if result.verdict == "mitigated":
+        assert result.mitigated_score is not None and result.mitigated_score < result.score
+    assert quality(result.image, reference).psnr >= before - 0.5

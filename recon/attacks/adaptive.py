@@ -6,20 +6,17 @@ import torch
 from torch import Tensor
 
 from recon.attacks.common import complex_randn
-from recon.detect.cyclic import CyclicDetector, cyclic_loss
+from recon.detect.cyclic import CyclicDetector, statistic_tensor
 from recon.physics.sense import SenseOp
 
 
-def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, statistic: str) -> Tensor:
+def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, statistic: str, noise_sigma: float) -> Tensor:
     """The detector's statistic, differentiable in ``y`` and ``x1``."""
-    if statistic == "dc":
-        return torch.linalg.vector_norm(y - op.forward(x1)) / torch.linalg.vector_norm(y)
+    if statistic in ("dc", "dc_noise"):
+        return statistic_tensor(statistic, op, y, x1, None, None, noise_sigma)
     cycle = detector.cycle(op, y.detach(), x1.detach())
     x2, r = cycle.run(detector.model, x1)
-    if statistic == "cyclic":
-        return cyclic_loss(y, r)
-    norms = torch.linalg.vector_norm((x2 - x1).reshape(x2.shape[0], -1), dim=1)
-    return torch.mean(norms / torch.linalg.vector_norm(x1))
+    return statistic_tensor(statistic, op, y, x1, x2, r, noise_sigma)
 
 
 def adaptive_kspace_l2(
@@ -34,6 +31,7 @@ def adaptive_kspace_l2(
     steps: int = 10,
     penalty: float = 10.0,
     margin: float = 0.9,
+    noise_sigma: float = 1.0,
 ) -> Tensor:
     """l2 PGD on the sampled k-space that maximises ``damage - penalty * relu(stat - margin * threshold)``.
 
@@ -51,7 +49,7 @@ def adaptive_kspace_l2(
         y_adv = y + delta
         x1 = model(op.adjoint(y_adv), op)
         harm = torch.linalg.vector_norm(x1 - target) / torch.linalg.vector_norm(target)
-        stat = _statistic(detector, op, y_adv, x1, statistic)
+        stat = _statistic(detector, op, y_adv, x1, statistic, noise_sigma)
         objective = harm - penalty * torch.relu(stat - margin * threshold)
         (grad,) = torch.autograd.grad(objective, delta)
         grad = op.project(grad)
@@ -60,7 +58,7 @@ def adaptive_kspace_l2(
         with torch.no_grad():
             y_try = y + delta
             x_try = model(op.adjoint(y_try), op)
-            passes = detector.score(op, y_try, x_try).get(statistic) <= threshold
+            passes = detector.score(op, y_try, x_try, noise_sigma).get(statistic) <= threshold
             harm_try = float(torch.linalg.vector_norm(x_try - target) / torch.linalg.vector_norm(target))
         if passes and harm_try > best_damage:
             best, best_damage = y_try, harm_try
