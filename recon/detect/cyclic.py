@@ -22,11 +22,10 @@ reconstruction the recon stage already made):
 * ``dc``: the plain data-consistency residual ``||y - P_Omega F S x1|| / ||y||`` (baseline,
   no extra network pass);
 * ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
-  ``||.|| / (sigma sqrt(n))`` over the n sampled entries. The paper's ratios divide by a norm
-  that an attack inflates (an attack that adds energy lowers ``||y - r|| / ||r||``: the
-  first benchmark run saw image-domain attacks score *below* clean slices, AUC 0.01);
-  measured against the noise, which the attacker does not control (prewhitened data:
-  sigma = 1), added energy can only raise the score.
+  ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
+  paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
+  residual; the noise is outside the attacker's control. On k-space attacks this raised
+  ROC-AUC from 0.43-0.70 to 0.62-1.00 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
