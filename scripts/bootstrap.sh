@@ -29,7 +29,10 @@ fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=.venv/.install-stamp
-want="$mode $(cat setup.cfg constraints.txt | sha256sum | cut -c1-16)"
+hash=$(cat setup.cfg constraints.txt | sha256sum | cut -c1-16)
+want="$mode $hash"
+# a dev install already holds everything a run install needs
+if [ "$mode" = run ] && [ -f "$stamp" ] && grep -qx "dev $hash" "$stamp"; then want="dev $hash"; fi
 if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
   echo "bootstrap: installing cycguard$extras into .venv (torch pinned by constraints.txt)" >&2
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
