@@ -10,7 +10,7 @@ warning: an image never looks verified when it is not.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from recon.io.mrd_write import read_images, write_images
 from recon.metrics import quality
 from recon.models.modl import MoDL
 from recon.models.weights import ModelManifest, load_model
-from recon.pipeline import Defense, defend, prepare, reconstruct
+from recon.pipeline import Defense, defend, reconstruct
 from recon.report import SliceReport, montage, write_report
 from recon.types import ReconImage
 
@@ -101,11 +101,9 @@ def reconstruct_file(
             reason = "unverified: no calibration for this model and protocol, no consistency check ran"
         else:
             sigma = slice_noise_sigma(data, whitened=scan.noise_covariance is not None)
-            if sigma != defense.noise_sigma:
-                defense = Defense(defense.model, defense.detector, defense.calibration, defense.statistic, sigma, defense.mitigation)
-            defended = defend(data, defense, torch_device)
+            defended = defend(data, replace(defense, noise_sigma=sigma), torch_device)
             image, verdict, timings = defended.image, defended.verdict, dict(defended.timings)
-            x_zf = None
+            x_zf = defended.prepared.x_zf[0].cpu().numpy()
             score, threshold, p_value, reason = defended.score, defended.threshold, defended.p_value, defended.reason
         meta = [
             ("CycGuard.Verdict", verdict),
@@ -117,8 +115,6 @@ def reconstruct_file(
         if score is not None:
             meta += [("CycGuard.Score", f"{score:.6g}"), ("CycGuard.Threshold", f"{threshold:.6g}"), ("CycGuard.PValue", f"{p_value:.4g}")]
         images.append(ReconImage(image, data.key, data.geometry, tuple(meta)))
-        if x_zf is None:
-            x_zf = prepare(data, torch_device).x_zf[0].cpu().numpy()
         ref = references[n] if references is not None else None
         name = f"slice {data.key.slice} rep {data.key.repetition}"
         panels = [("zero-filled", x_zf), ("CycGuard", image)] + ([("reference", ref)] if ref is not None else [])

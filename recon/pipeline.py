@@ -135,6 +135,8 @@ class DefendedResult:
         reason: one line for ImageComments (what happened and why).
         timings: seconds per stage.
         network_passes: single-slice network evaluations per stage.
+        prepared: the slice's operator, measured lines and zero-filled image (for reuse
+            downstream: reports, gadgets).
     """
 
     image: np.ndarray
@@ -147,6 +149,7 @@ class DefendedResult:
     reason: str
     timings: tuple[tuple[str, float], ...]
     network_passes: tuple[tuple[str, int], ...]
+    prepared: PreparedSlice
 
 
 def _dc_norm(op: SenseOp, y: Tensor, x: Tensor) -> float:
@@ -173,7 +176,7 @@ def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cp
     calibration = defense.calibration
     timings = [*recon.timings, ("detect", t1 - t0)]
     passes = [("recon", 1), ("detect", k)]
-    common = dict(score=score, threshold=calibration.threshold, p_value=calibration.p_value(score), scores=scores)
+    common = dict(score=score, threshold=calibration.threshold, p_value=calibration.p_value(score), scores=scores, prepared=prepared)
     if not calibration.flags(score):
         reason = f"clean: {defense.statistic} {score:.4g} <= threshold {calibration.threshold:.4g}"
         return DefendedResult(recon.image, "clean", mitigated_score=None, reason=reason, timings=tuple(timings), network_passes=tuple(passes), **common)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from recon.data import mni
-from recon.data.samples import Sample, batch_inputs, make_sample
+from recon.data.samples import Sample, batch_inputs, make_sample, simulated_slices
 from recon.metrics import quality
 from recon.models.modl import MoDL, MoDLConfig
 from recon.models.weights import sha256_file
@@ -86,13 +86,7 @@ def simulate_pool(split: str, count: int, seed: int, config: TrainConfig) -> lis
 
 def heldout_samples(count: int, config: TrainConfig, seed: int = 7) -> list[Sample]:
     """Deterministic held-out slab samples (T1 contrast, no geometric augmentation)."""
-    rng = np.random.default_rng(seed)
-    refs = mni.catalog("heldout")
-    out = []
-    for i in range(count):
-        image = mni.magnitude_slice(refs[i % len(refs)], config.matrix)
-        out.append(make_sample(image, config.family, config.coils, rng))
-    return out
+    return simulated_slices("heldout", count, config.family, config.coils, seed, augment=False, matrix=config.matrix)
 
 
 def loss_fn(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
