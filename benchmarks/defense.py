@@ -363,8 +363,15 @@ def plot_damage(results: dict[str, Any], path: Path) -> None:
         budgets = [p[0] for p in points]
         axes[0].plot(budgets, [p[1]["damage_db"] for p in points], "o-", label=f"{name}: network")
         axes[0].plot(budgets, [p[1]["damage_cg_db"] for p in points], "x--", label=f"{name}: CG-SENSE")
+        same_path = results.get("image_domain_same_path", {})
         for stat in STATISTICS:
-            axes[1].plot(budgets, [p[1]["auc"][stat] for p in points], "o-", label=f"{name}: {stat}")
+            if name == "image-linf" and same_path:  # AUC against clean slices taken through the same path
+                aucs = [same_path[f"{b:g}"]["auc"][stat] for b in budgets]
+            elif name == "image-linf":
+                continue
+            else:
+                aucs = [p[1]["auc"][stat] for p in points]
+            axes[1].plot(budgets, aucs, "o-", label=f"{name}: {stat}")
     axes[0].set_xscale("log")
     axes[0].set_xlabel("budget (k-space: noise norms; image: x max|x_zf|)")
     axes[0].set_ylabel("PSNR loss (dB)")
