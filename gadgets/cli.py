@@ -22,6 +22,12 @@ from pathlib import Path
 log = logging.getLogger("cycguard")
 
 
+def _out(text: str) -> None:
+    """Results for the person at the terminal. Only the command line writes to stdout:
+    gadget modules, which Gadgetron runs with stdout as its data pipe, never do."""
+    sys.stdout.write(text + "\n")
+
+
 def _summary(rows: Sequence[object]) -> str:
     lines = [f"{'slice':<18} {'verdict':<11} {'PSNR dB':>8} {'SSIM':>6} {'ZF PSNR':>8} {'sec':>6}"]
     for row in rows:
@@ -41,8 +47,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = reconstruct_file(
         DEMO_RAW, out_dir / "demo_images.h5", out_dir / "report", DEMO_REFERENCE, args.weights, args.device, calibration=args.calibration
     )
-    print(_summary(result.rows))
-    print(f"images: {result.images}\nreport: {result.report_html}")
+    _out(_summary(result.rows))
+    _out(f"images: {result.images}\nreport: {result.report_html}")
     return 0
 
 
@@ -54,8 +60,8 @@ def _cmd_recon(args: argparse.Namespace) -> int:
     result = reconstruct_file(
         Path(args.input), out, report, Path(args.reference) if args.reference else None, args.weights, args.device, calibration=args.calibration
     )
-    print(_summary(result.rows))
-    print(f"images: {result.images}\nreport: {result.report_html}")
+    _out(_summary(result.rows))
+    _out(f"images: {result.images}\nreport: {result.report_html}")
     return 0
 
 
@@ -64,7 +70,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(steps=args.steps, pool=args.pool, seed=args.seed, val_every=args.val_every, workers=args.workers)
     weights = train(config, Path(args.out), name=args.name)
-    print(f"weights: {weights}\nmanifest: {weights.with_suffix('.json')}")
+    _out(f"weights: {weights}\nmanifest: {weights.with_suffix('.json')}")
     return 0
 
 
@@ -89,7 +95,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     calibration = build_calibration(scores, protocol, manifest, detector, args.statistic, args.fpr)
     out = Path(args.output) if args.output else default_calibration_path(manifest)
     calibration.save(out)
-    print(f"calibration: {out}\nstatistic {args.statistic}, {len(scores)} clean slices, threshold {calibration.threshold:.6g} for FPR {args.fpr:g}")
+    _out(f"calibration: {out}\nstatistic {args.statistic}, {len(scores)} clean slices, threshold {calibration.threshold:.6g} for FPR {args.fpr:g}")
     return 0
 
 
@@ -97,7 +103,7 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
     from recon.data.demo import make_demo
 
     raw, reference = make_demo(Path(args.out), seed=args.seed)
-    print(f"raw: {raw}\nreference: {reference}")
+    _out(f"raw: {raw}\nreference: {reference}")
     return 0
 
 
