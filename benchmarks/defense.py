@@ -38,7 +38,7 @@ from recon.baselines import cg_sense  # noqa: E402
 from recon.data.samples import Sample, simulated_slices  # noqa: E402
 from recon.detect import CyclicDetector, calibrate  # noqa: E402
 from recon.detect.calibration import DetectorKey, ProtocolKey  # noqa: E402
-from recon.detect.cyclic import STATISTICS, DetectionScores  # noqa: E402
+from recon.detect.cyclic import STATISTICS, DetectionScores, noise_norm  # noqa: E402
 from recon.metrics import quality  # noqa: E402
 from recon.mitigate import k_from_image, mitigate_faithful, mitigate_kspace, randomized_smoothing  # noqa: E402
 from recon.models.weights import load_model  # noqa: E402
@@ -59,8 +59,7 @@ class Item:
 
     @property
     def noise_norm(self) -> float:
-        n = float(self.op.mask.sum()) * self.y.shape[1] * self.y.shape[-1]
-        return self.sigma * n**0.5
+        return noise_norm(self.op, self.y, self.sigma)
 
     @property
     def scale(self) -> float:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from recon.detect.calibration import Calibration
-from recon.detect.cyclic import CyclicDetector, DetectionScores
+from recon.detect.cyclic import CyclicDetector, DetectionScores, noise_norm
 from recon.models.modl import MoDL
 from recon.physics.coils import estimate_coil_maps
 from recon.physics.sense import SenseOp
@@ -197,9 +197,8 @@ def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cp
     t3 = time.perf_counter()
     timings.append(("mitigate", t3 - t2))
     passes.append(("mitigate", result.network_passes + k))
-    n = float(prepared.op.mask.sum()) * prepared.y.shape[1] * prepared.y.shape[-1]
-    noise_norm = defense.noise_sigma * n**0.5
-    dc_increase = (_dc_norm(prepared.op, prepared.y, result.image) - _dc_norm(prepared.op, prepared.y, x1)) / noise_norm
+    floor = noise_norm(prepared.op, prepared.y, defense.noise_sigma)
+    dc_increase = (_dc_norm(prepared.op, prepared.y, result.image) - _dc_norm(prepared.op, prepared.y, x1)) / floor
     if rescored < score and dc_increase <= settings.max_dc_increase:
         reason = f"mitigated: {defense.statistic} {score:.4g} -> {rescored:.4g} (threshold {calibration.threshold:.4g})"
         image = result.image[0].cpu().numpy().astype(np.complex64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from recon.attacks.common import complex_randn
+from recon.attacks.kspace import l2_start, l2_step
 from recon.detect.cyclic import CyclicDetector, statistic_tensor
 from recon.physics.sense import SenseOp
 
@@ -41,8 +41,7 @@ def adaptive_kspace_l2(
     with torch.no_grad():
         target = model(op.adjoint(y), op)
     step = 2.5 * eps / steps
-    delta = op.project(complex_randn(tuple(y.shape), generator, y.device))
-    delta = delta * (0.5 * eps / torch.linalg.vector_norm(delta))
+    delta = l2_start(op, y, eps, generator)
     best, best_damage = None, -1.0
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
@@ -52,9 +51,7 @@ def adaptive_kspace_l2(
         stat = _statistic(detector, op, y_adv, x1, statistic, noise_sigma)
         objective = harm - penalty * torch.relu(stat - margin * threshold)
         (grad,) = torch.autograd.grad(objective, delta)
-        grad = op.project(grad)
-        delta = delta.detach() + step * grad / torch.linalg.vector_norm(grad).clamp(min=1e-30)
-        delta = delta * torch.clamp(eps / torch.linalg.vector_norm(delta).clamp(min=1e-30), max=1.0)
+        delta = l2_step(op, delta.detach(), grad, step, eps)
         with torch.no_grad():
             y_try = y + delta
             x_try = model(op.adjoint(y_try), op)

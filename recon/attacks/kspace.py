@@ -12,9 +12,22 @@ from recon.models.modl import MoDL
 from recon.physics.sense import SenseOp
 
 
-def _l2_project(delta: Tensor, eps: float) -> Tensor:
+def l2_project(delta: Tensor, eps: float) -> Tensor:
+    """Scale ``delta`` into the l2 ball of radius ``eps``."""
     norm = torch.linalg.vector_norm(delta)
     return delta * torch.clamp(eps / norm.clamp(min=1e-30), max=1.0)
+
+
+def l2_start(op: SenseOp, y: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    """A random start on the sampled lines, on the sphere of radius ``eps / 2``."""
+    delta = op.project(complex_randn(tuple(y.shape), generator, y.device))
+    return delta * (0.5 * eps / torch.linalg.vector_norm(delta))
+
+
+def l2_step(op: SenseOp, delta: Tensor, grad: Tensor, step: float, eps: float) -> Tensor:
+    """One normalised-gradient ascent step on the sampled lines, projected to the ball."""
+    grad = op.project(grad)
+    return l2_project(delta + step * grad / torch.linalg.vector_norm(grad).clamp(min=1e-30), eps)
 
 
 def pgd_kspace_l2(
@@ -35,14 +48,12 @@ def pgd_kspace_l2(
     step = 2.5 * eps / steps if step is None else step
     with torch.no_grad():
         target = model(op.adjoint(y), op)
-    delta = op.project(complex_randn(tuple(y.shape), generator, y.device))
-    delta = delta * (0.5 * eps / torch.linalg.vector_norm(delta))
+    delta = l2_start(op, y, eps, generator)
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
         loss = damage(model, op, op.adjoint(y + delta), target)
         (grad,) = torch.autograd.grad(loss, delta)
-        grad = op.project(grad)
-        delta = _l2_project(delta.detach() + step * grad / torch.linalg.vector_norm(grad).clamp(min=1e-30), eps)
+        delta = l2_step(op, delta.detach(), grad, step, eps)
     return (y + delta).detach()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from recon.mitigate.cyclic import k_from_image
 from recon.models.modl import MoDL
 from recon.physics.noise import complex_randn
 from recon.physics.sense import SenseOp
@@ -16,8 +17,6 @@ def range_projection(model: MoDL, op: SenseOp, x_received: Tensor, cg_iterations
     """``f(E^H y(x); Omega)`` with ``y(x)`` the CG pseudo-inverse: removes the part of an
     image-domain input outside range(E^H). A k-space input is already in the range, so
     this changes nothing for the primary threat."""
-    from recon.mitigate.cyclic import k_from_image
-
     return model(op.adjoint(k_from_image(op, x_received, cg_iterations)), op)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from recon.detect.cyclic import Cycle, cyclic_loss, statistic_tensor
+from recon.detect.cyclic import Cycle, cyclic_loss, noise_norm, statistic_tensor
 from recon.models.modl import MoDL
 from recon.physics.cg import conjugate_gradient
 from recon.physics.sense import SenseOp
@@ -130,8 +130,8 @@ def mitigate_kspace(
         patience: early-stopping patience.
     """
     k = cycle.deltas.batch
-    n = float(op.mask.sum()) * y_received.shape[1] * y_received.shape[-1]
-    budget = radius * noise_sigma * n**0.5
+    floor = noise_norm(op, y_received, noise_sigma)
+    budget = radius * floor
     d_real = torch.zeros_like(y_received.real, requires_grad=True)
     d_imag = torch.zeros_like(y_received.real, requires_grad=True)
     optimiser = torch.optim.Adam([d_real, d_imag], lr=lr * noise_sigma)
@@ -143,7 +143,7 @@ def mitigate_kspace(
         x1 = model(op.adjoint(y), op)
         x2, r = cycle.run(model, x1)
         cyc = statistic_tensor("cyclic_noise", op, y, x1, x2, r, noise_sigma)
-        loss = cyc + fidelity * torch.sum(d.abs() ** 2) / (n * noise_sigma**2)
+        loss = cyc + fidelity * torch.sum(d.abs() ** 2) / floor**2
         value = float(loss.detach())
         start = value if start is None else start
         if value < best_loss - 1e-6:
