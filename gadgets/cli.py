@@ -2,8 +2,12 @@
 
 Sub-commands:
 
-* ``demo``: reconstruct the bundled demo raw file and write images plus a report.
-* ``recon IN.h5 -o OUT.h5``: reconstruct a raw file.
+* ``demo``: replay the bundled demo raw file through the red-team chain (two slices
+  attacked) and show each slice's verdict, with the report's path.
+* ``replay IN.h5 -c PIPELINE -o OUT.h5``: a raw file through a Gadgetron pipeline, each
+  ``<external>`` node launched as Gadgetron launches it.
+* ``check PIPELINE...``: validate pipelines (names what is wrong).
+* ``recon IN.h5 -o OUT.h5``: reconstruct a raw file in process (no gadgets).
 * ``train``: retrain the default network (needs the ``data`` extra).
 * ``calibrate``: threshold the detector on clean slices for a target false-positive rate.
 * ``make-demo``: regenerate the bundled demo raw file and its reference (``data`` extra).
@@ -17,6 +21,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 log = logging.getLogger("cycguard")
@@ -39,17 +44,70 @@ def _summary(rows: Sequence[object]) -> str:
     return "\n".join(lines)
 
 
+def _verdicts(result: Any) -> str:
+    rows = result.rows
+    lines = [f"{'slice':<16} {'attacked':<9} {'verdict':<11} {'score':>8} {'thresh':>8} {'PSNR dB':>8} {'sec':>6}"]
+    for row in rows:
+        attacked = "-" if row.attacked is None else ("yes" if row.attacked else "no")
+        score = f"{row.score:8.3f}" if row.score is not None else f"{'-':>8}"
+        threshold = f"{row.threshold:8.3f}" if row.threshold is not None else f"{'-':>8}"
+        psnr = f"{row.quality.psnr:8.2f}" if row.quality else f"{'-':>8}"
+        lines.append(f"{row.name:<16} {attacked:<9} {row.verdict:<11} {score} {threshold} {psnr} {sum(row.timings.values()):6.2f}")
+    return "\n".join(lines)
+
+
+def _report_replay(result: Any) -> int:
+    _out(_verdicts(result))
+    _out(f"images: {result.output} (group {result.group!r})\nreport: {result.report_html}")
+    for failure in result.failures:
+        log.error("FAILED: %s", failure)
+    return 0 if result.ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from gadgets.runner.replay import replay
     from recon.data.demo import DEMO_RAW, DEMO_REFERENCE
-    from recon.offline import reconstruct_file
 
     out_dir = Path(args.out)
-    result = reconstruct_file(
-        DEMO_RAW, out_dir / "demo_images.h5", out_dir / "report", DEMO_REFERENCE, args.weights, args.device, calibration=args.calibration
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / "demo_images.h5"
+    output.unlink(missing_ok=True)  # the demo's own output folder: rerunning replaces it
+    result = replay(DEMO_RAW, args.pipeline, output, out_dir / "report", DEMO_REFERENCE, group="images", in_process=args.in_process)
+    return _report_replay(result)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from gadgets.runner.replay import replay
+
+    out = Path(args.output)
+    report = Path(args.report) if args.report else out.with_suffix("").with_name(out.stem + "_report")
+    result = replay(
+        Path(args.input), args.config, out, report, Path(args.reference) if args.reference else None,
+        group=args.group, in_process=args.in_process, threads=args.threads,
     )
-    _out(_summary(result.rows))
-    _out(f"images: {result.images}\nreport: {result.report_html}")
-    return 0
+    return _report_replay(result)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from gadgets.runner.config import check, load_pipeline
+
+    status = 0
+    for name in args.pipelines:
+        try:
+            pipeline = load_pipeline(name)
+            warnings = check(pipeline, connect_stages=args.connect_stages)
+        except ValueError as err:
+            _out(f"FAIL {name}: {err}")
+            status = 1
+            continue
+        _out(f"ok   {name} ({len(pipeline.nodes)} nodes: {', '.join(_node_name(n) for n in pipeline.nodes)})")
+        for warning in warnings:
+            _out(f"     warning: {warning}")
+    return status
+
+
+def _node_name(node: Any) -> str:
+    return str(getattr(node, "classname", None) or node.name)
 
 
 def _cmd_recon(args: argparse.Namespace) -> int:
@@ -117,12 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="reconstruct the bundled demo raw file, with a report")
+    demo = sub.add_parser("demo", help="replay the bundled demo raw file through the red-team chain, with a report")
     demo.add_argument("--out", default="cycguard-demo", help="output folder (default: ./cycguard-demo)")
-    demo.add_argument("--weights", type=Path, default=None, help="network weights (.pt with .json manifest)")
-    demo.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    demo.add_argument("--calibration", type=Path, default=None, help="detection calibration (default: shipped)")
+    demo.add_argument("--pipeline", default="redteam", help="pipeline name or XML (default: redteam)")
+    demo.add_argument("--in-process", action="store_true", help="run the gadget stages in this process (no sockets)")
     demo.set_defaults(func=_cmd_demo)
+
+    rep = sub.add_parser("replay", help="replay an ISMRMRD raw file through a Gadgetron pipeline")
+    rep.add_argument("input", help="ISMRMRD raw .h5")
+    rep.add_argument("-c", "--config", required=True, help="pipeline: installed name (recon, detect, defended, redteam, ...) or XML file")
+    rep.add_argument("-o", "--output", required=True, help="ISMRMRD .h5 for the images (appended as a new group)")
+    rep.add_argument("-G", "--group", default=None, help="HDF5 group of the images (default: date and time, as gadgetron_ismrmrd_client)")
+    rep.add_argument("--report", help="report folder (default: OUTPUT_report)")
+    rep.add_argument("--reference", help="ISMRMRD image .h5 with one reference per slice (adds PSNR/SSIM)")
+    rep.add_argument("--in-process", action="store_true", help="run the gadget stages in this process (no sockets)")
+    rep.add_argument("--threads", type=int, default=None, help="torch threads per gadget process (default: cores / gadgets)")
+    rep.set_defaults(func=_cmd_replay)
+
+    chk = sub.add_parser("check", help="validate Gadgetron pipelines (exit 1 naming what is wrong)")
+    chk.add_argument("pipelines", nargs="+", help="installed names or XML files")
+    chk.add_argument("--connect-stages", default=None, help="stages behind a passive <connect> node, e.g. recon,detect")
+    chk.set_defaults(func=_cmd_check)
 
     recon = sub.add_parser("recon", help="reconstruct an ISMRMRD raw file")
     recon.add_argument("input", help="ISMRMRD raw .h5")

@@ -8,6 +8,8 @@ protocol; the file records it with the model's hash and the detector's settings.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey, calibrate
+from recon.detect.calibration import Calibration, CalibrationError, DetectorKey, ProtocolKey, calibrate
 from recon.detect.cyclic import CyclicDetector, DetectionScores
 from recon.io.mrd import read_raw
 from recon.models.modl import MoDL
@@ -23,8 +25,10 @@ from recon.models.weights import WEIGHTS_DIR, ModelManifest
 from recon.physics.masks import MaskFamily
 from recon.physics.noise import estimate_noise_sigma
 from recon.physics.sense import SenseOp
-from recon.pipeline import prepare
+from recon.pipeline import Defense, prepare
 from recon.types import SliceKSpace
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STATISTIC = "cyclic_noise"
 CALIBRATION_DIR = WEIGHTS_DIR
@@ -105,3 +109,28 @@ def build_calibration(
     """Threshold one statistic of clean scores for a target false-positive rate."""
     key = DetectorKey(statistic, detector.alternatives, detector.jitter_scale, detector.seed)
     return calibrate([s.get(statistic) for s in scores], target_fpr, manifest.sha256, protocol, key)
+
+
+def load_defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, calibration: Path | None) -> Defense | None:
+    """The defense for a protocol, or ``None`` (with a warning) when the default calibration
+    does not fit; a calibration the caller named must fit (:class:`CalibrationError` otherwise)."""
+    path = calibration if calibration is not None else default_calibration_path(manifest)
+    detector = detector_for(model, manifest, protocol.acs_lines)
+    statistic = calibration_statistic(path) if path.exists() else DEFAULT_STATISTIC
+    key = DetectorKey(statistic, detector.alternatives, detector.jitter_scale, detector.seed)
+    try:
+        loaded = Calibration.load(path, manifest.sha256, protocol, key)
+    except CalibrationError as err:
+        if calibration is not None:
+            raise
+        log.warning("%s; images will be tagged unverified", err)
+        return None
+    return Defense(model, detector, loaded, statistic)
+
+
+def calibration_statistic(path: Path) -> str:
+    """The statistic a calibration file was made for (read before full validation)."""
+    try:
+        return str(json.loads(path.read_text())["detector"]["statistic"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_STATISTIC

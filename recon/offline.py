@@ -17,13 +17,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recon.calibrate import DEFAULT_STATISTIC, default_calibration_path, detector_for, protocol_of, slice_noise_sigma
-from recon.detect.calibration import Calibration, CalibrationError, DetectorKey, ProtocolKey
+from recon.calibrate import load_defense, protocol_of, slice_noise_sigma
+from recon.detect.calibration import ProtocolKey
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import read_images, write_images
 from recon.metrics import quality
-from recon.models.modl import MoDL
-from recon.models.weights import ModelManifest, load_model
+from recon.models.weights import load_model
 from recon.pipeline import Defense, defend, reconstruct
 from recon.report import SliceReport, montage, write_report
 from recon.types import ReconImage
@@ -90,7 +89,7 @@ def reconstruct_file(
     for n, data in enumerate(tqdm(scan.slices, desc="recon", unit="slice", disable=not progress)):
         protocol = protocol_of(data, manifest, scan.protocol.acceleration)
         if protocol not in defenses:
-            defenses[protocol] = _defense(model, manifest, protocol, calibration)
+            defenses[protocol] = load_defense(model, manifest, protocol, calibration)
         defense = defenses[protocol]
         tag = f"{manifest.name}:{manifest.sha256[:12]}"
         if defense is None:
@@ -139,29 +138,3 @@ def reconstruct_file(
     if references is not None:
         log.info("mean PSNR %.2f dB", float(np.mean([r.quality.psnr for r in rows if r.quality])))
     return OfflineResult(out, json_path, html_path, tuple(rows))
-
-
-def _defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, calibration: Path | None) -> Defense | None:
-    """The defense for a protocol, or ``None`` (with a warning) when no calibration fits."""
-    path = calibration if calibration is not None else default_calibration_path(manifest)
-    detector = detector_for(model, manifest, protocol.acs_lines)
-    statistic = calibration_statistic(path) if path.exists() else DEFAULT_STATISTIC
-    key = DetectorKey(statistic, detector.alternatives, detector.jitter_scale, detector.seed)
-    try:
-        loaded = Calibration.load(path, manifest.sha256, protocol, key)
-    except CalibrationError as err:
-        if calibration is not None:
-            raise  # a calibration the user named must fit
-        log.warning("%s; images will be tagged unverified", err)
-        return None
-    return Defense(model, detector, loaded, statistic)
-
-
-def calibration_statistic(path: Path) -> str:
-    """The statistic a calibration file was made for (read before full validation)."""
-    import json
-
-    try:
-        return str(json.loads(path.read_text())["detector"]["statistic"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_STATISTIC

@@ -156,55 +156,131 @@ def _dc_norm(op: SenseOp, y: Tensor, x: Tensor) -> float:
     return float(torch.linalg.vector_norm(y - op.forward(x)))
 
 
-def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cpu") -> DefendedResult:
-    """Reconstruct, check and, when flagged, mitigate one slice.
+@dataclass(frozen=True, eq=False)
+class CheckResult:
+    """The cyclic consistency check of one reconstruction (the detection stage).
 
-    Unflagged images are the network's reconstruction, bit for bit. A flagged image is
-    rewritten only when the safeguard accepts the rewrite: its statistic against the
-    received data must be lower than the original's and it must stay within
-    ``max_dc_increase`` noise norms of the original's data residual. Otherwise the
-    original reconstruction ships with verdict ``flagged``.
+    ``scores`` holds every statistic; it is ``None`` when the result was read back from
+    image meta (the mitigation gadget), which carries only the calibrated one.
     """
-    recon = reconstruct(data, defense.model, device)
-    prepared = recon.prepared
-    x1 = torch.from_numpy(recon.image)[None].to(prepared.y.device)
+
+    verdict: str
+    score: float
+    threshold: float
+    p_value: float
+    scores: DetectionScores | None
+    reason: str
+    seconds: float
+
+
+def prepare_with_maps(data: SliceKSpace, maps: np.ndarray, device: torch.device | str = "cpu") -> PreparedSlice:
+    """Like :func:`prepare`, with coil maps computed upstream (``(C, y, x)`` complex64)."""
+    kspace = torch.from_numpy(np.array(data.kspace)).to(device)
+    maps_t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.complex64)).to(device)
+    if maps_t.shape != kspace.shape:
+        raise ValueError(f"coil maps {tuple(maps_t.shape)} do not match k-space {tuple(kspace.shape)}")
+    mask = torch.from_numpy(np.array(data.mask))[None].to(device)
+    op = SenseOp(maps_t[None], mask)
+    y = op.project(kspace[None])
+    return PreparedSlice(op=op, y=y, x_zf=op.adjoint(y))
+
+
+@torch.no_grad()
+def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> CheckResult:
+    """Score a reconstruction against the received data and compare with the calibrated threshold."""
+    x1 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(prepared.y.device)
     t0 = time.perf_counter()
     scores = defense.detector.score(prepared.op, prepared.y, x1, defense.noise_sigma)
-    t1 = time.perf_counter()
-    k = defense.detector.alternatives
+    seconds = time.perf_counter() - t0
     score = scores.get(defense.statistic)
     calibration = defense.calibration
-    timings = [*recon.timings, ("detect", t1 - t0)]
-    passes = [("recon", 1), ("detect", k)]
-    common = dict(score=score, threshold=calibration.threshold, p_value=calibration.p_value(score), scores=scores, prepared=prepared)
-    if not calibration.flags(score):
-        reason = f"clean: {defense.statistic} {score:.4g} <= threshold {calibration.threshold:.4g}"
-        return DefendedResult(recon.image, "clean", mitigated_score=None, reason=reason, timings=tuple(timings), network_passes=tuple(passes), **common)  # type: ignore[arg-type]
+    if calibration.flags(score):
+        verdict, relation = "flagged", ">"
+    else:
+        verdict, relation = "clean", "<="
+    reason = f"{verdict}: {defense.statistic} {score:.4g} {relation} threshold {calibration.threshold:.4g}"
+    return CheckResult(verdict, score, calibration.threshold, calibration.p_value(score), scores, reason, seconds)
+
+
+@dataclass(frozen=True, eq=False)
+class MitigationOutcome:
+    """What the mitigation stage did to a flagged image."""
+
+    image: np.ndarray
+    verdict: str
+    mitigated_score: float | None
+    reason: str
+    seconds: float
+    network_passes: int
+
+
+def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
+    """Rewrite a flagged image by the k-space cyclic mitigation, behind the safeguard.
+
+    The rewrite ships only when its statistic against the received data is lower than the
+    original's and it stays within ``max_dc_increase`` noise norms of the original's data
+    residual; otherwise the original image ships with verdict ``flagged``. Images that
+    passed the check are returned untouched.
+    """
+    if checked.verdict != "flagged":
+        return MitigationOutcome(image, checked.verdict, None, checked.reason, 0.0, 0)
     settings = defense.mitigation
     if not settings.enabled:
-        reason = f"flagged: {defense.statistic} {score:.4g} > threshold {calibration.threshold:.4g}; mitigation off"
-        return DefendedResult(recon.image, "flagged", mitigated_score=None, reason=reason, timings=tuple(timings), network_passes=tuple(passes), **common)  # type: ignore[arg-type]
+        return MitigationOutcome(image, "flagged", None, checked.reason + "; mitigation off", 0.0, 0)
     from recon.mitigate.cyclic import mitigate_kspace
 
-    t2 = time.perf_counter()
-    cycle = defense.detector.cycle(prepared.op, prepared.y, x1)
-    with torch.enable_grad():
+    x1 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(prepared.y.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cycle = defense.detector.cycle(prepared.op, prepared.y, x1)
+    with torch.enable_grad():  # callers may run under no_grad; the mitigation needs gradients
         result = mitigate_kspace(
             defense.model, prepared.op, prepared.y, cycle, defense.noise_sigma,
             settings.fidelity, settings.radius, settings.iterations, settings.lr, settings.patience,
         )
-    rescored = defense.detector.score(prepared.op, prepared.y, result.image, defense.noise_sigma).get(defense.statistic)
-    t3 = time.perf_counter()
-    timings.append(("mitigate", t3 - t2))
-    passes.append(("mitigate", result.network_passes + k))
-    floor = noise_norm(prepared.op, prepared.y, defense.noise_sigma)
-    dc_increase = (_dc_norm(prepared.op, prepared.y, result.image) - _dc_norm(prepared.op, prepared.y, x1)) / floor
-    if rescored < score and dc_increase <= settings.max_dc_increase:
-        reason = f"mitigated: {defense.statistic} {score:.4g} -> {rescored:.4g} (threshold {calibration.threshold:.4g})"
-        image = result.image[0].cpu().numpy().astype(np.complex64)
-        return DefendedResult(image, "mitigated", mitigated_score=rescored, reason=reason, timings=tuple(timings), network_passes=tuple(passes), **common)  # type: ignore[arg-type]
+    with torch.no_grad():
+        rescored = defense.detector.score(prepared.op, prepared.y, result.image, defense.noise_sigma).get(defense.statistic)
+        floor = noise_norm(prepared.op, prepared.y, defense.noise_sigma)
+        dc_increase = (_dc_norm(prepared.op, prepared.y, result.image) - _dc_norm(prepared.op, prepared.y, x1)) / floor
+    seconds = time.perf_counter() - t0
+    passes = result.network_passes + defense.detector.alternatives
+    if rescored < checked.score and dc_increase <= settings.max_dc_increase:
+        reason = f"mitigated: {defense.statistic} {checked.score:.4g} -> {rescored:.4g} (threshold {checked.threshold:.4g})"
+        rewritten = result.image[0].cpu().numpy().astype(np.complex64)
+        return MitigationOutcome(rewritten, "mitigated", rescored, reason, seconds, passes)
     reason = (
-        f"flagged: {defense.statistic} {score:.4g} > threshold {calibration.threshold:.4g}; rewrite refused by the "
-        f"safeguard ({defense.statistic} {rescored:.4g}, data residual +{dc_increase:.2f} noise norms)"
+        f"{checked.reason}; rewrite refused by the safeguard ({defense.statistic} {rescored:.4g}, "
+        f"data residual +{dc_increase:.2f} noise norms)"
     )
-    return DefendedResult(recon.image, "flagged", mitigated_score=rescored, reason=reason, timings=tuple(timings), network_passes=tuple(passes), **common)  # type: ignore[arg-type]
+    return MitigationOutcome(image, "flagged", rescored, reason, seconds, passes)
+
+
+def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cpu") -> DefendedResult:
+    """Reconstruct, check and, when flagged, mitigate one slice.
+
+    Unflagged images are the network's reconstruction, bit for bit. A flagged image is
+    rewritten only when the safeguard accepts the rewrite (:func:`mitigate_flagged`).
+    The gadgets run the same three stages, one per gadget.
+    """
+    recon = reconstruct(data, defense.model, device)
+    checked = check(recon.prepared, recon.image, defense)
+    assert checked.scores is not None  # check() computes every statistic
+    timings = [*recon.timings, ("detect", checked.seconds)]
+    passes = [("recon", 1), ("detect", defense.detector.alternatives)]
+    outcome = mitigate_flagged(recon.prepared, recon.image, checked, defense)
+    if outcome.network_passes:
+        timings.append(("mitigate", outcome.seconds))
+        passes.append(("mitigate", outcome.network_passes))
+    return DefendedResult(
+        image=outcome.image,
+        verdict=outcome.verdict,
+        score=checked.score,
+        threshold=checked.threshold,
+        p_value=checked.p_value,
+        scores=checked.scores,
+        mitigated_score=outcome.mitigated_score,
+        reason=outcome.reason,
+        timings=tuple(timings),
+        network_passes=tuple(passes),
+        prepared=recon.prepared,
+    )

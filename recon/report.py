@@ -32,6 +32,7 @@ class SliceReport:
         threshold: its calibrated threshold.
         p_value: conformal p-value among clean calibration slices.
         reason: one line on what the defense did and why.
+        attacked: whether a red-team stage perturbed this slice (``None``: no red team).
     """
 
     name: str
@@ -44,6 +45,7 @@ class SliceReport:
     threshold: float | None = None
     p_value: float | None = None
     reason: str = ""
+    attacked: bool | None = None
 
 
 def montage(path: Path, panels: Sequence[tuple[str, np.ndarray]], error_gain: float = 5.0) -> Path:
@@ -77,7 +79,7 @@ def write_report(folder: Path, title: str, source: str, rows: Sequence[SliceRepo
         return "&ndash;" if q is None else f"{q.psnr:.2f} dB / {q.ssim:.3f}"
 
     body = "\n".join(
-        f"<tr><td>{html.escape(r.name)}</td><td class='{html.escape(r.verdict)}'>{html.escape(r.verdict)}<br><small>{html.escape(r.reason)}</small></td>"
+        f"<tr><td>{html.escape(r.name)}{'<br><b>attacked</b>' if r.attacked else ''}</td><td class='{html.escape(r.verdict)}'>{html.escape(r.verdict)}<br><small>{html.escape(r.reason)}</small></td>"
         f"<td>{fmt(r.quality)}</td><td>{fmt(r.quality_zero_filled)}</td>"
         f"<td>{sum(r.timings.values()):.2f}</td><td><img src='{html.escape(r.picture)}'></td></tr>"
         for r in rows

@@ -18,25 +18,30 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gadgets.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_demo_reconstructs_and_checks_the_bundled_file(tmp_path: Path) -> None:
-    result = _run("demo", "--out", str(tmp_path), "--device", "cpu")
+def test_demo_replays_the_red_team_chain_over_the_wire(tmp_path: Path) -> None:
+    """The README's main command: every gadget is its own `python -m gadgetron` process."""
+    result = _run("demo", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "report:" in result.stdout
     images = read_images(tmp_path / "demo_images.h5")
     assert len(images) == 4
+    verdicts = [meta["CycGuard.Verdict"] for _, meta in images]
+    # slices 1 and 3 are attacked by the red-team gadget (pipelines/redteam.xml), 0 and 2 are clean data
+    assert verdicts[0] == verdicts[2] == "clean"
+    assert verdicts[1] in ("flagged", "mitigated") and verdicts[3] in ("flagged", "mitigated")
     for _, meta in images:
-        # the demo file is clean data of the calibrated protocol: every slice is checked
-        assert meta["CycGuard.Verdict"] == "clean"
-        assert float(meta["CycGuard.Score"]) <= float(meta["CycGuard.Threshold"])
         assert 0 < float(meta["CycGuard.PValue"]) <= 1
         assert meta["CycGuard.Model"].startswith("modl_default:")
+        assert meta["ImageComment"].startswith(meta["CycGuard.Verdict"])
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert len(report["slices"]) == 4
-    for row in report["slices"]:
-        assert row["verdict"] == "clean"
-        assert row["quality"]["psnr"] > row["quality_zero_filled"]["psnr"] + 3  # the network helps
+    rows = report["slices"]
+    assert [row["attacked"] for row in rows] == [False, True, False, True]
+    assert rows[0]["quality"]["psnr"] > 33 and rows[2]["quality"]["psnr"] > 33  # clean slices: the network's image
+    assert rows[1]["quality"]["psnr"] < rows[0]["quality"]["psnr"] - 3  # the attack does damage
+    for row in rows:
         assert (tmp_path / "report" / row["picture"]).stat().st_size > 1000
     assert "<table>" in (tmp_path / "report" / "report.html").read_text()
+    assert [line.split()[5] for line in result.stdout.splitlines()[1:5]] == verdicts
 
 
 def test_calibrate_from_clean_raw_files_and_use_it(tmp_path: Path) -> None:
@@ -64,13 +69,16 @@ def test_a_calibration_for_another_protocol_is_refused(small_raw: tuple, tmp_pat
 
 
 def test_bad_input_fails_with_its_reason(tmp_path: Path) -> None:
+    from recon.data.demo import DEMO_RAW
+
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"\x00" * 64)
     result = _run("recon", str(junk), "-o", str(tmp_path / "out.h5"))
     assert result.returncode == 2
     assert "not a readable HDF5 file" in result.stderr
     assert not (tmp_path / "out.h5").exists()
-    result = _run("demo", "--device", "cuda:7") if not _cuda() else _run("demo", "--device", "tpu")
+    device = "tpu" if _cuda() else "cuda:7"
+    result = _run("recon", str(DEMO_RAW), "-o", str(tmp_path / "out2.h5"), "--device", device)
     assert result.returncode == 2
     assert "device" in result.stderr
 

@@ -146,7 +146,7 @@ def _geometry(acq: ismrmrd.Acquisition, protocol: Protocol) -> SliceGeometry:
     return SliceGeometry(vec(acq.position), read, phase, normal, protocol.recon_fov_mm)
 
 
-def _acs_block(rows: np.ndarray, center: int) -> np.ndarray:
+def acs_block(rows: np.ndarray, center: int) -> np.ndarray:
     """The contiguous run of ``rows`` (bool) around ``center``."""
     acs = np.zeros_like(rows)
     if not rows[center]:
@@ -297,7 +297,7 @@ def _assemble(
         if acc.uses_slice_flags and not acc.saw_last:
             problems.append(f"{name} has no ACQ_LAST_IN_SLICE acquisition: the data are truncated")
             continue
-        acs = _acs_block(acc.calibration, ny // 2) if acc.calibration.any() else _acs_block(acc.counts > 0, ny // 2)
+        acs = acs_block(acc.calibration, ny // 2) if acc.calibration.any() else acs_block(acc.counts > 0, ny // 2)
         if acs.sum() < MIN_AUTO_ACS:
             problems.append(f"{name} has {int(acs.sum())} contiguous calibration lines at the centre, {MIN_AUTO_ACS} needed")
             continue

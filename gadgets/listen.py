@@ -1,0 +1,49 @@
+"""Passive mode: a CycGuard gadget that listens for Gadgetron (``<connect port= address=/>``).
+
+``python -m gadgets.listen --port 18000 gadgets.composed composed`` serves one connection and
+exits, for running a gadget under a debugger or in another container. Unlike
+``gadgetron.external.listen`` (which binds every interface), it binds loopback unless
+``--bind`` says otherwise: the protocol has no authentication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+from gadgetron.external.connection import Connection
+
+log = logging.getLogger("cycguard.listen")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve one Gadgetron connection with the named gadget target."""
+    parser = argparse.ArgumentParser(prog="python -m gadgets.listen", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("module", help="gadget module, e.g. gadgets.composed")
+    parser.add_argument("target", help="gadget target, e.g. composed")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for Gadgetron")
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.module.startswith("gadgets."):
+        parser.error("only CycGuard gadgets (gadgets.*) are served")
+    target = getattr(importlib.import_module(args.module), args.target)
+    if args.bind not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who can reach this port can send data to the gadget", args.bind)
+    with socket.create_server((args.bind, args.port)) as server:
+        server.settimeout(args.timeout)
+        log.info("waiting for Gadgetron on %s:%d", args.bind, args.port)
+        sock, peer = server.accept()
+    log.info("connection from %s", peer)
+    with Connection(sock) as connection:
+        target(connection)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

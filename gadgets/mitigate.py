@@ -1,0 +1,106 @@
+"""Mitigation gadget: rewrites flagged images by the k-space cyclic mitigation.
+
+``<external><execute name="gadgets.mitigate" target="mitigate" type="python"/>``, after a
+detect gadget with ``forward_internal=true``. Images whose verdict is not ``flagged`` pass
+unchanged. A flagged image is rewritten only when the safeguard accepts the rewrite
+(:func:`recon.pipeline.mitigate_flagged`); then it becomes ``mitigated``, its history and
+series description say so, and its comment gives both scores. The calibration must be the
+one the detect gadget used (its threshold is checked).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, set_meta, with_pixels
+from gadgets.detect import DefenseCache
+from gadgets.params import MitigateSettings
+from gadgets.stages import InternalStore, Resources, gadget_logging, is_ours, serve
+from recon.pipeline import CheckResult, MitigationSettings, mitigate_flagged, prepare_with_maps
+
+log = logging.getLogger("cycguard.gadget.mitigate")
+
+
+class MitigateStage:
+    """Rewrites flagged CycGuard images; passes other items through."""
+
+    name = "mitigate"
+
+    def __init__(self, settings: MitigateSettings, resources: Resources) -> None:
+        self.settings = settings
+        self.store = InternalStore(self.name, settings.forward_internal)
+        self.defenses = DefenseCache(self.name, settings.weights, settings.calibration, settings.device, resources)
+        self.mitigation = MitigationSettings(
+            enabled=settings.enabled, fidelity=settings.fidelity, radius=settings.radius, iterations=settings.iterations,
+            lr=settings.lr, patience=settings.patience, max_dc_increase=settings.max_dc_increase,
+        )
+
+    def process(self, item: Any) -> Iterable[Any]:
+        forwarded = self.store.offer(item)
+        if forwarded is not None:
+            return forwarded
+        if not is_ours(item):
+            return [item]
+        context = self.store.take(item)
+        meta = meta_of(item)
+        if meta_value(meta, "CycGuard.Verdict") != "flagged":
+            return [item]
+        self.defenses.check_model(item)
+        defense = self.defenses.defense(context.part.data)
+        if defense is None:
+            raise ContractError("mitigate: a flagged image, but no calibration fits this model and protocol here")
+        checked = _checked(meta, defense.statistic)
+        if not math.isclose(checked.threshold, defense.calibration.threshold, rel_tol=1e-5):
+            raise ContractError(
+                f"mitigate: the image was checked against threshold {checked.threshold:.6g}, this gadget's calibration "
+                f"says {defense.calibration.threshold:.6g}: detect and mitigate must use the same calibration"
+            )
+        sigma = float(meta_value(meta, "CycGuard.NoiseSigma") or "nan")
+        if not math.isfinite(sigma) or sigma <= 0:
+            raise ContractError("mitigate: flagged image without a valid CycGuard.NoiseSigma")
+        defense = replace(defense, noise_sigma=sigma, mitigation=self.mitigation)
+        assert context.maps is not None
+        prepared = prepare_with_maps(context.part.data, context.maps, self.defenses.device)
+        outcome = mitigate_flagged(prepared, image_pixels(item), checked, defense)
+        values: dict[str, str | list[str]] = {"ImageComment": outcome.reason, "CycGuard.Seconds.mitigate": f"{outcome.seconds:.4f}"}
+        if outcome.mitigated_score is not None:
+            values["CycGuard.MitigatedScore"] = f"{outcome.mitigated_score:.6g}"
+        if outcome.verdict == "mitigated":
+            item = with_pixels(item, outcome.image)
+            values.update(
+                {
+                    "CycGuard.Verdict": "mitigated",
+                    "GADGETRON_ImageComment": "CycGuard mitigated",
+                    "ImageProcessingHistory": ["CYCGUARD_MODL", "CYCGUARD_MITIGATION"],
+                    "SeriesDescriptionAdditional": "CYCGUARD_MITIGATED",
+                }
+            )
+        set_meta(item, values)
+        log.info("mitigate %s: %s", context.part.data.key, outcome.reason)
+        return [item]
+
+    def close(self) -> Iterable[Any]:
+        self.store.close()
+        return []
+
+
+def _checked(meta: Any, statistic: str) -> CheckResult:
+    """The detect gadget's result, read back from the image meta."""
+    try:
+        score = float(meta_value(meta, "CycGuard.Score") or "")
+        threshold = float(meta_value(meta, "CycGuard.Threshold") or "")
+        p_value = float(meta_value(meta, "CycGuard.PValue") or "")
+    except ValueError as err:
+        raise ContractError("mitigate: flagged image without CycGuard.Score/Threshold/PValue") from err
+    reason = meta_value(meta, "ImageComment") or f"flagged: {statistic} {score:.4g} > threshold {threshold:.4g}"
+    return CheckResult("flagged", score, threshold, p_value, None, reason, 0.0)
+
+
+def mitigate(connection: Any) -> None:
+    """Gadget target ``gadgets.mitigate:mitigate``."""
+    gadget_logging()
+    serve(connection, "gadgets.mitigate", "mitigate")

@@ -1,0 +1,66 @@
+"""DL-recon gadget: ``ReconData`` in, complex image out (verdict ``unverified`` until checked).
+
+``<external><execute name="gadgets.recon" target="recon" type="python"/>``. Per 2-D slice of
+each buffer: coil maps from the ACS lines, the zero-filled image and the unrolled network
+(:func:`recon.pipeline.reconstruct`). With ``forward_internal`` the buffer and the coil maps
+go downstream too (contract: :mod:`gadgets.convert`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from gadgetron.types.recon_data import ReconData
+
+from gadgets.convert import buffer_slices, maps_message, to_image
+from gadgets.params import ReconSettings
+from gadgets.stages import Resources, gadget_logging, model_tag, serve
+from recon.pipeline import reconstruct
+from recon.types import ReconImage
+
+log = logging.getLogger("cycguard.gadget.recon")
+
+
+class ReconStage:
+    """Reconstructs every slice of every ``ReconData``; passes other items through."""
+
+    name = "recon"
+
+    def __init__(self, settings: ReconSettings, resources: Resources) -> None:
+        self.settings = settings
+        self.model, self.manifest, self.device = resources.model(settings.weights, settings.device)
+        self.count = 0
+
+    def process(self, item: Any) -> Iterable[Any]:
+        if not isinstance(item, ReconData):
+            return [item]
+        out: list[Any] = [item] if self.settings.forward_internal else []
+        for part in buffer_slices(item):
+            result = reconstruct(part.data, self.model, self.device)
+            self.count += 1
+            seconds = sum(t for _, t in result.timings)
+            meta = (
+                ("CycGuard.Verdict", "unverified"),
+                ("CycGuard.Model", model_tag(self.manifest)),
+                ("CycGuard.Seconds.recon", f"{seconds:.4f}"),
+                ("ImageComment", "unverified: no consistency check ran on this image"),
+                ("GADGETRON_ImageComment", "CycGuard unverified"),
+                ("ImageProcessingHistory", "CYCGUARD_MODL"),
+            )
+            image = to_image(ReconImage(result.image, part.data.key, part.data.geometry, meta), self.count, self.settings.series)
+            if self.settings.forward_internal:
+                out.append(maps_message(result.prepared.op.maps[0].cpu().numpy(), image))
+            out.append(image)
+            log.info("recon %s in %.3f s", part.data.key, seconds)
+        return out
+
+    def close(self) -> Iterable[Any]:
+        return []
+
+
+def recon(connection: Any) -> None:
+    """Gadget target ``gadgets.recon:recon``."""
+    gadget_logging()
+    serve(connection, "gadgets.recon", "recon")

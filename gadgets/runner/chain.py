@@ -1,0 +1,44 @@
+"""A whole pipeline as one iterator: C++ front end (Python equivalents), then each external node.
+
+By default every ``<external>`` node runs as its own process over the wire, exactly as
+Gadgetron runs it; ``in_process`` calls the same gadget stages directly (debugging, and the
+benchmark of what the wire costs). Threads: each external process gets
+``cpu_count // externals`` torch threads unless told otherwise, so that pipelined stages do
+not oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from gadgets.runner import frontend
+from gadgets.runner.config import CppGadget, Pipeline, PipelineError
+from gadgets.runner.external import ExternalRun
+from gadgets.stages import build_stages, run_stages
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    header_xml: str,
+    items: Iterable[Any],
+    in_process: bool = False,
+    threads: int | None = None,
+    echo_stderr: bool = False,
+    io_timeout: float = 900.0,
+) -> Iterator[Any]:
+    """Stream ``items`` (acquisitions, waveforms) through ``pipeline``; yields what leaves it."""
+    front = [frontend.build(n.classname, header_xml, dict(n.properties)) for n in pipeline.nodes if isinstance(n, CppGadget)]
+    stream: Iterator[Any] = run_stages(front, items)
+    externals = pipeline.externals
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // max(1, len(externals)))
+    for node in externals:
+        if in_process:
+            if not node.ours:
+                raise PipelineError(f"{node.name}: only CycGuard gadgets can run in process")
+            stream = run_stages(build_stages(node.module, node.target, node.configuration, header_xml), stream)
+        else:
+            stream = ExternalRun(node, header_xml, threads, echo_stderr=echo_stderr, io_timeout=io_timeout).run(stream)
+    return stream

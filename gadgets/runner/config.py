@@ -1,0 +1,288 @@
+"""Gadgetron 4 v2 pipeline XML: parsing, and the checks behind ``cycguard check``.
+
+Accepted: ``<configuration><version>2</version>`` with ``<readers>``, ``<writers>`` and a
+``<stream>`` of ``<gadget>`` (C++ gadgets the runner has Python equivalents for, see
+:mod:`gadgets.runner.frontend`) and ``<external>`` nodes (``<execute ... type="python"/>`` or
+``<connect port= address=/>``, and a ``<configuration>`` of ``<property>``s). Everything else
+is refused with a message naming it. XML is parsed with defusedxml (no entities, no DTDs).
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET  # noqa: S405 - serialising only; parsing goes through defusedxml
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import defusedxml.ElementTree as SafeET
+from defusedxml import DefusedXmlException
+
+from gadgets import params
+from gadgets.runner.frontend import FRONTEND, check_frontend_properties
+
+KNOWN_READERS = {
+    "AcquisitionReader", "WaveformReader", "ImageReader", "GadgetIsmrmrdAcquisitionMessageReader",
+    "GadgetIsmrmrdWaveformMessageReader", "MRIImageReader",
+}
+KNOWN_WRITERS = {"ImageWriter", "MRIImageWriter", "IsmrmrdImageArrayWriter", "WaveformWriter", "AcquisitionWriter"}
+UNSUPPORTED_NODES = {"parallel", "distributed", "parallelprocess", "puredistributed"}
+
+
+class PipelineError(ValueError):
+    """A pipeline the runner (or Gadgetron) would not run, with what is wrong."""
+
+
+@dataclass(frozen=True)
+class CppGadget:
+    """A C++ gadget node (run by its Python equivalent in the runner)."""
+
+    name: str
+    dll: str
+    classname: str
+    properties: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ExternalNode:
+    """An ``<external>`` node.
+
+    Attributes:
+        module, target: what ``python -m gadgetron <port> <module> <target>`` runs (active mode).
+        configuration: the ``<configuration>`` element, serialised (sent as CONFIG).
+        properties: its ``<property>`` pairs.
+        connect: ``(address, port)`` in passive mode (the gadget listens), else ``None``.
+    """
+
+    module: str
+    target: str
+    configuration: bytes
+    properties: tuple[tuple[str, str], ...]
+    connect: tuple[str, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}:{self.target}" if self.module else f"connect {self.connect}"
+
+    @property
+    def ours(self) -> bool:
+        return (self.module, self.target) in params.GADGETS
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A parsed pipeline."""
+
+    source: str
+    readers: tuple[str, ...]
+    writers: tuple[str, ...]
+    nodes: tuple[CppGadget | ExternalNode, ...]
+
+    @property
+    def externals(self) -> tuple[ExternalNode, ...]:
+        return tuple(n for n in self.nodes if isinstance(n, ExternalNode))
+
+
+def installed_pipelines() -> dict[str, Path]:
+    """The pipelines shipped with CycGuard, by name (file stem)."""
+    folder = resources.files("pipelines")
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".xml")}
+
+
+def resolve(name_or_path: str) -> Path:
+    """An installed pipeline by name (``defended`` or ``defended.xml``), else a file path."""
+    shipped = installed_pipelines()
+    stem = name_or_path[:-4] if name_or_path.endswith(".xml") else name_or_path
+    if "/" not in name_or_path and stem in shipped:
+        return shipped[stem]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise PipelineError(f"no pipeline {name_or_path!r}: not a file, and not one of the installed {', '.join(sorted(shipped))}")
+    return path
+
+
+def _properties(elements: list[ET.Element], where: str) -> tuple[tuple[str, str], ...]:
+    wrapper = ET.Element("configuration")
+    wrapper.extend(elements)
+    try:
+        pairs = params.properties_of(wrapper, where)
+    except params.PropertyError as err:
+        raise PipelineError(str(err)) from err
+    for name, value in pairs.items():
+        if "@" in value:
+            raise PipelineError(f"{where}: property {name!r} = {value!r} holds '@' (Gadgetron reads it as a reference to another gadget's property)")
+    return tuple(pairs.items())
+
+
+def parse_pipeline(text: str | bytes, source: str = "<pipeline>") -> Pipeline:
+    """Parse pipeline XML (raises :class:`PipelineError`)."""
+    try:
+        root = SafeET.fromstring(text)
+    except (SafeET.ParseError, DefusedXmlException) as err:
+        raise PipelineError(f"{source}: not a well-formed, safe XML document: {err}") from err
+    if root.tag == "gadgetronStreamConfiguration" or root.tag.endswith("}gadgetronStreamConfiguration"):
+        raise PipelineError(f"{source}: legacy <gadgetronStreamConfiguration> format; write a v2 <configuration>")
+    if root.tag != "configuration":
+        raise PipelineError(f"{source}: root element <{root.tag}>, expected <configuration>")
+    if (root.findtext("version") or "").strip() != "2":
+        raise PipelineError(f"{source}: <version>2</version> missing (only Gadgetron 4 v2 pipelines are supported)")
+    for child in root:
+        if child.tag not in ("version", "readers", "writers", "stream"):
+            raise PipelineError(f"{source}: unknown element <{child.tag}> under <configuration>")
+    readers = tuple(_classes(root, "readers", "reader", KNOWN_READERS, source))
+    writers = tuple(_classes(root, "writers", "writer", KNOWN_WRITERS, source))
+    stream = root.find("stream")
+    if stream is None:
+        raise PipelineError(f"{source}: no <stream>")
+    nodes: list[CppGadget | ExternalNode] = []
+    for number, node in enumerate(stream, start=1):
+        where = f"{source}: stream node {number} <{node.tag}>"
+        if node.tag == "gadget":
+            nodes.append(_gadget(node, where))
+        elif node.tag == "external":
+            nodes.append(_external(node, where))
+        elif node.tag in UNSUPPORTED_NODES:
+            raise PipelineError(f"{where} is not supported by the CycGuard runner (gadget and external only)")
+        else:
+            raise PipelineError(f"{where}: unknown element (Gadgetron accepts gadget, external, parallel, distributed)")
+    if not nodes:
+        raise PipelineError(f"{source}: the <stream> is empty")
+    return Pipeline(source, readers, writers, tuple(nodes))
+
+
+def _classes(root: ET.Element, group: str, item: str, known: set[str], source: str) -> list[str]:
+    out = []
+    holder = root.find(group)
+    for element in holder if holder is not None else []:
+        if element.tag != item:
+            raise PipelineError(f"{source}: unknown element <{element.tag}> in <{group}>")
+        classname = (element.findtext("classname") or "").strip()
+        if classname not in known:
+            raise PipelineError(f"{source}: {item} {classname!r} is not supported (known: {', '.join(sorted(known))})")
+        out.append(classname)
+    return out
+
+
+def _gadget(node: ET.Element, where: str) -> CppGadget:
+    classname = (node.findtext("classname") or "").strip()
+    dll = (node.findtext("dll") or "").strip()
+    if classname not in FRONTEND:
+        raise PipelineError(
+            f"{where}: C++ gadget {classname!r} has no Python equivalent in the CycGuard runner (available: {', '.join(FRONTEND)})"
+        )
+    props = _properties(node.findall("property"), f"{where} {classname}")
+    try:
+        check_frontend_properties(classname, dict(props))
+    except ValueError as err:
+        raise PipelineError(f"{where}: {err}") from err
+    return CppGadget((node.findtext("name") or classname).strip(), dll, classname, props)
+
+
+def _external(node: ET.Element, where: str) -> ExternalNode:
+    execute, connect, configuration = node.find("execute"), node.find("connect"), node.find("configuration")
+    for child in node:
+        if child.tag not in ("execute", "connect", "configuration"):
+            raise PipelineError(f"{where}: unknown element <{child.tag}> (execute, connect, configuration)")
+    if (execute is None) == (connect is None):
+        raise PipelineError(f"{where}: needs exactly one of <execute> and <connect>")
+    if configuration is None:
+        configuration = ET.Element("configuration")
+    props = _properties(list(configuration), where)
+    config_bytes = ET.tostring(configuration, encoding="utf-8")
+    if execute is not None:
+        kind = (execute.get("type") or "").lower()
+        if kind != "python":
+            raise PipelineError(f"{where}: execute type {kind!r} is not supported (python only)")
+        module, target = execute.get("name") or "", execute.get("target") or ""
+        if not module or not target:
+            raise PipelineError(f"{where}: <execute> needs name (module) and target")
+        external = ExternalNode(module, target, config_bytes, props)
+    else:
+        assert connect is not None
+        try:
+            port = int(connect.get("port") or "")
+        except ValueError as err:
+            raise PipelineError(f"{where}: <connect> needs an integer port") from err
+        external = ExternalNode("", "", config_bytes, props, (connect.get("address") or "localhost", port))
+    return external
+
+
+def load_pipeline(name_or_path: str | Path) -> Pipeline:
+    """Read and parse a pipeline by installed name or path."""
+    path = resolve(str(name_or_path))
+    return parse_pipeline(path.read_bytes(), str(path))
+
+
+def check(pipeline: Pipeline, allow_foreign: bool = True, connect_stages: str | None = None) -> list[str]:
+    """Check a pipeline as the runner would run it; returns warnings, raises on errors.
+
+    Checks our gadgets' properties, that every detect/mitigate stage receives the internal
+    messages it needs, that no internal message leaves the chain, and the order of the
+    C++ front end (accumulate before bucket-to-buffer, bucket-to-buffer before our gadgets).
+    ``connect_stages`` names the stages behind a passive ``<connect>`` node when known.
+    """
+    warnings: list[str] = []
+    stages: list[tuple[str, bool]] = []  # (stage, forwards internal)
+    seen_buffer = False
+    front = [n.classname for n in pipeline.nodes if isinstance(n, CppGadget)]
+    if "AcquisitionAccumulateTriggerGadget" in front and "BucketToBufferGadget" not in front:
+        raise PipelineError(f"{pipeline.source}: AcquisitionAccumulateTriggerGadget must be followed by BucketToBufferGadget")
+    for node in pipeline.nodes:
+        if isinstance(node, CppGadget):
+            if stages:
+                raise PipelineError(f"{pipeline.source}: C++ gadget {node.classname} after an external node is not supported")
+            if node.classname == "BucketToBufferGadget":
+                if "AcquisitionAccumulateTriggerGadget" not in front[: front.index(node.classname)]:
+                    raise PipelineError(f"{pipeline.source}: BucketToBufferGadget needs AcquisitionAccumulateTriggerGadget before it")
+                seen_buffer = True
+            continue
+        if node.connect is not None:
+            names = [s.strip() for s in (connect_stages or "").split(",") if s.strip()]
+            if not names:
+                warnings.append(f"{node.name}: passive node, its gadget and properties are checked only when it runs")
+                continue
+            values = dict(node.properties)
+            settings = params.parse("gadgets.composed", "composed", _config_with(values, "stages", ",".join(names)))
+        elif not node.ours:
+            if not allow_foreign:
+                raise PipelineError(f"{node.name}: not a CycGuard gadget; this server runs CycGuard gadgets only")
+            warnings.append(f"{node.name}: not a CycGuard gadget; its properties are not checked")
+            continue
+        else:
+            try:
+                settings = params.parse(node.module, node.target, node.configuration)
+            except params.PropertyError as err:
+                raise PipelineError(f"{pipeline.source}: {err}") from err
+        if params.ComposedSettings in settings:
+            order = [params.STAGE_SETTINGS[s.strip()] for s in settings[params.ComposedSettings].stages.split(",")]
+        else:
+            order = [cls for cls in settings if cls in params.STAGE_SETTINGS.values()]
+        for position, cls in enumerate(order):
+            name = next(k for k, v in params.STAGE_SETTINGS.items() if v is cls)
+            forwards = position < len(order) - 1 or bool(getattr(settings[cls], "forward_internal", False))
+            if name in ("detect", "mitigate") and not (stages and stages[-1][1]):
+                raise PipelineError(
+                    f"{pipeline.source}: the {name} stage of {node.name} needs the k-space buffer and coil maps: "
+                    "set forward_internal=true on the CycGuard gadget before it"
+                )
+            if name in ("attack", "recon") and not seen_buffer:
+                raise PipelineError(f"{pipeline.source}: the {name} stage of {node.name} needs BucketToBufferGadget before it")
+            if name == "attack":
+                warnings.append(f"{node.name}: the red-team attack gadget perturbs k-space: for evaluation only, never clinical use")
+                if any(s == "recon" for s, _ in stages):
+                    raise PipelineError(f"{pipeline.source}: the attack stage must come before recon")
+            stages.append((name, forwards))
+    if stages and stages[-1][1]:
+        raise PipelineError(
+            f"{pipeline.source}: the last CycGuard stage ({stages[-1][0]}) forwards internal messages out of the chain: "
+            "set its forward_internal=false or end with gadgets.export"
+        )
+    if not any(s == "detect" for s, _ in stages) and any(s == "recon" for s, _ in stages):
+        warnings.append("no detect stage: images leave tagged unverified")
+    return warnings
+
+
+def _config_with(values: dict[str, str], name: str, value: str) -> bytes:
+    element = ET.Element("configuration")
+    for key, val in {**values, name: value}.items():
+        ET.SubElement(element, "property", name=key, value=val)
+    return ET.tostring(element, encoding="utf-8")

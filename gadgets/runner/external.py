@@ -1,0 +1,243 @@
+"""Gadgetron's side of an ``<external>`` node, over the real wire protocol.
+
+Active mode (``<execute>``): as Gadgetron does, listen on an ephemeral loopback port and
+launch ``python -m gadgetron <port> <module> <target>``; passive mode (``<connect>``):
+connect to a gadget that listens. Then send CONFIG (the node's ``<configuration>``), HEADER,
+the items, CLOSE, while reading the items the gadget sends back until its CLOSE. ERROR (8)
+is honoured: its message fails the run. A gadget that dies, closes without CLOSE, exits
+non-zero, sends an id Gadgetron would not accept, or writes to stdout (Gadgetron's data
+pipe) also fails the run, with the tail of its stderr.
+
+Serialisation is gadgetron-python's own readers and writers; every read is capped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import ismrmrd
+from gadgetron.external import readers, writers
+from gadgetron.types.image_array import ImageArray, read_image_array, write_image_array
+from gadgetron.types.recon_data import ReconData, read_recon_data, write_recon_data
+
+from gadgets.runner.config import ExternalNode
+from gadgets.stages import MESSAGE_CLOSE, MESSAGE_ERROR, SafeSocket
+
+log = logging.getLogger("cycguard.runner")
+
+MESSAGE_CONFIG, MESSAGE_HEADER = 2, 3
+MAX_TEXT_BYTES = 1 << 20
+READERS = {
+    1008: readers.read_acquisition,
+    1026: readers.read_waveform,
+    1022: readers.read_image,
+    1024: read_image_array,
+    1023: read_recon_data,
+}
+
+
+class GadgetError(RuntimeError):
+    """A gadget failed; the message names it and says what it reported."""
+
+
+def write_item(wire: Any, item: Any) -> None:
+    """Serialise one item as Gadgetron would."""
+    if isinstance(item, ismrmrd.Acquisition):
+        writers.write_acquisition(wire, item)
+    elif isinstance(item, ismrmrd.Waveform):
+        writers.write_waveform(wire, item)
+    elif isinstance(item, ismrmrd.Image):
+        writers.write_image(wire, item)
+    elif isinstance(item, ImageArray):
+        write_image_array(wire, item)
+    elif isinstance(item, ReconData):
+        write_recon_data(wire, item)
+    else:
+        raise TypeError(f"no Gadgetron message for {type(item).__name__}")
+
+
+def _string_message(mid: int, text: bytes) -> bytes:
+    return struct.pack("<H", mid) + struct.pack("<I", len(text)) + text
+
+
+class _Drain(threading.Thread):
+    """Reads a child's pipe, keeping the tail (stderr is echoed to ours)."""
+
+    def __init__(self, pipe: Any, echo: bool) -> None:
+        super().__init__(daemon=True)
+        self.pipe, self.echo = pipe, echo
+        self.tail: deque[str] = deque(maxlen=30)
+        self.bytes = 0
+
+    def run(self) -> None:
+        for line in iter(self.pipe.readline, b""):
+            self.bytes += len(line)
+            text = line.decode("utf-8", "replace").rstrip()
+            self.tail.append(text)
+            if self.echo:
+                sys.stderr.write(text + "\n")
+
+
+class ExternalRun:
+    """One run of an external node over a stream of items."""
+
+    def __init__(self, node: ExternalNode, header_xml: str, threads: int | None = None, start_timeout: float = 120.0, io_timeout: float = 900.0, echo_stderr: bool = False) -> None:
+        self.node = node
+        self.header_xml = header_xml
+        self.threads = threads
+        self.start_timeout = start_timeout
+        self.io_timeout = io_timeout
+        self.echo_stderr = echo_stderr
+        self.errors: list[str] = []
+        self.upstream_error: BaseException | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stdout: _Drain | None = None
+        self.stderr: _Drain | None = None
+
+    # -------------------------------------------------------------- connection
+
+    def _launch(self) -> socket.socket:
+        if self.node.connect is not None:
+            address, port = self.node.connect
+            try:
+                return socket.create_connection((address, port), timeout=self.start_timeout)
+            except OSError as err:
+                raise GadgetError(f"{self.node.name}: cannot connect to the listening gadget at {address}:{port}: {err}") from err
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        env = dict(os.environ)
+        env.setdefault("GADGETRON_EXTERNAL_LOG_LEVEL", "INFO")
+        if self.threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        command = [sys.executable, "-m", "gadgetron", str(port), self.node.module, self.node.target]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.stdout, self.stderr = _Drain(self.process.stdout, False), _Drain(self.process.stderr, self.echo_stderr)
+        self.stdout.start()
+        self.stderr.start()
+        deadline = time.monotonic() + self.start_timeout
+        try:
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                    return sock
+                except TimeoutError:
+                    if self.process.poll() is not None:
+                        raise GadgetError(f"{self.node.name}: exited with status {self.process.returncode} before connecting{self._tail()}") from None
+                    if time.monotonic() > deadline:
+                        raise GadgetError(f"{self.node.name}: did not connect within {self.start_timeout:.0f} s{self._tail()}") from None
+        finally:
+            listener.close()
+
+    def _tail(self) -> str:
+        if self.stderr is None:
+            return ""
+        self.stderr.join(timeout=2)
+        lines = [line for line in self.stderr.tail if line.strip()][-8:]
+        return ("\n  stderr: " + "\n  stderr: ".join(lines)) if lines else ""
+
+    # -------------------------------------------------------------- streaming
+
+    def _write_all(self, wire: SafeSocket, items: Iterable[Any]) -> None:
+        try:
+            wire.write(_string_message(MESSAGE_CONFIG, self.node.configuration))
+            wire.write(_string_message(MESSAGE_HEADER, self.header_xml.encode("utf-8")))
+            for item in items:
+                write_item(wire, item)
+        except OSError as err:  # the gadget went away; its reader side reports why
+            log.debug("%s: write side closed: %s", self.node.name, err)
+            return
+        except BaseException as err:  # an upstream stage failed: finish this gadget, then re-raise
+            self.upstream_error = err
+        try:
+            wire.write(struct.pack("<H", MESSAGE_CLOSE))
+        except OSError:
+            pass
+
+    def run(self, items: Iterable[Any]) -> Iterator[Any]:
+        """Stream ``items`` through the gadget; yields what it sends back."""
+        sock = self._launch()
+        sock.settimeout(self.io_timeout)
+        wire = SafeSocket(sock)
+        writer = threading.Thread(target=self._write_all, args=(wire, items), daemon=True, name=f"write {self.node.name}")
+        writer.start()
+        closed = False
+        try:
+            while True:
+                try:
+                    (mid,) = struct.unpack("<H", wire.read(2))
+                except (ConnectionError, TimeoutError, OSError) as err:
+                    self.errors.append(f"connection lost before CLOSE ({err})")
+                    break
+                if mid == MESSAGE_CLOSE:
+                    closed = True
+                    break
+                if mid == MESSAGE_ERROR:
+                    (length,) = struct.unpack("<Q", wire.read(8))
+                    if length > MAX_TEXT_BYTES:
+                        self.errors.append(f"ERROR message of {length} bytes (cap {MAX_TEXT_BYTES})")
+                        break
+                    self.errors.append(wire.read(length).decode("utf-8", "replace"))
+                    continue
+                reader = READERS.get(mid)
+                if reader is None:
+                    self.errors.append(f"illegal message id {mid} from the gadget")
+                    break
+                try:
+                    yield reader(wire)
+                except GeneratorExit:  # the consumer stopped (it failed): stop the gadget, report nothing more
+                    self._stop()
+                    raise
+        except Exception:
+            self._stop()
+            raise
+        finally:
+            writer.join(timeout=5 if closed else 1)
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._finish(closed)
+
+    def _stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def _finish(self, closed: bool) -> None:
+        status = None
+        if not closed:
+            self._stop()
+        if self.process is not None:
+            try:
+                status = self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                status = self.process.wait()
+                self.errors.append("did not exit within 30 s of CLOSE (killed)")
+            assert self.stdout is not None and self.stderr is not None
+            self.stdout.join(timeout=2)
+            self.stderr.join(timeout=2)
+            for pipe in (self.process.stdout, self.process.stderr):
+                if pipe is not None:
+                    pipe.close()
+            if self.stdout.bytes:
+                self.errors.append(f"wrote {self.stdout.bytes} bytes to stdout (Gadgetron's data pipe): {list(self.stdout.tail)[:3]}")
+            if status and not self.errors:
+                self.errors.append(f"exited with status {status}")
+        if self.errors:
+            raise GadgetError(f"{self.node.name}: " + "; ".join(self.errors) + self._tail())
+        if self.upstream_error is not None:
+            raise self.upstream_error

@@ -1,0 +1,245 @@
+"""``cycguard replay``: an ISMRMRD raw file through a pipeline, images out, a per-slice report.
+
+Acquisitions and waveforms are sent in time-stamp order, as ``gadgetron_ismrmrd_client``
+sends them; images are appended, as they arrive, to ``/<group>/image_<series>`` of the
+output file as that client writes them (the group defaults to the date and time). The run
+fails (``ReplayResult.ok`` false, exit status 1) when any stage failed, when any slice of
+the input came out with no image or with more than one, or when any image lacks a verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import ismrmrd
+import numpy as np
+from gadgetron.types.image_array import ImageArray
+from gadgetron.types.recon_data import ReconData
+from tqdm import tqdm
+
+from gadgets import params
+from gadgets.convert import image_key, image_pixels, meta_of, meta_value
+from gadgets.runner.chain import run_pipeline
+from gadgets.runner.config import Pipeline, check, load_pipeline
+from recon.io.mrd import MRDError, parse_header
+from recon.io.mrd_write import read_images
+from recon.metrics import quality
+from recon.pipeline import VERDICTS
+from recon.report import SliceReport, montage, write_report
+from recon.types import SliceKey
+
+log = logging.getLogger("cycguard.replay")
+
+_NOT_IMAGING = (
+    ismrmrd.ACQ_IS_NOISE_MEASUREMENT, ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA,
+    ismrmrd.ACQ_IS_DUMMYSCAN_DATA, ismrmrd.ACQ_IS_RTFEEDBACK_DATA, ismrmrd.ACQ_IS_HPFEEDBACK_DATA,
+)
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What a replay produced and what went wrong."""
+
+    output: Path
+    group: str
+    rows: tuple[SliceReport, ...]
+    report_json: Path | None
+    report_html: Path | None
+    failures: tuple[str, ...]
+    seconds: float
+    slices: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class _Collected:
+    key: SliceKey
+    pixels: np.ndarray
+    meta: dict[str, str]
+    series: int = 1
+    index: int = 0
+    extra: list[str] = field(default_factory=list)
+
+
+def read_header(raw: Path, dataset: str = "dataset") -> str:
+    """The XML header of a raw file, checked (:class:`MRDError` naming what is wrong)."""
+    if not raw.is_file():
+        raise MRDError(f"{raw}: no such file")
+    try:
+        with h5py.File(raw, "r") as handle:
+            if f"{dataset}/xml" not in handle or f"{dataset}/data" not in handle:
+                raise MRDError(f"{raw}: no '/{dataset}/xml' header or '/{dataset}/data' acquisitions")
+            value = handle[f"{dataset}/xml"][()]
+    except OSError as err:
+        raise MRDError(f"{raw}: not a readable HDF5 file (truncated or corrupt): {err}") from err
+    value = value[0] if isinstance(value, np.ndarray) else value
+    xml = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    parse_header(xml, str(raw))
+    return xml
+
+
+def expected_slices(raw: Path, dataset: str = "dataset") -> list[SliceKey]:
+    """The 2-D slices the file holds imaging data for, in order of first appearance."""
+    with h5py.File(raw, "r") as handle:
+        heads = handle[f"{dataset}/data"]["head"]
+    mask = np.uint64(0)
+    for flag in _NOT_IMAGING:
+        mask |= np.uint64(1) << np.uint64(flag - 1)
+    keep = (heads["flags"].astype(np.uint64) & mask) == 0
+    idx = heads["idx"][keep]
+    seen: dict[SliceKey, None] = {}
+    for row in idx:
+        seen.setdefault(SliceKey(int(row["slice"]), int(row["contrast"]), int(row["repetition"]), int(row["set"]), int(row["phase"])))
+    return list(seen)
+
+
+def stream_raw(raw: Path, dataset: str = "dataset") -> Iterator[Any]:
+    """Acquisitions and waveforms interleaved by time stamp, as gadgetron_ismrmrd_client sends them."""
+    try:
+        with ismrmrd.File(str(raw), "r") as handle:
+            group = handle[dataset]
+            waveforms = sorted(group.waveforms, key=lambda w: w.time_stamp) if group.has_waveforms() else []
+            position = 0
+            for acq in group.acquisitions:
+                while position < len(waveforms) and waveforms[position].time_stamp <= acq.acquisition_time_stamp:
+                    yield waveforms[position]
+                    position += 1
+                yield acq
+            yield from waveforms[position:]
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise MRDError(f"{raw}: cannot read acquisitions (truncated or corrupt data?): {err}") from err
+
+
+def attacked_slices(pipeline: Pipeline) -> frozenset[int] | None:
+    """Slices a red-team stage of the pipeline attacks (``None`` when there is none; all slices
+    are named by an empty set meaning every slice)."""
+    for node in pipeline.externals:
+        if not node.ours:
+            continue
+        settings = params.parse(node.module, node.target, node.configuration)
+        if params.AttackSettings in settings:
+            chosen = settings[params.AttackSettings].slice_set()
+            return frozenset() if chosen is None else chosen
+    return None
+
+
+def replay(
+    raw: Path,
+    pipeline_name: str,
+    output: Path,
+    report_dir: Path | None = None,
+    reference: Path | None = None,
+    group: str | None = None,
+    in_process: bool = False,
+    threads: int | None = None,
+    progress: bool = True,
+    echo_stderr: bool = True,
+) -> ReplayResult:
+    """Replay ``raw`` through a pipeline (installed name or XML path); see the module docstring."""
+    started = time.perf_counter()
+    pipeline = load_pipeline(pipeline_name)
+    for warning in check(pipeline):
+        log.warning("%s", warning)
+    header_xml = read_header(raw)
+    expected = expected_slices(raw)
+    references = [image for image, _ in read_images(reference)] if reference is not None else None
+    if references is not None and len(references) != len(expected):
+        raise ValueError(f"{reference} holds {len(references)} images, {raw} has {len(expected)} slices")
+    group = group or datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
+    with h5py.File(output, "a") as handle:
+        if group in handle:
+            raise ValueError(f"{output} already holds a group {group!r}: choose another with --group")
+    collected: list[_Collected] = []
+    failures: list[str] = []
+    dataset = ismrmrd.Dataset(str(output), group, create_if_needed=True)
+    dataset.write_xml_header(header_xml)
+    bar = tqdm(total=len(expected), desc=f"replay {raw.name}", unit="slice", disable=not progress)
+    try:
+        for item in run_pipeline(pipeline, header_xml, stream_raw(raw), in_process=in_process, threads=threads, echo_stderr=echo_stderr):
+            if isinstance(item, ismrmrd.Image):
+                dataset.append_image(f"image_{item.image_series_index}", item)
+                meta = meta_of(item)
+                collected.append(
+                    _Collected(image_key(item), image_pixels(item), {k: str(meta_value(meta, k)) for k in meta.keys()}, item.image_series_index, item.image_index)
+                )
+                bar.update(1)
+            elif isinstance(item, ReconData) or isinstance(item, ImageArray):
+                failures.append(f"a {type(item).__name__} left the chain: end it with gadgets.export or set forward_internal=false")
+            else:
+                log.info("passed through the chain: %s", type(item).__name__)
+    except Exception as err:  # any stage's failure ends the run loudly, with what was already written kept
+        log.error("%s", err)
+        failures.append(str(err))
+    finally:
+        bar.close()
+        dataset.close()
+    failures += _completeness(expected, collected)
+    attacked = attacked_slices(pipeline)
+    rows = _rows(collected, expected, references, attacked, report_dir) if report_dir is not None else []
+    json_path = html_path = None
+    if report_dir is not None:
+        title = f"CycGuard replay of {raw.name} through {Path(pipeline.source).name}"
+        json_path, html_path = write_report(report_dir, title, str(raw), rows)
+    return ReplayResult(output, group, tuple(rows), json_path, html_path, tuple(failures), time.perf_counter() - started, len(expected))
+
+
+def _completeness(expected: list[SliceKey], collected: list[_Collected]) -> list[str]:
+    problems = []
+    counts: dict[SliceKey, int] = {}
+    for item in collected:
+        counts[item.key] = counts.get(item.key, 0) + 1
+        verdict = item.meta.get("CycGuard.Verdict")
+        if verdict not in VERDICTS:
+            problems.append(f"image of {item.key} carries no valid CycGuard.Verdict ({verdict!r})")
+    missing = [k for k in expected if counts.get(k, 0) == 0]
+    repeated = [k for k, n in counts.items() if n > 1]
+    unexpected = [k for k in counts if k not in expected]
+    if missing:
+        problems.append(f"{len(missing)} of {len(expected)} slices came out without an image: {missing}")
+    if repeated:
+        problems.append(f"slices with more than one image: {repeated}")
+    if unexpected:
+        problems.append(f"images of slices the input does not hold: {unexpected}")
+    return problems
+
+
+def _rows(collected: list[_Collected], expected: list[SliceKey], references: list[np.ndarray] | None, attacked: frozenset[int] | None, folder: Path) -> list[SliceReport]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for number, item in enumerate(collected):
+        meta = item.meta
+        ref = references[expected.index(item.key)] if references is not None and item.key in expected else None
+        panels = [("CycGuard", item.pixels)] + ([("reference", ref)] if ref is not None else [])
+        picture = montage(folder / f"slice_{number:03d}.png", panels).name
+        timings = {k.split(".")[-1]: float(v) for k, v in meta.items() if k.startswith("CycGuard.Seconds.")}
+
+        rows.append(
+            SliceReport(
+                name=f"slice {item.key.slice} rep {item.key.repetition}",
+                verdict=meta.get("CycGuard.Verdict", "missing"),
+                timings=timings,
+                quality=quality(item.pixels, ref) if ref is not None else None,
+                quality_zero_filled=None,
+                picture=picture,
+                score=_number(meta, "CycGuard.Score"),
+                threshold=_number(meta, "CycGuard.Threshold"),
+                p_value=_number(meta, "CycGuard.PValue"),
+                reason=meta.get("ImageComment", ""),
+                attacked=None if attacked is None else (not attacked or item.key.slice in attacked),
+            )
+        )
+    return rows
+
+
+def _number(meta: dict[str, str], key: str) -> float | None:
+    return float(meta[key]) if key in meta else None

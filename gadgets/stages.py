@@ -1,0 +1,272 @@
+"""How a CycGuard gadget runs: stages over a Gadgetron connection, failing closed.
+
+A *stage* turns one incoming item into zero or more outgoing items (``process``) and may
+emit more at the end (``close``); items it does not handle pass through unchanged. A gadget
+target (``gadgets.recon:recon`` etc.) is :func:`serve` with the gadget's stages; the
+composed gadget chains several stages in one process; the runner's in-process mode calls
+the same stages without sockets.
+
+On any failure the gadget logs the traceback to stderr, sends ERROR (id 8) with the message
+to Gadgetron, and ends with status 1 (gadgetron-python then sends CLOSE). Nothing is written
+to stdout: in Gadgetron it is the data pipe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import socket
+import struct
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import ismrmrd
+import numpy as np
+from gadgetron.types.recon_data import ReconData
+
+from gadgets import params
+from gadgets.convert import BufferSlice, ContractError, buffer_slices, image_key, is_maps, maps_of
+from recon.types import SliceKey
+
+log = logging.getLogger("cycguard.gadget")
+
+MESSAGE_CLOSE = 4
+MESSAGE_ERROR = 8
+MAX_READ_BYTES = 1 << 30  # no single wire read may ask for more than 1 GiB
+
+
+class Stage(Protocol):
+    """One step of a gadget."""
+
+    name: str
+
+    def process(self, item: Any) -> Iterable[Any]:
+        """Items to send downstream for one incoming item."""
+        ...
+
+    def close(self) -> Iterable[Any]:
+        """Items to send at the end of the stream; raise if something is left undone."""
+        ...
+
+
+# ------------------------------------------------------------------ shared resources
+
+
+@dataclass
+class Resources:
+    """What several stages of one process share: the ISMRMRD header and loaded networks."""
+
+    header_xml: str
+    _models: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def model(self, weights: str, device: str) -> tuple[Any, Any, Any]:
+        """``(model, manifest, torch_device)`` for a weights path ("" = shipped default), loaded once."""
+        from recon.models.weights import load_model
+        from recon.offline import resolve_device
+
+        key = (weights, device)
+        if key not in self._models:
+            torch_device = resolve_device(device)
+            model, manifest = load_model(Path(weights) if weights else None, torch_device)
+            self._models[key] = (model, manifest, torch_device)
+        return self._models[key]
+
+    def acceleration(self) -> int:
+        """Nominal acceleration from the header."""
+        from recon.io.mrd import parse_header
+
+        return parse_header(self.header_xml).acceleration
+
+
+def model_tag(manifest: Any) -> str:
+    """The ``CycGuard.Model`` meta value of a model."""
+    return f"{manifest.name}:{manifest.sha256[:12]}"
+
+
+# ------------------------------------------------------------------ the internal messages
+
+
+@dataclass
+class SliceContext:
+    """What upstream computed for one slice: its k-space and (once received) coil maps."""
+
+    part: BufferSlice
+    maps: np.ndarray | None = None
+
+
+class InternalStore:
+    """Keeps k-space buffers and coil maps until the image of their slice arrives.
+
+    Forwards them downstream on receipt when ``forward`` is set, so per slice the order
+    buffer, maps, image is kept.
+    """
+
+    def __init__(self, stage: str, forward: bool) -> None:
+        self.stage = stage
+        self.forward = forward
+        self.slices: dict[SliceKey, SliceContext] = {}
+
+    def offer(self, item: Any) -> list[Any] | None:
+        """Take an internal item (returns what to forward), or ``None`` for other items."""
+        if isinstance(item, ReconData):
+            for part in buffer_slices(item):
+                self.slices[part.data.key] = SliceContext(part)
+            return [item] if self.forward else []
+        if is_maps(item):
+            key, maps = maps_of(item)
+            if key not in self.slices:
+                raise ContractError(f"{self.stage}: coil maps for {key} arrived before its k-space buffer")
+            self.slices[key].maps = maps
+            return [item] if self.forward else []
+        return None
+
+    def take(self, image: ismrmrd.Image) -> SliceContext:
+        """The context of an image's slice (removed from the store)."""
+        key = image_key(image)
+        context = self.slices.pop(key, None)
+        if context is None or context.maps is None:
+            raise ContractError(
+                f"{self.stage}: image of {key} arrived without its k-space buffer and coil maps; "
+                "set forward_internal=true on the CycGuard gadget before this one"
+            )
+        return context
+
+    def close(self) -> None:
+        """Fail when a buffer never got its image (an upstream stage lost a slice)."""
+        if self.slices:
+            raise ContractError(f"{self.stage}: no image arrived for {sorted(self.slices)}")
+
+
+def is_ours(item: Any) -> bool:
+    """Whether an item is an image a CycGuard recon made (it carries ``CycGuard.Model``)."""
+    from gadgets.convert import meta_of
+
+    return isinstance(item, ismrmrd.Image) and "CycGuard.Model" in meta_of(item)
+
+
+# ------------------------------------------------------------------ building and running stages
+
+STAGE_CLASSES = {
+    params.AttackSettings: "gadgets.redteam:AttackStage",
+    params.ReconSettings: "gadgets.recon:ReconStage",
+    params.DetectSettings: "gadgets.detect:DetectStage",
+    params.MitigateSettings: "gadgets.mitigate:MitigateStage",
+    params.ExportSettings: "gadgets.export:ExportStage",
+}
+
+
+def build_stages(module: str, target: str, config: Any, header_xml: str) -> list[Stage]:
+    """The stages of a gadget from its ``<configuration>`` (parsed once, here)."""
+    settings = params.parse(module, target, config)
+    resources = Resources(header_xml)
+    classes = [cls for cls in settings if cls in STAGE_CLASSES]
+    if params.ComposedSettings in settings:
+        order = [s.strip() for s in settings[params.ComposedSettings].stages.split(",")]
+        classes = [params.STAGE_SETTINGS[name] for name in order]
+    stages: list[Stage] = []
+    for position, cls in enumerate(classes):
+        stage_module, stage_class = STAGE_CLASSES[cls].split(":")
+        value = settings[cls]
+        if position < len(classes) - 1 and hasattr(value, "forward_internal"):
+            value = _replace(value, forward_internal=True)  # stages inside one process always hand on
+        stages.append(getattr(importlib.import_module(stage_module), stage_class)(value, resources))
+    return stages
+
+
+def _replace(value: Any, **changes: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(value, **changes)
+
+
+def run_stages(stages: list[Stage], items: Iterable[Any]) -> Iterator[Any]:
+    """Push every item through the stages in order, then close them in order."""
+
+    def push(index: int, item: Any) -> Iterator[Any]:
+        if index == len(stages):
+            yield item
+            return
+        for out in stages[index].process(item):
+            yield from push(index + 1, out)
+
+    for item in items:
+        yield from push(0, item)
+    for index, stage in enumerate(stages):
+        for out in stage.close():
+            yield from push(index + 1, out)
+
+
+class SafeSocket:
+    """gadgetron-python's socket wrapper, plus EOF detection and a cap on every read
+    (1.4.1 spins forever when the peer dies mid-message)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    def read(self, nbytes: int) -> bytes:
+        if nbytes < 0 or nbytes > MAX_READ_BYTES:
+            raise ConnectionError(f"refusing a {nbytes}-byte read (cap {MAX_READ_BYTES}): corrupt length field?")
+        chunks, remaining = [], nbytes
+        while remaining:
+            chunk = self.socket.recv(min(remaining, 1 << 20))
+            if not chunk:
+                raise ConnectionError(f"peer closed the connection with {remaining} of {nbytes} bytes unread")
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def write(self, data: bytes) -> None:
+        self.socket.sendall(data)
+
+    def close(self) -> None:
+        try:
+            self.socket.sendall(struct.pack("<H", MESSAGE_CLOSE))
+        except OSError:
+            pass
+        self.socket.close()
+
+
+def send_error(connection: Any, message: str) -> None:
+    """Send ERROR (id 8): ``uint64`` length and the UTF-8 message (Gadgetron reports it to the client)."""
+    data = message.encode("utf-8")
+    try:
+        connection.socket.write(struct.pack("<H", MESSAGE_ERROR) + struct.pack("<Q", len(data)) + data)
+    except OSError as err:
+        log.error("could not send ERROR to Gadgetron: %s", err)
+
+
+def serve(connection: Any, module: str, target: str) -> None:
+    """Run a gadget's stages over a ``gadgetron.external.Connection``; fail closed."""
+    connection.socket = SafeSocket(connection.socket.socket)
+    closed = {"seen": False}
+
+    def on_close(_: Any) -> None:
+        closed["seen"] = True
+        raise StopIteration
+
+    connection.readers[MESSAGE_CLOSE] = on_close
+    name = f"{module}:{target}"
+    try:
+        stages = build_stages(module, target, connection.raw_bytes.config, _text(connection.raw_bytes.header))
+        for item in run_stages(stages, connection):
+            connection.send(item)
+        if not closed["seen"]:
+            raise ContractError("the input ended without CLOSE (unknown message id or a dead peer)")
+    except Exception as err:
+        log.exception("%s failed", name)
+        send_error(connection, f"{name}: {err}")
+        raise SystemExit(1) from err
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+
+
+def gadget_logging() -> None:
+    """Log to stderr (stdout is Gadgetron's data pipe)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
