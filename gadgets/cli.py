@@ -21,8 +21,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("cycguard")
 

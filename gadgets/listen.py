@@ -38,8 +38,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with socket.create_server((args.bind, args.port)) as server:
         server.settimeout(args.timeout)
         log.info("waiting for Gadgetron on %s:%d", args.bind, args.port)
-        sock, peer = server.accept()
+        while True:
+            sock, peer = server.accept()
+            sock.settimeout(args.timeout)
+            # a peer that closes before sending CONFIG (a port probe) would make gadgetron-python's
+            # reader spin forever on EOF: skip it and keep waiting
+            if sock.recv(2, socket.MSG_PEEK):
+                break
+            log.warning("connection from %s closed before sending anything: ignored", peer)
+            sock.close()
     log.info("connection from %s", peer)
+    sock.settimeout(None)
     with Connection(sock) as connection:
         target(connection)
     return 0

@@ -135,8 +135,10 @@ class ExternalRun:
                     return sock
                 except TimeoutError:
                     if self.process.poll() is not None:
+                        self._release()
                         raise GadgetError(f"{self.node.name}: exited with status {self.process.returncode} before connecting{self._tail()}") from None
                     if time.monotonic() > deadline:
+                        self._release()
                         raise GadgetError(f"{self.node.name}: did not connect within {self.start_timeout:.0f} s{self._tail()}") from None
         finally:
             listener.close()
@@ -198,10 +200,10 @@ class ExternalRun:
                 try:
                     yield reader(wire)
                 except GeneratorExit:  # the consumer stopped (it failed): stop the gadget, report nothing more
-                    self._stop()
+                    self._release()
                     raise
         except Exception:
-            self._stop()
+            self._release()
             raise
         finally:
             writer.join(timeout=5 if closed else 1)
@@ -211,28 +213,31 @@ class ExternalRun:
                 pass
         self._finish(closed)
 
-    def _stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+    def _release(self, wait: float = 0.0) -> int | None:
+        """Wait up to ``wait`` seconds for the process, kill it if still running, collect its pipes."""
+        if self.process is None:
+            return None
+        try:
+            status = self.process.wait(timeout=wait) if wait else self.process.poll()
+        except subprocess.TimeoutExpired:
+            status = None
+        if status is None:
             self.process.kill()
             self.process.wait()
+        for drain in (self.stdout, self.stderr):
+            if drain is not None:
+                drain.join(timeout=2)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+        return status
 
     def _finish(self, closed: bool) -> None:
-        status = None
-        if not closed:
-            self._stop()
         if self.process is not None:
-            try:
-                status = self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                status = self.process.wait()
+            status = self._release(wait=30 if closed else 0)
+            if status is None and closed:
                 self.errors.append("did not exit within 30 s of CLOSE (killed)")
-            assert self.stdout is not None and self.stderr is not None
-            self.stdout.join(timeout=2)
-            self.stderr.join(timeout=2)
-            for pipe in (self.process.stdout, self.process.stderr):
-                if pipe is not None:
-                    pipe.close()
+            assert self.stdout is not None
             if self.stdout.bytes:
                 self.errors.append(f"wrote {self.stdout.bytes} bytes to stdout (Gadgetron's data pipe): {list(self.stdout.tail)[:3]}")
             if status and not self.errors:

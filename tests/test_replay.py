@@ -1,0 +1,190 @@
+"""Replay through every pipeline over the real wire path (each `<external>` node is a
+`python -m gadgetron` process), compared with the in-process pure pipeline.
+
+Pipeline cases are declarative, as Gadgetron's integration cases: input, pipeline, expected
+verdicts, and image tolerances (relative L2 error and the scale ratio, with the scale check
+applied, which Gadgetron's own test runner forgets).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gadgets.runner.config import PipelineError
+from gadgets.runner.replay import replay
+from recon.data.demo import DEMO_RAW
+from recon.io.mrd import read_raw
+from recon.io.mrd_write import read_images
+from recon.models.weights import DEFAULT_WEIGHTS, load_model
+from recon.pipeline import reconstruct
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Case:
+    pipeline: str
+    verdicts: tuple[str, ...]
+    value_tolerance: float = 1e-4
+    scale_tolerance: float = 1e-4
+    in_process: bool = False
+
+
+CASES = [
+    Case("recon", ("unverified",) * 4),
+    Case("detect", ("clean",) * 4),
+    Case("defended", ("clean",) * 4),
+    Case("defended_composed", ("clean",) * 4),
+    Case("defended", ("clean",) * 4, in_process=True),
+]
+
+
+def compare(out: np.ndarray, ref: np.ndarray, value_tolerance: float, scale_tolerance: float) -> None:
+    """Gadgetron's image comparison: relative L2 error and scale ratio (out.out)/(out.ref)."""
+    out64, ref64 = out.astype(np.complex128).ravel(), ref.astype(np.complex128).ravel()
+    error = np.linalg.norm(out64 - ref64) / np.linalg.norm(ref64)
+    scale = np.real(np.vdot(out64, out64) / np.vdot(out64, ref64))
+    assert error <= value_tolerance, f"relative L2 error {error:.3g} > {value_tolerance}"
+    assert abs(1 - scale) <= scale_tolerance, f"scale ratio {scale:.6f} off by more than {scale_tolerance}"
+
+
+@pytest.fixture(scope="module")
+def in_process_images() -> list[np.ndarray]:
+    """The pure pipeline on the demo file, no gadgets."""
+    torch.set_num_threads(2)
+    model, _ = load_model()
+    return [reconstruct(data, model).image for data in read_raw(DEMO_RAW).slices]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.pipeline + ("-in-process" if c.in_process else ""))
+def test_replay_matches_the_pure_pipeline(case: Case, in_process_images: list[np.ndarray], tmp_path: Path) -> None:
+    result = replay(DEMO_RAW, case.pipeline, tmp_path / "out.h5", tmp_path / "report", group="g", in_process=case.in_process, progress=False)
+    assert result.ok, result.failures
+    images = read_images(tmp_path / "out.h5", group="g")
+    assert tuple(meta["CycGuard.Verdict"] for _, meta in images) == case.verdicts
+    for (image, meta), ref in zip(images, in_process_images, strict=True):
+        compare(image, ref, case.value_tolerance, case.scale_tolerance)
+        assert meta["ImageComment"].startswith(meta["CycGuard.Verdict"])
+        if meta["CycGuard.Verdict"] == "clean":
+            assert float(meta["CycGuard.Score"]) <= float(meta["CycGuard.Threshold"])
+            assert meta["CycGuard.NoiseSigma"] == "1"  # whitened by NoiseAdjust, as the pipelines declare
+    assert [row.verdict for row in result.rows] == list(case.verdicts)
+    assert result.report_html is not None and result.report_html.is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_passive_connect_pipeline(tmp_path: Path, in_process_images: list[np.ndarray]) -> None:
+    port = _free_port()
+    pipeline = tmp_path / "connect.xml"
+    pipeline.write_text((ROOT / "pipelines" / "defended_connect.xml").read_text().replace('port="18000"', f'port="{port}"'))
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "gadgets.listen", "gadgets.composed", "composed", "--port", str(port), "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert listener.stderr is not None
+        while b"waiting for Gadgetron" not in listener.stderr.readline():  # it imports torch first
+            assert listener.poll() is None, "the listener exited before listening"
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # a port probe must not hang it
+        result = replay(DEMO_RAW, str(pipeline), tmp_path / "out.h5", None, group="g", progress=False)
+    finally:
+        stdout, stderr = listener.communicate(timeout=120)
+    assert b"closed before sending anything" in stderr
+    assert result.ok, result.failures
+    assert listener.returncode == 0 and stdout == b""
+    images = read_images(tmp_path / "out.h5", group="g")
+    assert [meta["CycGuard.Verdict"] for _, meta in images] == ["clean"] * 4
+    for (image, _), ref in zip(images, in_process_images, strict=True):
+        compare(image, ref, 1e-4, 1e-4)
+
+
+def _stream_with(node: str) -> str:
+    text = (ROOT / "pipelines" / "recon.xml").read_text()
+    return text.replace("  </stream>", node + "  </stream>")
+
+
+def _faulty(tmp_path: Path, target: str) -> Path:
+    path = tmp_path / f"{target}.xml"
+    path.write_text(_stream_with(f'    <external><execute name="tests.faulty_gadgets" target="{target}" type="python"/><configuration/></external>\n'))
+    return path
+
+
+def test_a_failing_gadget_fails_the_run_with_its_message_and_keeps_what_was_done(tmp_path: Path) -> None:
+    # insert the faulty gadget between the front end and recon: slice 1 goes through, slice 2 explodes
+    text = (ROOT / "pipelines" / "recon.xml").read_text().replace(
+        "    <external>", '    <external><execute name="tests.faulty_gadgets" target="explode_on_second_buffer" type="python"/><configuration/></external>\n    <external>', 1
+    )
+    path = tmp_path / "explode.xml"
+    path.write_text(text)
+    result = replay(DEMO_RAW, str(path), tmp_path / "out.h5", None, group="g", progress=False)
+    assert not result.ok
+    assert any("tests.faulty_gadgets:explode_on_second_buffer: tests.faulty_gadgets: slice 2 exploded" in f for f in result.failures)
+    assert any("3 of 4 slices came out without an image" in f for f in result.failures)
+    kept = read_images(tmp_path / "out.h5", group="g")
+    assert len(kept) == 1 and kept[0][1]["CycGuard.Verdict"] == "unverified"  # written before the failure, not lost
+
+
+def test_gadgetron_pythons_silent_failure_is_caught(tmp_path: Path) -> None:
+    result = replay(DEMO_RAW, str(_faulty(tmp_path, "raise_like_gadgetron_python")), tmp_path / "out.h5", None, group="g", progress=False)
+    assert not result.ok
+    failure = next(f for f in result.failures if "raise_like_gadgetron_python" in f)
+    assert "exited with status 1" in failure and "plain exception without ERROR" in failure
+    assert any("slices came out without an image" in f for f in result.failures)
+
+
+def test_a_gadget_writing_to_stdout_fails_the_run(tmp_path: Path) -> None:
+    result = replay(DEMO_RAW, str(_faulty(tmp_path, "print_to_stdout")), tmp_path / "out.h5", None, group="g", progress=False)
+    assert any("bytes to stdout" in f and "hello from a gadget" in f for f in result.failures)
+
+
+def test_corrupt_weights_fail_inside_the_gadget_with_its_reason(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    data = bytearray(DEFAULT_WEIGHTS.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (tmp_path / "w.json").write_text(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    path = tmp_path / "p.xml"
+    path.write_text((ROOT / "pipelines" / "recon.xml").read_text().replace("<configuration/>", f'<configuration><property name="weights" value="{weights}"/></configuration>'))
+    result = replay(DEMO_RAW, str(path), tmp_path / "out.h5", None, group="g", progress=False)
+    assert not result.ok
+    assert any(f.startswith("gadgets.recon:recon: gadgets.recon:recon: weights file") and "SHA-256" in f for f in result.failures)
+    assert any("4 of 4 slices came out without an image" in f for f in result.failures)
+
+
+def test_a_wrong_property_fails_before_anything_runs(tmp_path: Path) -> None:
+    path = tmp_path / "p.xml"
+    path.write_text((ROOT / "pipelines" / "defended.xml").read_text().replace('name="noise_level"', 'name="noise_levle"'))
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match="unknown property 'noise_levle'"):
+        replay(DEMO_RAW, str(path), tmp_path / "out.h5", None, progress=False)
+    assert time.monotonic() - started < 5
+    cli = subprocess.run([sys.executable, "-m", "gadgets.cli", "replay", str(DEMO_RAW), "-c", str(path), "-o", str(tmp_path / "o.h5")], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "noise_levle" in cli.stderr
+
+
+@pytest.mark.tools
+def test_ismrmrd_tools_file_replays_through_the_recon_chain(shepp_logan: Path, tmp_path: Path) -> None:
+    model, _ = load_model()
+    expected = [reconstruct(data, model).image for data in read_raw(shepp_logan).slices]
+    result = replay(shepp_logan, "recon", tmp_path / "out.h5", tmp_path / "report", group="g", progress=False)
+    assert result.ok, result.failures
+    images = read_images(tmp_path / "out.h5", group="g")
+    assert len(images) == len(expected) == result.slices
+    for (image, meta), ref in zip(images, expected, strict=True):
+        assert meta["CycGuard.Verdict"] == "unverified"
+        compare(image, ref, 1e-4, 1e-4)
