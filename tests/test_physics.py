@@ -146,3 +146,13 @@ def test_readout_oversampling_removal_keeps_the_central_fov() -> None:
     np.testing.assert_allclose(back, image[:, 4:12], atol=1e-5)
     with pytest.raises(ValueError, match="cannot crop 16"):
         remove_readout_oversampling(kspace, 32)
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_numpy_and_torch_1d_transforms_agree(n: int) -> None:
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((3, n)) + 1j * rng.standard_normal((3, n))).astype(np.complex64)
+    for transform in (fftc, ifftc):
+        out = transform(x, dim=-1)
+        assert out.dtype == np.complex64
+        np.testing.assert_allclose(out, transform(torch.from_numpy(x), dim=-1).numpy(), rtol=1e-5, atol=1e-6)

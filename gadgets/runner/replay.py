@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -144,8 +144,12 @@ def replay(
     threads: int | None = None,
     progress: bool = True,
     echo_stderr: bool = True,
+    on_image: Callable[[], None] | None = None,
 ) -> ReplayResult:
-    """Replay ``raw`` through a pipeline (installed name or XML path); see the module docstring."""
+    """Replay ``raw`` through a pipeline (installed name or XML path); see the module docstring.
+
+    ``on_image`` is called as each image arrives (benchmarks time the stream with it).
+    """
     started = time.perf_counter()
     pipeline = load_pipeline(pipeline_name)
     for warning in check(pipeline):
@@ -173,6 +177,8 @@ def replay(
                     _Collected(image_key(item), image_pixels(item), {k: str(meta_value(meta, k)) for k in meta.keys()}, item.image_series_index, item.image_index)
                 )
                 bar.update(1)
+                if on_image is not None:
+                    on_image()
             elif isinstance(item, ReconData) or isinstance(item, ImageArray):
                 failures.append(f"a {type(item).__name__} left the chain: end it with gadgets.export or set forward_internal=false")
             else:

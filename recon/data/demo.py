@@ -41,8 +41,8 @@ NOISE_STD = 0.012
 NOISE_SCANS = 4
 
 
-def make_demo(out_dir: Path = DEMO_DIR, seed: int = 2026) -> tuple[Path, Path]:
-    """Write the demo raw file and its reference; returns their paths."""
+def make_demo(out_dir: Path = DEMO_DIR, seed: int = 2026, slices: tuple[int, ...] = DEMO_SLICES) -> tuple[Path, Path]:
+    """Write the demo raw file and its reference (``slices``: MNI axial z indices); returns their paths."""
     rng = np.random.default_rng(seed)
     desc = ScanDescription()
     family = MaskFamily("equispaced", desc.acceleration, 16)
@@ -52,7 +52,7 @@ def make_demo(out_dir: Path = DEMO_DIR, seed: int = 2026) -> tuple[Path, Path]:
     maps = birdcage_maps(coils, (ny, nx * os_factor), rng, radius=1.3, extent=(1.0, float(os_factor)))
     chol = noise_cholesky(coils, rng)
     kspaces, masks, geometries = [], [], []
-    for n, z in enumerate(DEMO_SLICES):
+    for n, z in enumerate(slices):
         magnitude = mni.magnitude_slice(mni.SliceRef("axial", z), ny)
         phase = smooth_phase((ny, nx), rng, max_radians=np.pi / 2)
         obj = np.zeros((ny, nx * os_factor), np.complex64)

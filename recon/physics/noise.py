@@ -42,12 +42,12 @@ def remove_readout_oversampling(data: np.ndarray, recon_samples: int) -> np.ndar
         raise ValueError(f"cannot crop {samples} readout samples to {recon_samples}")
     if recon_samples == samples:
         return data
-    line = ifftc(torch.from_numpy(np.ascontiguousarray(data, dtype=np.complex64)), dim=-1)
+    line = ifftc(np.ascontiguousarray(data, dtype=np.complex64), dim=-1)
     start = samples // 2 - recon_samples // 2
     cropped = line[..., start : start + recon_samples]
     # orthonormal transforms keep white noise at its per-sample variance, so whitened
     # data stay in units of the noise level after the crop
-    return fftc(cropped, dim=-1).numpy().astype(np.complex64)
+    return np.asarray(fftc(cropped, dim=-1), dtype=np.complex64)
 
 
 def complex_randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
