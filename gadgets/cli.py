@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,10 @@ def _verdicts(result: Any) -> str:
 def _report_replay(result: Any) -> int:
     _out(_verdicts(result))
     _out(f"images: {result.output} (group {result.group!r})\nreport: {result.report_html}")
+    if result.dicom_files:
+        _out(f"DICOM: {result.dicom_files} files")
+    if result.pacs_pending is not None:
+        _out(f"PACS: {result.pacs_pending} image(s) pending in {result.spool}" + (" (resent on the next run)" if result.pacs_pending else ""))
     for failure in result.failures:
         log.error("FAILED: %s", failure)
     return 0 if result.ok else 1
@@ -72,7 +77,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / "demo_images.h5"
     output.unlink(missing_ok=True)  # the demo's own output folder: rerunning replaces it
-    result = replay(DEMO_RAW, args.pipeline, output, out_dir / "report", DEMO_REFERENCE, group="images", in_process=args.in_process)
+    dicom = out_dir / "dicom"
+    if dicom.is_dir():
+        shutil.rmtree(dicom)  # the demo's own output folder: rerunning replaces it
+    result = replay(DEMO_RAW, args.pipeline, output, out_dir / "report", DEMO_REFERENCE, group="images", in_process=args.in_process, dicom=dicom)
     return _report_replay(result)
 
 
@@ -84,6 +92,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     result = replay(
         Path(args.input), args.config, out, report, Path(args.reference) if args.reference else None,
         group=args.group, in_process=args.in_process, threads=args.threads,
+        dicom=Path(args.dicom) if args.dicom else None, pacs=args.pacs, spool=Path(args.spool) if args.spool else None, calling_aet=args.calling_aet,
     )
     return _report_replay(result)
 
@@ -190,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--reference", help="ISMRMRD image .h5 with one reference per slice (adds PSNR/SSIM)")
     rep.add_argument("--in-process", action="store_true", help="run the gadget stages in this process (no sockets)")
     rep.add_argument("--threads", type=int, default=None, help="torch threads per gadget process (default: cores / gadgets)")
+    rep.add_argument("--dicom", help="also write DICOM files into this folder (the pipeline needs gadgets.export)")
+    rep.add_argument("--pacs", help="push DICOM by C-STORE to AET@host:port; unacknowledged images stay spooled")
+    rep.add_argument("--spool", help="spool folder for the PACS (default ~/.local/state/cycguard/spool)")
+    rep.add_argument("--calling-aet", default="CYCGUARD", help="our AE title (default CYCGUARD)")
     rep.set_defaults(func=_cmd_replay)
 
     chk = sub.add_parser("check", help="validate Gadgetron pipelines (exit 1 naming what is wrong)")

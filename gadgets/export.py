@@ -4,14 +4,17 @@
 internal messages (k-space buffers, coil maps) so none leaves the chain, and makes sure
 every image carries a verdict: an image that reaches it without one (made outside
 CycGuard, or by a chain without a check) leaves tagged ``unverified`` with a warning, never
-looking verified. Images are forwarded otherwise unchanged. The DICOM/PACS export of the
-DICOM issue plugs in here.
+looking verified. With ``dicom_folder`` every image is written as DICOM (MR Image Storage,
+:mod:`recon.io.dicom`); with ``pacs_host`` it is spooled and pushed by C-STORE
+(:mod:`recon.io.pacs`); images the PACS has not acknowledged stay in the spool and are
+resent with the next push, in this run or the next. Images are forwarded unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import ismrmrd
@@ -20,6 +23,8 @@ from gadgetron.types.recon_data import ReconData
 from gadgets.convert import is_maps, meta_of, meta_value, set_meta
 from gadgets.params import ExportSettings
 from gadgets.stages import Resources, gadget_logging, serve
+from recon.io.dicom import header_info, to_dicom, write_dicom
+from recon.io.pacs import PacsTarget, Pusher
 from recon.pipeline import VERDICTS
 
 log = logging.getLogger("cycguard.gadget.export")
@@ -32,6 +37,15 @@ class ExportStage:
 
     def __init__(self, settings: ExportSettings, resources: Resources) -> None:
         self.settings = settings
+        self.info = header_info(resources.header_xml) if settings.dicom_folder or settings.pacs_host else None
+        self.folder = Path(settings.dicom_folder) if settings.dicom_folder else None
+        self.pusher = None
+        if settings.pacs_host:
+            target = PacsTarget.of(settings.pacs_aet, settings.pacs_host, settings.pacs_port, settings.calling_aet, settings.pacs_tls_ca)
+            self.pusher = Pusher(target, Path(settings.spool_folder()), settings.pacs_timeout)
+            sent = self.pusher.flush()  # what an earlier run left behind goes first
+            if sent:
+                log.info("PACS %s: delivered %d image(s) spooled by an earlier run", target, sent)
 
     def process(self, item: Any) -> Iterable[Any]:
         if isinstance(item, ReconData) or is_maps(item):
@@ -48,9 +62,20 @@ class ExportStage:
                         "GADGETRON_ImageComment": "CycGuard unverified",
                     },
                 )
+            if self.info is not None:
+                ds = to_dicom(item, self.info)
+                if self.folder is not None:
+                    write_dicom(ds, self.folder)
+                if self.pusher is not None:
+                    self.pusher.push(ds)
         return [item]
 
     def close(self) -> Iterable[Any]:
+        if self.pusher is not None:
+            self.pusher.flush()
+            pending = self.pusher.pending()
+            if pending:
+                log.warning("PACS %s: %d image(s) pending in %s (resent on the next push)", self.pusher.target, len(pending), self.pusher.spool)
         return []
 
 

@@ -110,9 +110,23 @@ class AttackSettings:
 @dataclass(frozen=True)
 class ExportSettings:
     """``gadgets.export``: the chain's last CycGuard stage: checks every image carries a verdict,
-    drops internal messages, optionally writes DICOM, forwards images unchanged."""
+    drops internal messages, writes DICOM to a folder and/or pushes it to a PACS, forwards
+    images unchanged."""
 
-    dicom_folder: str = prop("", "folder for DICOM files (one per image, named by UID); empty: none")
+    dicom_folder: str = prop("", "folder for DICOM files (<SeriesInstanceUID>/<SOPInstanceUID>.dcm); empty: none")
+    pacs_host: str = prop("", "PACS host name or address to push to by C-STORE; empty: no PACS")
+    pacs_port: int = prop(104, "PACS DICOM port", low=1, high=65535)
+    pacs_aet: str = prop("ANY-SCP", "the PACS's AE title (called AE)")
+    calling_aet: str = prop("CYCGUARD", "our AE title towards the PACS")
+    spool: str = prop("", "folder of images not yet acknowledged by the PACS (resent on every push); empty: ~/.local/state/cycguard/spool")
+    pacs_tls_ca: str = prop("", "CA certificate (PEM) to reach the PACS over TLS; empty: no TLS")
+    pacs_timeout: float = prop(10.0, "network timeout towards the PACS", unit="s", low=0.1, high=600.0)
+
+    def spool_folder(self) -> str:
+        """The spool folder in use."""
+        import os
+
+        return self.spool or os.path.join(os.path.expanduser("~"), ".local", "state", "cycguard", "spool")
 
 
 @dataclass(frozen=True)
@@ -202,6 +216,10 @@ def _convert(gadget: str, name: str, value: str, kind: Any, meta: Mapping[str, A
         raise PropertyError(f"{where}: allowed values are {', '.join(choices)}")
     if name == "device" and not DEVICE_PATTERN.match(text):
         raise PropertyError(f"{where}: allowed values are auto, cpu, cuda, cuda:N")
+    if name == "pacs_host" and text and not re.fullmatch(r"[A-Za-z0-9.\-:]+", text):
+        raise PropertyError(f"{where}: expected a host name or address")
+    if name in ("calling_aet", "pacs_aet") and not re.fullmatch(r"[ -~]{1,16}", text):
+        raise PropertyError(f"{where}: 1 to 16 printable ASCII characters")
     if name == "slices" and text != "all" and not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
         raise PropertyError(f"{where}: expected all or comma-separated slice indices such as 1,3")
     if name == "stages":

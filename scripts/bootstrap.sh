@@ -2,13 +2,13 @@
 # Set up CycGuard on a fresh Debian machine: Debian tools (as root), a virtual environment
 # in .venv, and the package with its extras. Safe to rerun: it skips what is already done.
 #   scripts/bootstrap.sh run   # what `make demo` needs: the package, CPU torch
-#   scripts/bootstrap.sh dev   # + test tools, training data, gadgetron, ismrmrd-tools, bart
+#   scripts/bootstrap.sh dev   # + test tools, training data, ismrmrd-tools, bart, orthanc (a PACS for the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
 case "$mode" in
   run) extras="" ; debs="" ;;
-  dev) extras="[dev,data]" ; debs="ismrmrd-tools bart" ;;
+  dev) extras="[dev,data]" ; debs="ismrmrd-tools bart orthanc" ;;
   *) echo "usage: $0 run|dev" >&2; exit 2 ;;
 esac
 

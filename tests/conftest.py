@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -75,3 +76,72 @@ def shepp_logan(tmp_path: Path) -> Path:
     out = tmp_path / "shepp_logan.h5"
     subprocess.run([tool, "-m", "128", "-c", "8", "-a", "4", "-w", "16", "-n", "0.05", "-C", "-o", str(out)], check=True, capture_output=True)
     return out
+
+
+class OrthancServer:
+    """Debian's Orthanc on loopback with a temporary configuration and storage."""
+
+    def __init__(self, folder: Path, binary: str) -> None:
+        import socket
+
+        self.folder, self.binary = folder, binary
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        self.http_port, self.dicom_port = ports
+        self.aet = "ORTHANC"
+        storage = folder / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "CYCGUARD_TEST", "StorageDirectory": str(storage), "IndexDirectory": str(storage), "Plugins": [],
+            "HttpServerEnabled": True, "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomServerEnabled": True, "DicomAet": self.aet, "DicomPort": self.dicom_port, "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": True, "HttpThreadsCount": 4, "ConcurrentJobs": 1,
+        }
+        self.config = folder / "orthanc.json"
+        self.config.write_text(json.dumps(config))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.aet}@127.0.0.1:{self.dicom_port}"
+
+    def start(self) -> None:
+        import time
+        import urllib.error
+
+        log = (self.folder / "orthanc.log").open("ab")
+        self.process = subprocess.Popen([self.binary, str(self.config)], stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.rest("/system")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Orthanc did not start: {(self.folder / 'orthanc.log').read_text()[-2000:]}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def rest(self, path: str) -> object:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> object:
+    """A running Orthanc (skips without the binary outside CI; .ci/run installs it)."""
+    server = OrthancServer(tmp_path / "orthanc", require_binary("Orthanc"))
+    server.start()
+    yield server
+    server.stop()

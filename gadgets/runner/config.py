@@ -283,6 +283,25 @@ def check(pipeline: Pipeline, allow_foreign: bool = True, connect_stages: str | 
 
 def _config_with(values: dict[str, str], name: str, value: str) -> bytes:
     element = ET.Element("configuration")
-    for key, val in {**values, name: value}.items():
+    for key, val in ({**values, name: value} if name else values).items():
         ET.SubElement(element, "property", name=key, value=val)
     return ET.tostring(element, encoding="utf-8")
+
+
+def with_stage_properties(pipeline: Pipeline, stage: str, values: dict[str, str]) -> Pipeline:
+    """A copy of ``pipeline`` whose CycGuard nodes running ``stage`` get ``values`` as properties
+    (replacing same-named ones); raises when no node runs that stage."""
+    nodes: list[CppGadget | ExternalNode] = []
+    found = False
+    for node in pipeline.nodes:
+        if isinstance(node, ExternalNode) and node.ours:
+            settings = params.parse(node.module, node.target, node.configuration)
+            names = [name for name, cls in params.STAGE_SETTINGS.items() if cls in settings]
+            if stage in names:
+                found = True
+                merged = {**dict(node.properties), **values}
+                node = ExternalNode(node.module, node.target, _config_with(merged, "", ""), tuple(merged.items()), node.connect)
+        nodes.append(node)
+    if not found:
+        raise PipelineError(f"{pipeline.source}: no {stage} stage (gadgets.{stage}) to take {', '.join(values)}")
+    return Pipeline(pipeline.source, pipeline.readers, pipeline.writers, tuple(nodes))

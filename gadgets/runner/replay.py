@@ -27,9 +27,10 @@ from tqdm import tqdm
 from gadgets import params
 from gadgets.convert import image_key, image_pixels, meta_of, meta_value
 from gadgets.runner.chain import run_pipeline
-from gadgets.runner.config import Pipeline, check, load_pipeline
+from gadgets.runner.config import Pipeline, check, load_pipeline, with_stage_properties
 from recon.io.mrd import MRDError, parse_header
 from recon.io.mrd_write import read_images
+from recon.io.pacs import PacsTarget
 from recon.metrics import quality
 from recon.pipeline import VERDICTS
 from recon.report import SliceReport, montage, write_report
@@ -55,6 +56,9 @@ class ReplayResult:
     failures: tuple[str, ...]
     seconds: float
     slices: int
+    dicom_files: int = 0
+    pacs_pending: int | None = None
+    spool: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -145,13 +149,29 @@ def replay(
     progress: bool = True,
     echo_stderr: bool = True,
     on_image: Callable[[], None] | None = None,
+    dicom: Path | None = None,
+    pacs: str | None = None,
+    spool: Path | None = None,
+    calling_aet: str = "CYCGUARD",
 ) -> ReplayResult:
     """Replay ``raw`` through a pipeline (installed name or XML path); see the module docstring.
 
     ``on_image`` is called as each image arrives (benchmarks time the stream with it).
+    ``dicom``, ``pacs`` (``AET@host:port``), ``spool`` and ``calling_aet`` set the export
+    stage's properties of the same meaning (the pipeline must have one).
     """
     started = time.perf_counter()
     pipeline = load_pipeline(pipeline_name)
+    export: dict[str, str] = {}
+    if dicom is not None:
+        export["dicom_folder"] = str(dicom.resolve())
+    if pacs:
+        target = PacsTarget.parse(pacs, calling_aet)
+        export.update(pacs_aet=target.ae_title, pacs_host=target.host, pacs_port=str(target.port), calling_aet=calling_aet)
+        if spool is not None:
+            export["spool"] = str(spool.resolve())
+    if export:
+        pipeline = with_stage_properties(pipeline, "export", export)
     for warning in check(pipeline):
         log.warning("%s", warning)
     header_xml = read_header(raw)
@@ -196,7 +216,16 @@ def replay(
     if report_dir is not None:
         title = f"CycGuard replay of {raw.name} through {Path(pipeline.source).name}"
         json_path, html_path = write_report(report_dir, title, str(raw), rows)
-    return ReplayResult(output, group, tuple(rows), json_path, html_path, tuple(failures), time.perf_counter() - started, len(expected))
+    dicom_files = len(list(dicom.rglob("*.dcm"))) if dicom is not None and dicom.exists() else 0
+    pending = None
+    spool_used = None
+    if pacs:
+        spool_used = Path(export.get("spool") or params.ExportSettings().spool_folder())
+        pending = len(list(spool_used.glob("*.dcm"))) if spool_used.exists() else 0
+    return ReplayResult(
+        output, group, tuple(rows), json_path, html_path, tuple(failures), time.perf_counter() - started, len(expected),
+        dicom_files, pending, spool_used,
+    )
 
 
 def _completeness(expected: list[SliceKey], collected: list[_Collected]) -> list[str]:

@@ -1,0 +1,160 @@
+"""DICOM export and PACS push, against a real Orthanc where the tests say `pacs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from gadgets.convert import to_image
+from gadgets.runner.replay import replay
+from recon.data.demo import DEMO_RAW
+from recon.io.dicom import geometry_of, header_info, to_dicom, write_dicom
+from recon.io.mrd_write import ScanDescription, build_header
+from recon.io.pacs import PacsError, PacsTarget, Pusher
+from recon.types import ReconImage, SliceGeometry, SliceKey
+
+XML = build_header(ScanDescription(), 4)
+
+
+def _image(rng: np.random.Generator, verdict: str = "clean", slice_: int = 0, shape: tuple[int, int] = (12, 10)) -> object:
+    pixels = (rng.random(shape) * 5 * np.exp(1j * rng.random(shape))).astype(np.complex64)
+    angle = 0.3
+    read = (np.cos(angle), np.sin(angle), 0.0)
+    phase = (-np.sin(angle) * np.cos(0.2), np.cos(angle) * np.cos(0.2), np.sin(0.2))
+    normal = tuple(np.cross(read, phase))
+    geometry = SliceGeometry(position=(12.5, -30.25, 41.0 + slice_), read_dir=read, phase_dir=phase, slice_dir=normal, fov_mm=(200.0, 240.0, 4.0))
+    meta = (("CycGuard.Verdict", verdict), ("CycGuard.Score", "1.5"), ("CycGuard.Threshold", "2.5"), ("CycGuard.PValue", "0.3"), ("CycGuard.Model", "modl_default:042d2b58abcd"))
+    return to_image(ReconImage(pixels, SliceKey(slice=slice_), geometry, meta), slice_ + 1, 1)
+
+
+def test_dicom_round_trip_keeps_pixels_and_geometry(tmp_path: Path, rng: np.random.Generator) -> None:
+    image = _image(rng)
+    info = header_info(XML)
+    path = write_dicom(to_dicom(image, info), tmp_path)
+    back = dcmread(path)
+    magnitude = np.abs(np.asarray(image.data)[0, 0])
+    slope = float(back.RescaleSlope)
+    assert np.abs(back.pixel_array * slope + float(back.RescaleIntercept) - magnitude).max() <= slope / 2 + 1e-6 * magnitude.max()
+    centre, read, phase = geometry_of(back)
+    np.testing.assert_allclose(centre, image.position, atol=1e-4)
+    np.testing.assert_allclose(read, image.read_dir, atol=1e-4)
+    np.testing.assert_allclose(phase, image.phase_dir, atol=1e-4)
+    assert float(back.SliceThickness) == pytest.approx(4.0)
+    assert [float(v) for v in back.PixelSpacing] == pytest.approx([240 / 12, 200 / 10])
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4" and back.Modality == "MR"
+    assert back.PatientName == "Demo^Phantom" and back.PatientID == "CYCGUARD-DEMO-001"
+    assert back.ImageComments == "CycGuard clean; score 1.5 threshold 2.5; p 0.3; model modl_default:042d2b58abcd"
+    assert list(back.ImageType)[:2] == ["ORIGINAL", "PRIMARY"]
+    assert str(back.SOPInstanceUID).startswith("2.25.") and len(str(back.SOPInstanceUID)) <= 64
+    assert to_dicom(image, info).SOPInstanceUID == back.SOPInstanceUID  # stable: a resend is not a new image
+
+
+def test_mitigated_images_are_derived_in_their_own_series(rng: np.random.Generator) -> None:
+    info = header_info(XML)
+    clean, rewritten = to_dicom(_image(rng), info), to_dicom(_image(rng, "mitigated"), info)
+    assert list(rewritten.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert rewritten.SeriesInstanceUID != clean.SeriesInstanceUID and rewritten.SeriesNumber == clean.SeriesNumber + 1000
+    assert "MITIGATED" in rewritten.SeriesDescription and "rewritten" in rewritten.SeriesDescription
+    assert rewritten.ImageComments.startswith("CycGuard mitigated")
+    assert "DerivationDescription" in rewritten and "DerivationDescription" not in clean
+
+
+def test_file_names_come_from_uids_only(tmp_path: Path, rng: np.random.Generator) -> None:
+    hostile = XML.replace("Demo^Phantom", "../../../etc/x").replace("cycguard_demo_t1", "../../evil")
+    ds = to_dicom(_image(rng), header_info(hostile))
+    path = write_dicom(ds, tmp_path / "out")
+    assert path == tmp_path / "out" / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [path.name]
+
+
+def test_bad_images_and_targets_are_refused(rng: np.random.Generator) -> None:
+    image = _image(rng)
+    data = np.asarray(image.data).copy()
+    data[0, 0, 0, 0] = np.nan
+    image.data[:] = data
+    with pytest.raises(ValueError, match="non-finite"):
+        to_dicom(image, header_info(XML))
+    for text in ("ORTHANC@localhost", "A_VERY_LONG_AE_TITLE_X@h:1", "ORTHANC@h:99999"):
+        with pytest.raises(PacsError, match="AET@host:port"):
+            PacsTarget.parse(text)
+
+
+def test_an_unreachable_pacs_spools_instead_of_dropping(tmp_path: Path, rng: np.random.Generator) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    pusher = Pusher(PacsTarget.parse(f"ORTHANC@127.0.0.1:{port}"), tmp_path / "spool", timeout=2)
+    assert pusher.push(to_dicom(_image(rng), header_info(XML))) is False
+    assert len(pusher.pending()) == 1 and pusher.delivered == 0
+
+
+def _instances(orthanc: object) -> list[dict]:
+    ids = orthanc.rest("/instances")  # type: ignore[attr-defined]
+    return [orthanc.rest(f"/instances/{i}/simplified-tags") for i in ids]  # type: ignore[attr-defined]
+
+
+@pytest.mark.pacs
+@pytest.mark.e2e
+def test_defended_replay_lands_every_slice_in_orthanc(orthanc: object, tmp_path: Path) -> None:
+    result = replay(
+        DEMO_RAW, "defended", tmp_path / "out.h5", None, group="g", progress=False,
+        dicom=tmp_path / "dicom", pacs=orthanc.target, spool=tmp_path / "spool",  # type: ignore[attr-defined]
+    )
+    assert result.ok, result.failures
+    assert result.pacs_pending == 0 and result.dicom_files == 4
+    tags = sorted(_instances(orthanc), key=lambda t: int(t["InstanceNumber"]))
+    assert len(tags) == 4
+    files = {dcmread(p).SOPInstanceUID: dcmread(p) for p in (tmp_path / "dicom").rglob("*.dcm")}
+    for n, t in enumerate(tags):
+        assert t["Modality"] == "MR" and t["PatientID"] == "CYCGUARD-DEMO-001"
+        assert t["ImageComments"].startswith("CycGuard clean; score ") and "model modl_default:" in t["ImageComments"]
+        local = files[t["SOPInstanceUID"]]
+        np.testing.assert_allclose([float(v) for v in t["ImagePositionPatient"].split("\\")], [float(v) for v in local.ImagePositionPatient], atol=1e-4)
+        assert float(t["SliceLocation"]) == pytest.approx(20.0 + 5 * n)  # the demo's slice positions
+    assert len(orthanc.rest("/series")) == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.pacs
+def test_mitigated_images_reach_the_pacs_in_their_own_series(orthanc: object, tmp_path: Path, rng: np.random.Generator) -> None:
+    pusher = Pusher(PacsTarget.parse(orthanc.target), tmp_path / "spool")  # type: ignore[attr-defined]
+    info = header_info(XML)
+    assert pusher.push(to_dicom(_image(rng, "clean", 0), info)) and pusher.push(to_dicom(_image(rng, "mitigated", 1), info))
+    series = [orthanc.rest(f"/series/{s}") for s in orthanc.rest("/series")]  # type: ignore[attr-defined]
+    descriptions = sorted(s["MainDicomTags"]["SeriesDescription"] for s in series)
+    assert len(series) == 2 and "MITIGATED" in descriptions[1] and "MITIGATED" not in descriptions[0]
+    derived = [t for t in _instances(orthanc) if t["ImageType"].startswith("DERIVED\\SECONDARY")]
+    assert len(derived) == 1 and derived[0]["ImageComments"].startswith("CycGuard mitigated")
+
+
+@pytest.mark.pacs
+def test_pacs_down_mid_run_spools_and_delivers_once_back(orthanc: object, tmp_path: Path, rng: np.random.Generator) -> None:
+    pusher = Pusher(PacsTarget.parse(orthanc.target), tmp_path / "spool", timeout=3)  # type: ignore[attr-defined]
+    info = header_info(XML)
+    datasets = [to_dicom(_image(rng, slice_=n), info) for n in range(5)]
+    assert pusher.push(datasets[0]) and pusher.push(datasets[1])
+    orthanc.stop()  # type: ignore[attr-defined]
+    assert not pusher.push(datasets[2]) and not pusher.push(datasets[3])
+    assert len(pusher.pending()) == 2
+    orthanc.start()  # type: ignore[attr-defined]
+    assert pusher.push(datasets[4])
+    assert pusher.pending() == [] and pusher.delivered == 5
+    assert pusher.push(datasets[0])  # a resend of a delivered image
+    uids = sorted(t["SOPInstanceUID"] for t in _instances(orthanc))
+    assert uids == sorted(str(d.SOPInstanceUID) for d in datasets)  # none lost, none duplicated
+
+
+@pytest.mark.pacs
+@pytest.mark.e2e
+def test_images_spooled_by_one_run_are_sent_by_the_next(orthanc: object, tmp_path: Path) -> None:
+    orthanc.stop()  # type: ignore[attr-defined]
+    first = replay(DEMO_RAW, "defended_composed", tmp_path / "a.h5", None, group="g", progress=False, pacs=orthanc.target, spool=tmp_path / "spool")  # type: ignore[attr-defined]
+    assert first.ok and first.pacs_pending == 4  # the run succeeds and says what is pending
+    orthanc.start()  # type: ignore[attr-defined]
+    second = replay(DEMO_RAW, "defended_composed", tmp_path / "b.h5", None, group="g", progress=False, pacs=orthanc.target, spool=tmp_path / "spool")  # type: ignore[attr-defined]
+    assert second.ok and second.pacs_pending == 0
+    assert len(_instances(orthanc)) == 4  # the same images again: stored once
