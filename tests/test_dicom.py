@@ -158,3 +158,46 @@ def test_images_spooled_by_one_run_are_sent_by_the_next(orthanc: object, tmp_pat
     second = replay(DEMO_RAW, "defended_composed", tmp_path / "b.h5", None, group="g", progress=False, pacs=orthanc.target, spool=tmp_path / "spool")  # type: ignore[attr-defined]
     assert second.ok and second.pacs_pending == 0
     assert len(_instances(orthanc)) == 4  # the same images again: stored once
+
+
+def test_tls_push_to_a_tls_storage_scp(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Optional TLS: a pynetdicom storage SCP behind TLS with a throw-away certificate."""
+    import socket
+    import ssl
+    import subprocess
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import MRImageStorage as MRStorage  # type: ignore[attr-defined]
+
+    from tests.conftest import require_binary
+
+    openssl = require_binary("openssl")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    received: list[str] = []
+
+    def store(event: object) -> int:
+        received.append(str(event.dataset.SOPInstanceUID))  # type: ignore[attr-defined]
+        return 0x0000
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    scp = AE(ae_title="TLS_SCP")
+    scp.add_supported_context(MRStorage)
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)], ssl_context=context)
+    try:
+        ds = to_dicom(_image(rng), header_info(XML))
+        plain = Pusher(PacsTarget.parse(f"TLS_SCP@127.0.0.1:{port}"), tmp_path / "plain", timeout=3)
+        assert not plain.push(ds) and len(plain.pending()) == 1  # no TLS: refused, kept
+        secure = Pusher(PacsTarget.parse(f"TLS_SCP@127.0.0.1:{port}", tls_ca=str(cert)), tmp_path / "tls", timeout=5)
+        assert secure.push(ds) and secure.pending() == []
+        assert received == [str(ds.SOPInstanceUID)]
+    finally:
+        server.shutdown()

@@ -117,6 +117,12 @@ class Pusher:
             tls = (context, self.target.host)
         assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.ae_title, tls_args=tls)
         if not assoc.is_established:
+            transport = getattr(assoc.dul, "socket", None)
+            raw = getattr(transport, "socket", None)
+            if transport is not None:  # pynetdicom leaves the socket open after a failed association
+                transport.close()
+            if raw is not None:
+                raw.close()
             log.warning("PACS %s unreachable or refused the association: %d image(s) stay spooled in %s", self.target, len(files), self.spool)
             return 0
         sent = 0
