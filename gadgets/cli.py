@@ -115,6 +115,33 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from gadgets.runner.server import serve
+
+    return serve(args.bind, args.port, args.threads, args.allow_redteam)
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from gadgets.runner.client import query, send
+
+    if args.query:
+        _out(query(args.host, args.port, args.query))
+        return 0
+    if not args.input or not args.output:
+        raise ValueError("send needs IN.h5 and -o OUT.h5 (or --query)")
+    result = send(
+        Path(args.input), Path(args.output), args.config, Path(args.config_script) if args.config_script else None,
+        args.host, args.port, args.group, args.pace, args.tr_ms,
+    )
+    _out(f"{result.images} image(s) in {result.output} (group {result.group!r}), {result.seconds:.1f} s")
+    if result.latency:
+        values = sorted(result.latency.values())
+        _out(f"latency (last acquisition -> image): median {values[len(values) // 2]:.3f} s, worst {values[-1]:.3f} s")
+    for error in result.errors:
+        log.error("%s", error)
+    return 0 if result.ok else 1
+
+
 def _node_name(node: Any) -> str:
     return str(getattr(node, "classname", None) or node.name)
 
@@ -205,6 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--calling-aet", default="CYCGUARD", help="our AE title (default CYCGUARD)")
     rep.set_defaults(func=_cmd_replay)
 
+    srv = sub.add_parser("serve", help="serve Gadgetron's client protocol with CycGuard pipelines")
+    srv.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback; the protocol has no authentication)")
+    srv.add_argument("--port", type=int, default=9002)
+    srv.add_argument("--threads", type=int, default=None, help="torch threads per gadget process")
+    srv.add_argument("--allow-redteam", action="store_true", help="let clients run pipelines with the attack stage")
+    srv.set_defaults(func=_cmd_serve)
+
+    snd = sub.add_parser("send", help="send a raw file to a Gadgetron-protocol server, write the images")
+    snd.add_argument("input", nargs="?", help="ISMRMRD raw .h5")
+    snd.add_argument("-o", "--output", help="ISMRMRD .h5 for the images")
+    which = snd.add_mutually_exclusive_group()
+    which.add_argument("-c", "--config", help="pipeline name on the server (CONFIG_FILE)")
+    which.add_argument("-C", "--config-script", help="pipeline XML file to send (CONFIG_SCRIPT)")
+    snd.add_argument("--host", default="127.0.0.1")
+    snd.add_argument("--port", type=int, default=9002)
+    snd.add_argument("-G", "--group", default=None)
+    snd.add_argument("--pace", choices=["none", "timestamps", "tr"], default="none", help="release acquisitions like a scanner")
+    snd.add_argument("--tr-ms", type=float, default=10.0, help="with --pace tr: one acquisition every TR ms")
+    snd.add_argument("--query", help="send this QUERY and print the answer instead")
+    snd.set_defaults(func=_cmd_send)
+
     chk = sub.add_parser("check", help="validate Gadgetron pipelines (exit 1 naming what is wrong)")
     chk.add_argument("pipelines", nargs="+", help="installed names or XML files")
     chk.add_argument("--connect-stages", default=None, help="stages behind a passive <connect> node, e.g. recon,detect")
@@ -262,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as err:
         log.error("%s", err)
         return 2
 

@@ -288,6 +288,16 @@ def _config_with(values: dict[str, str], name: str, value: str) -> bytes:
     return ET.tostring(element, encoding="utf-8")
 
 
+def stage_names(node: ExternalNode) -> list[str]:
+    """The CycGuard stages an external node runs, in order (empty for foreign or passive nodes)."""
+    if not node.ours:
+        return []
+    settings = params.parse(node.module, node.target, node.configuration)
+    if params.ComposedSettings in settings:
+        return [s.strip() for s in settings[params.ComposedSettings].stages.split(",")]
+    return [name for name, cls in params.STAGE_SETTINGS.items() if cls in settings]
+
+
 def with_stage_properties(pipeline: Pipeline, stage: str, values: dict[str, str]) -> Pipeline:
     """A copy of ``pipeline`` whose CycGuard nodes running ``stage`` get ``values`` as properties
     (replacing same-named ones); raises when no node runs that stage."""
@@ -295,9 +305,7 @@ def with_stage_properties(pipeline: Pipeline, stage: str, values: dict[str, str]
     found = False
     for node in pipeline.nodes:
         if isinstance(node, ExternalNode) and node.ours:
-            settings = params.parse(node.module, node.target, node.configuration)
-            names = [name for name, cls in params.STAGE_SETTINGS.items() if cls in settings]
-            if stage in names:
+            if stage in stage_names(node):
                 found = True
                 merged = {**dict(node.properties), **values}
                 node = ExternalNode(node.module, node.target, _config_with(merged, "", ""), tuple(merged.items()), node.connect)

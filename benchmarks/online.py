@@ -1,0 +1,141 @@
+"""Online latency and throughput of `cycguard serve` with scanner-paced `cycguard send` clients.
+
+    python -m benchmarks.online [--slices 20] [--clients 1,2,4]
+
+A raw file of held-out axial slices in the demo protocol (TR 10 ms per line, about 44 lines a
+slice) is sent to a `cycguard serve` process with acquisitions released at their time stamps.
+Per slice: latency = image received - last acquisition of the slice sent; compared with the
+in-process time of the same work for the same slice (``reconstruct`` for the recon-only
+chain; ``reconstruct`` + ``check`` for the defended chain, whose clean slices are not
+mitigated). Throughput: N unpaced clients at once, slices per second over all of them.
+Results: ``benchmarks/results/online.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gadgets.runner.client import send
+from recon.calibrate import load_defense, protocol_of, slice_noise_sigma
+from recon.data import mni
+from recon.data.demo import make_demo
+from recon.io.mrd import read_raw
+from recon.models.weights import load_model
+from recon.pipeline import check, reconstruct
+from recon.types import SliceKey
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def in_process_seconds(raw: Path) -> dict[str, dict[SliceKey, float]]:
+    """Per slice: seconds of reconstruct, and of reconstruct + check."""
+    model, manifest = load_model()
+    scan = read_raw(raw)
+    out: dict[str, dict[SliceKey, float]] = {"recon": {}, "defended": {}}
+    defense = None
+    for data in scan.slices:
+        if defense is None:
+            defense = load_defense(model, manifest, protocol_of(data, manifest, scan.protocol.acceleration), None)
+            assert defense is not None
+        t0 = time.perf_counter()
+        result = reconstruct(data, model)
+        t1 = time.perf_counter()
+        from dataclasses import replace
+
+        check(result.prepared, result.image, replace(defense, noise_sigma=slice_noise_sigma(data, whitened=True)))
+        t2 = time.perf_counter()
+        out["recon"][data.key] = t1 - t0
+        out["defended"][data.key] = t2 - t0
+    return out
+
+
+def start_server() -> tuple[subprocess.Popen[bytes], int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    while b"listening on" not in process.stderr.readline():
+        assert process.poll() is None, "server did not start"
+    threading.Thread(target=lambda: [None for _ in iter(process.stderr.readline, b"")], daemon=True).start()  # type: ignore[union-attr]
+    return process, port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=20)
+    parser.add_argument("--clients", default="1,2,4")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows, throughput = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        raw, _ = make_demo(folder, seed=11, slices=tuple(range(mni.HELDOUT_AXIAL[0], mni.HELDOUT_AXIAL[0] + args.slices)))
+        reference = in_process_seconds(raw)
+        server, port = start_server()
+        try:
+            for chain, pipeline in (("recon only", "recon"), ("defended", "defended")):
+                result = send(raw, folder / f"{pipeline}.h5", pipeline, port=port, group="g", pace="timestamps", echo_text=False)
+                if not result.ok:
+                    raise RuntimeError(result.errors)
+                base = reference["recon" if pipeline == "recon" else "defended"]
+                latency = [result.latency[k] for k in base]
+                ratios = [result.latency[k] / base[k] for k in base]
+                rows.append({
+                    "chain": chain, "slices": len(latency),
+                    "latency_median_s": statistics.median(latency), "latency_worst_s": max(latency),
+                    "in_process_median_s": statistics.median(base.values()),
+                    "ratio_median": statistics.median(ratios), "ratio_worst": max(ratios),
+                })
+                print(json.dumps(rows[-1]), flush=True)
+            for pipeline in ("recon", "defended"):
+                for n in (int(c) for c in args.clients.split(",")):
+                    outcomes: list[object] = []
+
+                    def client(i: int, pipeline: str = pipeline, outcomes: list[object] = outcomes) -> None:
+                        outcomes.append(send(raw, folder / f"t-{pipeline}-{i}-{time.monotonic_ns()}.h5", pipeline, port=port, group="g", echo_text=False))
+
+                    started = time.perf_counter()
+                    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    wall = time.perf_counter() - started
+                    assert all(o.ok for o in outcomes), [o.errors for o in outcomes]  # type: ignore[attr-defined]
+                    throughput.append({"pipeline": pipeline, "clients": n, "slices": n * args.slices, "seconds": wall, "slices_per_s": n * args.slices / wall})
+                    print(json.dumps(throughput[-1]), flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=300)
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(), "torch": torch.__version__}
+    (RESULTS / "online.json").write_text(json.dumps({"meta": meta, "latency": rows, "throughput": throughput}, indent=2) + "\n")
+    lines = [
+        "| chain | slices | latency median (s) | worst (s) | in-process median (s) | ratio median | ratio worst |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r['chain']} | {r['slices']} | {r['latency_median_s']:.3f} | {r['latency_worst_s']:.3f} | {r['in_process_median_s']:.3f} | "
+          f"{r['ratio_median']:.2f} | {r['ratio_worst']:.2f} |" for r in rows],
+        "",
+        "| pipeline | clients | slices | wall (s) | slices/s |",
+        "|---|---|---|---|---|",
+        *[f"| {t['pipeline']} | {t['clients']} | {t['slices']} | {t['seconds']:.1f} | {t['slices_per_s']:.2f} |" for t in throughput],
+    ]
+    (RESULTS / "online.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

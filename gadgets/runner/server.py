@@ -1,0 +1,211 @@
+"""``cycguard serve``: a Gadgetron-protocol server running CycGuard pipelines.
+
+Per connection (its own thread; connections share nothing): CONFIG_FILE (resolved only
+among the installed pipelines, by name) or CONFIG_SCRIPT (checked as ``cycguard check``
+does, CycGuard gadgets only: no module named by a client is imported), then HEADER, then
+acquisitions and waveforms until CLOSE. The pipeline runs through the same runner as
+``cycguard replay`` while data still arrive, and each image goes back as soon as it leaves
+the chain. QUERY is answered for versions only. Errors go back as TEXT
+(``[cycguard] ERROR: ...``) followed by CLOSE, as Gadgetron reports them; the server keeps
+serving other clients. SIGTERM stops accepting and lets the connections in flight finish.
+Binds loopback unless told otherwise: the protocol has no authentication.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import ismrmrd
+from gadgetron.types.image_array import ImageArray
+from gadgetron.types.recon_data import ReconData
+
+from gadgets.runner import protocol as p
+from gadgets.runner.chain import run_pipeline
+from gadgets.runner.config import Pipeline, PipelineError, check, installed_pipelines, parse_pipeline, stage_names
+from gadgets.stages import SafeSocket
+from recon.io.mrd import parse_header
+
+log = logging.getLogger("cycguard.serve")
+
+
+def _version() -> str:
+    try:
+        return version("cycguard")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+QUERIES = {"cycguard::version": _version, "gadgetron::version": _version, "ismrmrd::version": lambda: version("ismrmrd")}
+
+
+def resolve_config_file(name: str) -> Pipeline:
+    """An installed pipeline by name (``defended`` or ``defended.xml``); nothing else is reachable."""
+    stem = name[:-4] if name.endswith(".xml") else name
+    shipped = installed_pipelines()
+    if not stem or any(c in stem for c in "/\\\x00") or stem.startswith(".") or stem not in shipped:
+        raise PipelineError(f"no installed pipeline {name!r} (available: {', '.join(sorted(shipped))})")
+    path = shipped[stem]
+    return parse_pipeline(path.read_bytes(), path.name)
+
+
+class ClientError(Exception):
+    """Something to report to the client as TEXT before CLOSE."""
+
+
+class Session:
+    """One client connection."""
+
+    def __init__(self, sock: socket.socket, peer: Any, server: CycGuardServer) -> None:
+        self.wire = SafeSocket(sock)
+        self.peer = peer
+        self.server = server
+        self.send_lock = threading.Lock()
+        self.images = 0
+
+    def send(self, data: bytes) -> None:
+        with self.send_lock:
+            self.wire.write(data)
+
+    def run(self) -> None:
+        try:
+            pipeline = self._configure()
+            if pipeline is None:
+                return
+            header = self._header()
+            if header is None:
+                return
+            for warning in check(pipeline, allow_foreign=False):
+                log.info("%s: %s", self.peer, warning)
+            if not self.server.allow_redteam and any("attack" in stage_names(n) for n in pipeline.externals):
+                raise ClientError("pipelines with the red-team attack stage are disabled on this server (cycguard serve --allow-redteam)")
+            for item in run_pipeline(pipeline, header, self._items(), threads=self.server.threads, echo_stderr=True):
+                if isinstance(item, ismrmrd.Image):
+                    self.send(p.item_message(item))
+                    self.images += 1
+                elif isinstance(item, (ReconData, ImageArray)):
+                    raise ClientError(f"a {type(item).__name__} left the chain: the pipeline must end with gadgets.export")
+            log.info("%s: %d image(s) sent", self.peer, self.images)
+        except (ClientError, PipelineError, p.ProtocolError, ValueError, RuntimeError, ConnectionError) as err:
+            log.error("%s: %s", self.peer, err)
+            self._text(f"[cycguard] ERROR: {err}")
+        except Exception as err:  # report anything else too: the client must never wait on silence
+            log.exception("%s: unexpected failure", self.peer)
+            self._text(f"[cycguard] ERROR: internal error: {err}")
+        finally:
+            try:
+                self.send(struct.pack("<H", p.CLOSE))
+            except OSError:
+                pass
+
+    def _text(self, message: str) -> None:
+        try:
+            self.send(p.string_message(p.TEXT, message))
+        except OSError:
+            log.warning("%s: could not send the error to the client", self.peer)
+
+    def _answer(self) -> None:
+        correlation, query = p.read_query(self.wire)
+        answer = QUERIES[query]() if query in QUERIES else f"unknown query {query!r} (answered: {', '.join(QUERIES)})"
+        self.send(p.response_message(correlation, answer))
+
+    def _configure(self) -> Pipeline | None:
+        while True:
+            mid = p.read_id(self.wire)
+            if mid == p.QUERY:
+                self._answer()
+            elif mid == p.CLOSE:
+                return None
+            elif mid == p.CONFIG_FILE:
+                name = p.read_config_file(self.wire)
+                log.info("%s: pipeline %r", self.peer, name)
+                return resolve_config_file(name)
+            elif mid == p.CONFIG_SCRIPT:
+                pipeline = parse_pipeline(p.read_string(self.wire, "CONFIG_SCRIPT", cap=1 << 20), "client configuration")
+                check(pipeline, allow_foreign=False)
+                return pipeline
+            elif mid == p.TEXT:
+                log.info("%s says: %s", self.peer, p.read_string(self.wire, "TEXT", cap=1 << 20))
+            else:
+                raise ClientError(f"message id {mid} before the configuration (expected CONFIG_FILE or CONFIG_SCRIPT)")
+
+    def _header(self) -> str | None:
+        while True:
+            mid = p.read_id(self.wire)
+            if mid == p.QUERY:
+                self._answer()
+            elif mid == p.CLOSE:
+                return None
+            elif mid == p.TEXT:
+                log.info("%s says: %s", self.peer, p.read_string(self.wire, "TEXT", cap=1 << 20))
+            elif mid == p.HEADER:
+                xml = p.read_string(self.wire, "HEADER")
+                parse_header(xml, "client header")
+                return xml
+            else:
+                raise ClientError(f"message id {mid} before HEADER (data must follow the ISMRMRD header)")
+
+    def _items(self) -> Iterator[Any]:
+        while True:
+            mid = p.read_id(self.wire)
+            if mid == p.CLOSE:
+                return
+            if mid in (p.ACQUISITION, p.WAVEFORM):
+                yield p.read_item(mid, self.wire)
+            elif mid == p.TEXT:
+                log.info("%s says: %s", self.peer, p.read_string(self.wire, "TEXT", cap=1 << 20))
+            elif mid in (p.CONFIG_FILE, p.CONFIG_SCRIPT, p.HEADER):
+                raise ClientError(f"message id {mid} after the header (configuration and header come once, first)")
+            else:
+                raise ClientError(f"message id {mid} is not accepted in the data stream (acquisitions 1008, waveforms 1026)")
+
+
+class CycGuardServer(socketserver.ThreadingTCPServer):
+    """Threaded TCP server; ``server_close`` waits for the sessions in flight."""
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], threads: int | None = None, allow_redteam: bool = False) -> None:
+        self.threads = threads
+        self.allow_redteam = allow_redteam
+        if address[0] not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on %s: anyone who can reach this port can send data and read images (no authentication)", address[0])
+        super().__init__(address, _Handler)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        log.info("connection from %s", self.client_address)
+        Session(self.request, self.client_address, self.server).run()  # type: ignore[arg-type]
+
+
+def serve(bind: str = "127.0.0.1", port: int = 9002, threads: int | None = None, allow_redteam: bool = False) -> int:
+    """Run until SIGTERM/SIGINT; connections in flight are finished first."""
+    import signal
+
+    server = CycGuardServer((bind, port), threads, allow_redteam)
+    stopping = threading.Event()
+
+    def stop(signum: int, _: Any) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            log.info("signal %d: no new connections; finishing those in flight", signum)
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("listening on %s:%d (pipelines: %s)", bind, server.server_address[1], ", ".join(sorted(installed_pipelines())))
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,166 @@
+"""`cycguard serve` and `cycguard send` over Gadgetron's client protocol (a real server process)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gadgets.runner import protocol as p
+from gadgets.runner.client import query, send
+from gadgets.runner.replay import replay
+from gadgets.stages import SafeSocket
+from recon.data.demo import DEMO_RAW
+from recon.io.mrd_write import read_images
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+        self.process, self.port = process, port
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    while b"listening on" not in (line := process.stderr.readline()):
+        assert line, "the server exited before listening"
+    threading.Thread(target=lambda: [None for _ in iter(process.stderr.readline, b"")], daemon=True).start()  # type: ignore[union-attr]
+    yield Server(process, port)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    assert process.stdout is not None
+    assert process.stdout.read() == b""  # nothing on stdout
+    process.stdout.close()
+    process.stderr.close()  # type: ignore[union-attr]
+
+
+def test_serve_and_send_give_what_replay_gives(server: Server, tmp_path: Path) -> None:
+    online = send(DEMO_RAW, tmp_path / "online.h5", "defended", port=server.port, group="g", echo_text=False)
+    assert online.ok, online.errors
+    offline = replay(DEMO_RAW, "defended", tmp_path / "offline.h5", None, group="g", progress=False)
+    assert offline.ok
+    got, want = read_images(tmp_path / "online.h5", group="g"), read_images(tmp_path / "offline.h5", group="g")
+    assert len(got) == len(want) == 4
+    for (a, meta_a), (b, meta_b) in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+        assert meta_a["CycGuard.Verdict"] == meta_b["CycGuard.Verdict"] == "clean"
+        assert float(meta_a["CycGuard.Score"]) == pytest.approx(float(meta_b["CycGuard.Score"]), rel=1e-3)
+    assert set(online.latency) == {k for k in online.latency} and len(online.latency) == 4
+
+
+def test_two_clients_at_once_get_only_their_own_images(server: Server, tmp_path: Path, small_raw: tuple) -> None:
+    results: dict[str, object] = {}
+
+    def run(name: str, raw: Path) -> None:
+        results[name] = send(raw, tmp_path / f"out-{name}.h5", "recon", port=server.port, group="g", echo_text=False)
+
+    threads = [threading.Thread(target=run, args=("demo", DEMO_RAW)), threading.Thread(target=run, args=("small", small_raw[0]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert all(r.ok for r in results.values()), [r.errors for r in results.values()]  # type: ignore[attr-defined]
+    demo, small = read_images(tmp_path / "out-demo.h5", group="g"), read_images(tmp_path / "out-small.h5", group="g")
+    assert [image.shape for image, _ in demo] == [(128, 128)] * 4
+    assert [image.shape for image, _ in small] == [(32, 32)] * 2
+
+
+def _raw_session(port: int, *messages: bytes) -> tuple[list[str], bool]:
+    """Send raw messages; collect TEXT messages until CLOSE."""
+    texts: list[str] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        wire = SafeSocket(sock)
+        for message in messages:
+            try:
+                wire.write(message)
+            except OSError:
+                break
+        while True:
+            mid = p.read_id(wire)
+            if mid == p.CLOSE:
+                return texts, True
+            assert mid == p.TEXT, mid
+            texts.append(p.read_string(wire, "TEXT"))
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ((p.config_file_message("no_such_pipeline"),), "no installed pipeline 'no_such_pipeline'"),
+        ((p.config_file_message("../../etc/passwd"),), "no installed pipeline '../../etc/passwd'"),
+        ((p.config_file_message("/etc/hosts"),), "no installed pipeline '/etc/hosts'"),
+        ((p.config_file_message("recon"), struct.pack("<H", p.ACQUISITION)), "message id 1008 before HEADER"),
+        ((struct.pack("<H", p.HEADER),), "message id 3 before the configuration"),
+        ((p.string_message(p.CONFIG_SCRIPT, "<configuration><version>2</version><stream>"
+                           '<external><execute name="os" target="system" type="python"/></external></stream></configuration>'),),
+         "not a CycGuard gadget"),
+        ((p.config_file_message("redteam"), p.string_message(p.HEADER, "<x/>")), "ERROR"),
+        ((p.config_file_message("recon"), struct.pack("<HI", p.HEADER, 1 << 30)), "exceeds the"),
+    ],
+    ids=["unknown-name", "path-escape", "absolute-path", "data-before-header", "header-first", "foreign-module", "bad-header", "absurd-length"],
+)
+def test_bad_clients_get_an_error_and_the_server_keeps_serving(server: Server, messages: tuple[bytes, ...], expected: str, tmp_path: Path) -> None:
+    texts, closed = _raw_session(server.port, *messages)
+    assert closed and len(texts) == 1 and texts[0].startswith("[cycguard] ERROR") and expected in texts[0], texts
+    assert query("127.0.0.1", server.port, "cycguard::version")  # still serving
+
+
+def test_redteam_is_refused_by_default(server: Server, tmp_path: Path) -> None:
+    result = send(DEMO_RAW, tmp_path / "o.h5", "redteam", port=server.port, echo_text=False)
+    assert not result.ok and any("--allow-redteam" in e for e in result.errors)
+
+
+def test_a_gadget_failure_reaches_the_client(server: Server, tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not a model")
+    (tmp_path / "w.json").write_text((ROOT / "recon/models/weights/modl_default.json").read_text())
+    script = tmp_path / "p.xml"
+    script.write_text((ROOT / "pipelines/recon.xml").read_text().replace("<configuration/>", f'<configuration><property name="weights" value="{weights}"/></configuration>'))
+    result = send(DEMO_RAW, tmp_path / "o.h5", config_script=script, port=server.port, echo_text=False)
+    assert not result.ok
+    assert any("gadgets.recon:recon" in e and "SHA-256" in e for e in result.errors), result.errors
+    cli = subprocess.run(
+        [sys.executable, "-m", "gadgets.cli", "send", str(DEMO_RAW), "-C", str(script), "--port", str(server.port), "-o", str(tmp_path / "c.h5")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert cli.returncode == 1 and "SHA-256" in cli.stderr
+
+
+def test_query_answers_versions_only(server: Server) -> None:
+    assert query("127.0.0.1", server.port, "cycguard::version")[0].isdigit()
+    assert query("127.0.0.1", server.port, "gadgetron::info::memory").startswith("unknown query")
+
+
+def test_sigterm_finishes_the_connections_in_flight(server: Server, tmp_path: Path) -> None:
+    outcome: dict[str, object] = {}
+    sender = threading.Thread(target=lambda: outcome.update(r=send(DEMO_RAW, tmp_path / "o.h5", "recon", port=server.port, pace="tr", tr_ms=5, echo_text=False)))
+    sender.start()
+    import time
+
+    time.sleep(2.0)  # the paced client is mid-stream
+    server.process.send_signal(signal.SIGTERM)
+    sender.join(300)
+    assert outcome["r"].ok, outcome["r"].errors  # type: ignore[attr-defined]
+    assert server.process.wait(timeout=120) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
