@@ -76,7 +76,8 @@ def start_server() -> tuple[subprocess.Popen[bytes], int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=20)
-    parser.add_argument("--clients", default="1,2,4")
+    parser.add_argument("--clients", default="1,2,4", help="concurrent clients for throughput ('' to skip)")
+    parser.add_argument("--tr-ms", default="0,25", help="paces for latency: 0 = the file's time stamps (TR 10 ms), else one line every TR ms")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows, throughput = [], []
@@ -86,22 +87,23 @@ def main() -> None:
         reference = in_process_seconds(raw)
         server, port = start_server()
         try:
-            for chain, pipeline in (("recon only", "recon"), ("defended", "defended")):
-                result = send(raw, folder / f"{pipeline}.h5", pipeline, port=port, group="g", pace="timestamps", echo_text=False)
+            for chain, pipeline, tr in ((c, pl, float(t)) for c, pl in (("recon only", "recon"), ("defended", "defended")) for t in args.tr_ms.split(",")):
+                pace = "timestamps" if tr == 0 else "tr"
+                result = send(raw, folder / f"{pipeline}-{tr}.h5", pipeline, port=port, group="g", pace=pace, tr_ms=tr, echo_text=False)
                 if not result.ok:
                     raise RuntimeError(result.errors)
                 base = reference["recon" if pipeline == "recon" else "defended"]
                 latency = [result.latency[k] for k in base]
                 ratios = [result.latency[k] / base[k] for k in base]
                 rows.append({
-                    "chain": chain, "slices": len(latency),
+                    "chain": chain, "tr_ms": tr or 10.0, "slice_acquisition_s": (tr or 10.0) * 44 / 1000, "slices": len(latency),
                     "latency_median_s": statistics.median(latency), "latency_worst_s": max(latency),
                     "in_process_median_s": statistics.median(base.values()),
                     "ratio_median": statistics.median(ratios), "ratio_worst": max(ratios),
                 })
                 print(json.dumps(rows[-1]), flush=True)
             for pipeline in ("recon", "defended"):
-                for n in (int(c) for c in args.clients.split(",")):
+                for n in (int(c) for c in args.clients.split(",") if c):
                     outcomes: list[object] = []
 
                     def client(i: int, pipeline: str = pipeline, outcomes: list[object] = outcomes) -> None:
@@ -124,9 +126,9 @@ def main() -> None:
     meta = {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(), "torch": torch.__version__}
     (RESULTS / "online.json").write_text(json.dumps({"meta": meta, "latency": rows, "throughput": throughput}, indent=2) + "\n")
     lines = [
-        "| chain | slices | latency median (s) | worst (s) | in-process median (s) | ratio median | ratio worst |",
-        "|---|---|---|---|---|---|---|",
-        *[f"| {r['chain']} | {r['slices']} | {r['latency_median_s']:.3f} | {r['latency_worst_s']:.3f} | {r['in_process_median_s']:.3f} | "
+        "| chain | TR (ms) | acquisition per slice (s) | slices | latency median (s) | worst (s) | in-process median (s) | ratio median | ratio worst |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {r['chain']} | {r['tr_ms']:g} | {r['slice_acquisition_s']:.2f} | {r['slices']} | {r['latency_median_s']:.3f} | {r['latency_worst_s']:.3f} | {r['in_process_median_s']:.3f} | "
           f"{r['ratio_median']:.2f} | {r['ratio_worst']:.2f} |" for r in rows],
         "",
         "| pipeline | clients | slices | wall (s) | slices/s |",

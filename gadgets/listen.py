@@ -17,7 +17,23 @@ from collections.abc import Sequence
 
 from gadgetron.external.connection import Connection
 
+from gadgets.stages import SafeSocket
+
 log = logging.getLogger("cycguard.listen")
+
+
+class SafeConnection(Connection):
+    """gadgetron-python's Connection reading CONFIG and HEADER through :class:`SafeSocket`: its own
+    socket wrapper spins forever when the peer dies mid-message (1.4.1)."""
+
+    def __init__(self, sock: socket.socket) -> None:  # noqa: D107 - mirrors Connection.__init__
+        self.socket = SafeSocket(sock)
+        self.readers = Connection._default_readers()
+        self.writers = Connection._default_writers()
+        self.raw_bytes = Connection.Struct(config=None, header=None)
+        self.config, self.raw_bytes.config = self._read_config()
+        self.header, self.raw_bytes.header = self._read_header()
+        self.filters: list[object] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sock.close()
     log.info("connection from %s", peer)
     sock.settimeout(None)
-    with Connection(sock) as connection:
+    with SafeConnection(sock) as connection:
         target(connection)
     return 0
 

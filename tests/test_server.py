@@ -45,9 +45,14 @@ def server() -> Iterator[Server]:
         assert line, "the server exited before listening"
     threading.Thread(target=lambda: [None for _ in iter(process.stderr.readline, b"")], daemon=True).start()  # type: ignore[union-attr]
     yield Server(process, port)
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
+    try:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)  # every session must have ended: none may hang
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert process.stdout is not None
     assert process.stdout.read() == b""  # nothing on stdout
     process.stdout.close()
@@ -164,3 +169,19 @@ def test_sigterm_finishes_the_connections_in_flight(server: Server, tmp_path: Pa
     assert server.process.wait(timeout=120) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+
+
+def test_a_client_vanishing_mid_stream_does_not_hold_the_server(server: Server) -> None:
+    from gadgets.runner.replay import read_header, stream_raw
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        wire = SafeSocket(sock)
+        wire.write(p.config_file_message("recon"))
+        wire.write(p.string_message(p.HEADER, read_header(DEMO_RAW)))
+        for n, item in enumerate(stream_raw(DEMO_RAW)):
+            wire.write(p.item_message(item))
+            if n == 60:
+                break  # then the connection drops without CLOSE
+    assert query("127.0.0.1", server.port, "cycguard::version")  # still serving
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0  # the abandoned session ended by itself

@@ -153,16 +153,30 @@ class ExternalRun:
     # -------------------------------------------------------------- streaming
 
     def _write_all(self, wire: SafeSocket, items: Iterable[Any]) -> None:
+        """CONFIG, HEADER, the items, CLOSE. A failure of the upstream iterator (a client that
+        went away, an earlier gadget's error) still ends this gadget with CLOSE and is
+        re-raised after it; a failure to write means the gadget went away (its reader side
+        reports why)."""
         try:
             wire.write(_string_message(MESSAGE_CONFIG, self.node.configuration))
             wire.write(_string_message(MESSAGE_HEADER, self.header_xml.encode("utf-8")))
-            for item in items:
-                write_item(wire, item)
-        except OSError as err:  # the gadget went away; its reader side reports why
+        except OSError as err:
             log.debug("%s: write side closed: %s", self.node.name, err)
             return
-        except BaseException as err:  # an upstream stage failed: finish this gadget, then re-raise
-            self.upstream_error = err
+        iterator = iter(items)
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            except BaseException as err:  # noqa: BLE001 - handed to the reading side, re-raised there
+                self.upstream_error = err
+                break
+            try:
+                write_item(wire, item)
+            except OSError as err:
+                log.debug("%s: write side closed: %s", self.node.name, err)
+                return
         try:
             wire.write(struct.pack("<H", MESSAGE_CLOSE))
         except OSError:

@@ -13,7 +13,9 @@ Binds loopback unless told otherwise: the protocol has no authentication.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import socketserver
 import struct
@@ -63,6 +65,7 @@ class Session:
     """One client connection."""
 
     def __init__(self, sock: socket.socket, peer: Any, server: CycGuardServer) -> None:
+        sock.settimeout(server.idle_timeout)  # a silent client cannot hold a session (or shutdown) forever
         self.wire = SafeSocket(sock)
         self.peer = peer
         self.server = server
@@ -74,6 +77,10 @@ class Session:
             self.wire.write(data)
 
     def run(self) -> None:
+        with self.server.active():
+            self._run()
+
+    def _run(self) -> None:
         try:
             pipeline = self._configure()
             if pipeline is None:
@@ -85,14 +92,15 @@ class Session:
                 log.info("%s: %s", self.peer, warning)
             if not self.server.allow_redteam and any("attack" in stage_names(n) for n in pipeline.externals):
                 raise ClientError("pipelines with the red-team attack stage are disabled on this server (cycguard serve --allow-redteam)")
-            for item in run_pipeline(pipeline, header, self._items(), threads=self.server.threads, echo_stderr=True):
+            threads = self.server.threads or self.server.thread_budget(len(pipeline.externals))
+            for item in run_pipeline(pipeline, header, self._items(), threads=threads, echo_stderr=True):
                 if isinstance(item, ismrmrd.Image):
                     self.send(p.item_message(item))
                     self.images += 1
                 elif isinstance(item, (ReconData, ImageArray)):
                     raise ClientError(f"a {type(item).__name__} left the chain: the pipeline must end with gadgets.export")
             log.info("%s: %d image(s) sent", self.peer, self.images)
-        except (ClientError, PipelineError, p.ProtocolError, ValueError, RuntimeError, ConnectionError) as err:
+        except (ClientError, PipelineError, p.ProtocolError, ValueError, RuntimeError, OSError) as err:
             log.error("%s: %s", self.peer, err)
             self._text(f"[cycguard] ERROR: {err}")
         except Exception as err:  # report anything else too: the client must never wait on silence
@@ -176,9 +184,30 @@ class CycGuardServer(socketserver.ThreadingTCPServer):
     def __init__(self, address: tuple[str, int], threads: int | None = None, allow_redteam: bool = False) -> None:
         self.threads = threads
         self.allow_redteam = allow_redteam
+        self.idle_timeout = 300.0
+        self.sessions = 0
+        self._lock = threading.Lock()
         if address[0] not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s: anyone who can reach this port can send data and read images (no authentication)", address[0])
         super().__init__(address, _Handler)
+
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Count a session in flight."""
+        with self._lock:
+            self.sessions += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.sessions -= 1
+
+    def thread_budget(self, gadgets: int) -> int:
+        """Torch threads per gadget process so that the sessions in flight share the cores."""
+        with self._lock:
+            sessions = max(1, self.sessions)
+        return max(1, (os.cpu_count() or 1) // max(1, gadgets * sessions))
 
 
 class _Handler(socketserver.BaseRequestHandler):
