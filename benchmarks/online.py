@@ -87,12 +87,12 @@ def main() -> None:
         reference = in_process_seconds(raw)
         server, port = start_server()
         try:
-            for chain, pipeline, tr in ((c, pl, float(t)) for c, pl in (("recon only", "recon"), ("defended", "defended")) for t in args.tr_ms.split(",")):
+            for chain, pipeline, tr in ((c, pl, float(t)) for c, pl in (("recon only", "recon"), ("defended", "defended"), ("defended, composed", "defended_composed")) for t in args.tr_ms.split(",")):
                 pace = "timestamps" if tr == 0 else "tr"
                 result = send(raw, folder / f"{pipeline}-{tr}.h5", pipeline, port=port, group="g", pace=pace, tr_ms=tr, echo_text=False)
                 if not result.ok:
                     raise RuntimeError(result.errors)
-                base = reference["recon" if pipeline == "recon" else "defended"]
+                base = reference["recon" if pipeline == "recon" else "defended"]  # clean slices: recon + check
                 latency = [result.latency[k] for k in base]
                 ratios = [result.latency[k] / base[k] for k in base]
                 rows.append({
@@ -104,19 +104,18 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
             for pipeline in ("recon", "defended"):
                 for n in (int(c) for c in args.clients.split(",") if c):
-                    outcomes: list[object] = []
-
-                    def client(i: int, pipeline: str = pipeline, outcomes: list[object] = outcomes) -> None:
-                        outcomes.append(send(raw, folder / f"t-{pipeline}-{i}-{time.monotonic_ns()}.h5", pipeline, port=port, group="g", echo_text=False))
-
+                    # separate client processes, as separate scanners would be (and HDF5 is not
+                    # safe to drive from several threads of one process)
+                    command = [sys.executable, "-m", "gadgets.cli", "send", str(raw), "-c", pipeline, "--port", str(port)]
                     started = time.perf_counter()
-                    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
+                    clients = [
+                        subprocess.Popen([*command, "-o", str(folder / f"t-{pipeline}-{n}-{i}.h5")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        for i in range(n)
+                    ]
+                    codes = [c.wait() for c in clients]
                     wall = time.perf_counter() - started
-                    assert all(o.ok for o in outcomes), [o.errors for o in outcomes]  # type: ignore[attr-defined]
+                    if any(codes):
+                        raise RuntimeError(f"{pipeline} with {n} clients: exit codes {codes}")
                     throughput.append({"pipeline": pipeline, "clients": n, "slices": n * args.slices, "seconds": wall, "slices_per_s": n * args.slices / wall})
                     print(json.dumps(throughput[-1]), flush=True)
         finally:

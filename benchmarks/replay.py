@@ -6,7 +6,7 @@ A raw file of held-out axial slices (the demo's protocol: 8 coils, R = 4 + 16 AC
 readout oversampling, noise scans) is reconstructed four ways, timed end to end (file in,
 images out, model loading and process start-up included):
 
-* in process: ``read_raw`` then ``recon.pipeline.reconstruct`` / ``defend`` per slice;
+* in process: ``read_raw``, ``recon.pipeline.reconstruct`` / ``defend`` per slice, images written;
 * replay, one ``python -m gadgetron`` process per gadget (the real wire path);
 * replay, the composed gadget (all stages in one external process);
 * replay with the stages called in the runner's process (no sockets).
@@ -31,29 +31,34 @@ from recon.calibrate import load_defense, protocol_of
 from recon.data import mni
 from recon.data.demo import make_demo
 from recon.io.mrd import read_raw
+from recon.io.mrd_write import write_images
 from recon.models.weights import load_model
 from recon.pipeline import defend, reconstruct
+from recon.types import ReconImage
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def in_process(raw: Path, defended: bool) -> tuple[float, float]:
-    """Seconds for the pure pipeline on every slice, weights loading included, and seconds per
-    slice between the first and the last image (the steady state)."""
+def in_process(raw: Path, defended: bool, folder: Path) -> tuple[float, float]:
+    """Seconds for the pure pipeline on every slice, weights loading and writing the images
+    included (as replay does), and seconds per slice between the first and the last image."""
     started = time.perf_counter()
     model, manifest = load_model()
     scan = read_raw(raw)
     defense = None
     stamps = []
+    images = []
     for data in scan.slices:
         if defended:
             if defense is None:
                 defense = load_defense(model, manifest, protocol_of(data, manifest, scan.protocol.acceleration), None)
                 assert defense is not None, "the shipped calibration must fit the demo protocol"
-            defend(data, defense)
+            image = defend(data, defense).image
         else:
-            reconstruct(data, model)
+            image = reconstruct(data, model).image
+        images.append(ReconImage(image, data.key, data.geometry))
         stamps.append(time.perf_counter())
+    write_images(folder / f"in-process-{time.monotonic_ns()}.h5", images, magnitude=False)
     return time.perf_counter() - started, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
@@ -82,7 +87,7 @@ def main() -> None:
         folder = Path(tmp)
         raw, _ = make_demo(folder, seed=7, slices=z)
         for label, defended, pipeline, composed in (("recon only", False, "recon", None), ("defended", True, "defended", "defended_composed")):
-            base = min((in_process(raw, defended) for _ in range(args.repeats)), key=lambda t: t[0])
+            base = min((in_process(raw, defended, folder) for _ in range(args.repeats)), key=lambda t: t[0])
             ext = min((chain(raw, pipeline, folder) for _ in range(args.repeats)), key=lambda t: t[0])
             local = min((chain(raw, pipeline, folder, in_proc=True) for _ in range(args.repeats)), key=lambda t: t[0])
             row = {

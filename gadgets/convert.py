@@ -27,7 +27,7 @@ from gadgetron.types.image_array import ImageArray
 from gadgetron.types.recon_data import ReconData
 
 from recon.io.mrd import MIN_AUTO_ACS, acs_block
-from recon.types import ReconImage, SliceGeometry, SliceKey, SliceKSpace
+from recon.types import SliceGeometry, SliceKey, SliceKSpace
 
 ROLE_KEY = "GADGETRON_DataRole"
 ROLE_MAPS = "CycGuard.CoilMaps"
@@ -183,26 +183,6 @@ def set_meta(image: ismrmrd.Image, values: dict[str, str | list[str]]) -> None:
     for key, value in values.items():
         meta[key] = value
     image.attribute_string = meta.serialize()
-
-
-def to_image(item: ReconImage, index: int, series: int) -> ismrmrd.Image:
-    """A complex64 ISMRMRD image ``[1, 1, y, x]`` with the geometry, counters and meta of ``item``."""
-    image = ismrmrd.Image.from_array(np.ascontiguousarray(item.image, dtype=np.complex64)[None, None], transpose=False)
-    image.image_type = ismrmrd.IMTYPE_COMPLEX
-    image.image_index = index
-    image.image_series_index = series
-    key = item.key
-    image.slice, image.contrast, image.repetition, image.set, image.phase = key.slice, key.contrast, key.repetition, key.set, key.phase
-    image.field_of_view[:] = item.geometry.fov_mm
-    image.position[:] = item.geometry.position
-    image.read_dir[:] = item.geometry.read_dir
-    image.phase_dir[:] = item.geometry.phase_dir
-    image.slice_dir[:] = item.geometry.slice_dir
-    meta = ismrmrd.Meta()
-    for name, value in item.meta:
-        meta[name] = value
-    image.attribute_string = meta.serialize()
-    return image
 
 
 def image_pixels(image: ismrmrd.Image) -> np.ndarray:

@@ -21,7 +21,7 @@ import ismrmrd
 
 from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, set_meta
 from gadgets.params import DetectSettings
-from gadgets.stages import InternalStore, Resources, gadget_logging, is_ours, model_tag, serve
+from gadgets.stages import InternalStore, Resources, SliceContext, gadget_logging, is_ours, model_tag, serve
 from recon.calibrate import load_defense, protocol_of
 from recon.detect.calibration import ProtocolKey
 from recon.physics.noise import estimate_noise_sigma
@@ -73,15 +73,15 @@ def noise_sigma(data: Any, noise_level: str) -> tuple[float, str | None]:
     return 1.0, None
 
 
-class DetectStage:
-    """Scores CycGuard images; passes other items through."""
+class CheckedImageStage:
+    """A stage that works on CycGuard images with the k-space and coil maps sent before them
+    (detect, mitigate): keeps those in an :class:`InternalStore`, passes other items through."""
 
-    name = "detect"
+    name = "checked"
 
-    def __init__(self, settings: DetectSettings, resources: Resources) -> None:
-        self.settings = settings
-        self.store = InternalStore(self.name, settings.forward_internal)
-        self.defenses = DefenseCache(self.name, settings.weights, settings.calibration, settings.device, resources)
+    def __init__(self, forward_internal: bool, weights: str, calibration: str, device: str, resources: Resources) -> None:
+        self.store = InternalStore(self.name, forward_internal)
+        self.defenses = DefenseCache(self.name, weights, calibration, device, resources)
 
     def process(self, item: Any) -> Iterable[Any]:
         forwarded = self.store.offer(item)
@@ -89,8 +89,28 @@ class DetectStage:
             return forwarded
         if not is_ours(item):
             return [item]
+        return self.handle(item, self.store.take(item))
+
+    def handle(self, image: ismrmrd.Image, context: SliceContext) -> list[Any]:
+        """Items to send for one CycGuard image."""
+        raise NotImplementedError
+
+    def close(self) -> Iterable[Any]:
+        self.store.close()
+        return []
+
+
+class DetectStage(CheckedImageStage):
+    """Scores CycGuard images against the received data."""
+
+    name = "detect"
+
+    def __init__(self, settings: DetectSettings, resources: Resources) -> None:
+        super().__init__(settings.forward_internal, settings.weights, settings.calibration, settings.device, resources)
+        self.settings = settings
+
+    def handle(self, item: ismrmrd.Image, context: SliceContext) -> list[Any]:
         self.defenses.check_model(item)
-        context = self.store.take(item)
         data = context.part.data
         defense = self.defenses.defense(data)
         if defense is None:
@@ -120,10 +140,6 @@ class DetectStage:
         )
         log.info("detect %s: %s", data.key, checked.reason)
         return [item]
-
-    def close(self) -> Iterable[Any]:
-        self.store.close()
-        return []
 
 
 def detect(connection: Any) -> None:

@@ -12,40 +12,32 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
 from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, set_meta, with_pixels
-from gadgets.detect import DefenseCache
+from gadgets.detect import CheckedImageStage
 from gadgets.params import MitigateSettings
-from gadgets.stages import InternalStore, Resources, gadget_logging, is_ours, serve
+from gadgets.stages import Resources, SliceContext, gadget_logging, serve
 from recon.pipeline import CheckResult, MitigationSettings, mitigate_flagged, prepare_with_maps
 
 log = logging.getLogger("cycguard.gadget.mitigate")
 
 
-class MitigateStage:
-    """Rewrites flagged CycGuard images; passes other items through."""
+class MitigateStage(CheckedImageStage):
+    """Rewrites flagged CycGuard images."""
 
     name = "mitigate"
 
     def __init__(self, settings: MitigateSettings, resources: Resources) -> None:
+        super().__init__(settings.forward_internal, settings.weights, settings.calibration, settings.device, resources)
         self.settings = settings
-        self.store = InternalStore(self.name, settings.forward_internal)
-        self.defenses = DefenseCache(self.name, settings.weights, settings.calibration, settings.device, resources)
         self.mitigation = MitigationSettings(
             enabled=settings.enabled, fidelity=settings.fidelity, radius=settings.radius, iterations=settings.iterations,
             lr=settings.lr, patience=settings.patience, max_dc_increase=settings.max_dc_increase,
         )
 
-    def process(self, item: Any) -> Iterable[Any]:
-        forwarded = self.store.offer(item)
-        if forwarded is not None:
-            return forwarded
-        if not is_ours(item):
-            return [item]
-        context = self.store.take(item)
+    def handle(self, item: Any, context: SliceContext) -> list[Any]:
         meta = meta_of(item)
         if meta_value(meta, "CycGuard.Verdict") != "flagged":
             return [item]
@@ -82,10 +74,6 @@ class MitigateStage:
         set_meta(item, values)
         log.info("mitigate %s: %s", context.part.data.key, outcome.reason)
         return [item]
-
-    def close(self) -> Iterable[Any]:
-        self.store.close()
-        return []
 
 
 def _checked(meta: Any, statistic: str) -> CheckResult:

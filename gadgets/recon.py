@@ -14,9 +14,10 @@ from typing import Any
 
 from gadgetron.types.recon_data import ReconData
 
-from gadgets.convert import buffer_slices, maps_message, to_image
+from gadgets.convert import buffer_slices, maps_message
 from gadgets.params import ReconSettings
 from gadgets.stages import Resources, gadget_logging, model_tag, serve
+from recon.io.mrd_write import to_ismrmrd_image
 from recon.pipeline import reconstruct
 from recon.types import ReconImage
 
@@ -49,7 +50,7 @@ class ReconStage:
                 ("GADGETRON_ImageComment", "CycGuard unverified"),
                 ("ImageProcessingHistory", "CYCGUARD_MODL"),
             )
-            image = to_image(ReconImage(result.image, part.data.key, part.data.geometry, meta), self.count, self.settings.series)
+            image = to_ismrmrd_image(ReconImage(result.image, part.data.key, part.data.geometry, meta), self.count, self.settings.series)
             if self.settings.forward_internal:
                 out.append(maps_message(result.prepared.op.maps[0].cpu().numpy(), image))
             out.append(image)

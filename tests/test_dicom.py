@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from gadgets.convert import to_image
 from gadgets.runner.replay import replay
 from recon.data.demo import DEMO_RAW
 from recon.io.dicom import geometry_of, header_info, to_dicom, write_dicom
 from recon.io.mrd_write import ScanDescription, build_header
+from recon.io.mrd_write import to_ismrmrd_image as to_image
 from recon.io.pacs import PacsError, PacsTarget, Pusher
 from recon.types import ReconImage, SliceGeometry, SliceKey
 

@@ -13,13 +13,14 @@ import pytest
 from gadgetron.external.connection import Connection
 
 from gadgets import params
-from gadgets.convert import buffer_slices, image_pixels, is_maps, maps_message, maps_of, meta_of, to_image, with_kspace
+from gadgets.convert import buffer_slices, image_pixels, is_maps, maps_message, maps_of, meta_of, with_kspace
 from gadgets.runner import frontend
 from gadgets.runner.config import PipelineError, check, installed_pipelines, load_pipeline, parse_pipeline
 from gadgets.runner.external import READERS, write_item
 from gadgets.runner.replay import stream_raw
 from gadgets.stages import SafeSocket, run_stages, send_error
 from recon.io.mrd import read_raw
+from recon.io.mrd_write import to_ismrmrd_image as to_image
 from recon.types import ReconImage, SliceKey
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ header, its acquisitions and waveforms interleaved by time stamp, then CLOSE; a 
 thread writes the images that come back to ``/<group>/image_<series>`` as that client does
 and prints TEXT messages. Optionally paced like a scanner: each acquisition released at its
 time stamp (``pace="timestamps"``) or one per ``tr_ms``. Records, per slice, the time from
-its last acquisition sent to its image received (the online latency).
+its last acquisition sent to its image received (the online latency). One ``send`` per
+process: HDF5 (reading the raw file, writing the images) is not safe across threads.
 """
 
 from __future__ import annotations

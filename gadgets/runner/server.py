@@ -123,41 +123,40 @@ class Session:
         answer = QUERIES[query]() if query in QUERIES else f"unknown query {query!r} (answered: {', '.join(QUERIES)})"
         self.send(p.response_message(correlation, answer))
 
-    def _configure(self) -> Pipeline | None:
+    def _next(self) -> int:
+        """The next message id that is not QUERY (answered) or TEXT (logged)."""
         while True:
             mid = p.read_id(self.wire)
             if mid == p.QUERY:
                 self._answer()
-            elif mid == p.CLOSE:
-                return None
-            elif mid == p.CONFIG_FILE:
-                name = p.read_config_file(self.wire)
-                log.info("%s: pipeline %r", self.peer, name)
-                return resolve_config_file(name)
-            elif mid == p.CONFIG_SCRIPT:
-                pipeline = parse_pipeline(p.read_string(self.wire, "CONFIG_SCRIPT", cap=1 << 20), "client configuration")
-                check(pipeline, allow_foreign=False)
-                return pipeline
             elif mid == p.TEXT:
                 log.info("%s says: %s", self.peer, p.read_string(self.wire, "TEXT", cap=1 << 20))
             else:
-                raise ClientError(f"message id {mid} before the configuration (expected CONFIG_FILE or CONFIG_SCRIPT)")
+                return mid
+
+    def _configure(self) -> Pipeline | None:
+        mid = self._next()
+        if mid == p.CLOSE:
+            return None
+        if mid == p.CONFIG_FILE:
+            name = p.read_config_file(self.wire)
+            log.info("%s: pipeline %r", self.peer, name)
+            return resolve_config_file(name)
+        if mid == p.CONFIG_SCRIPT:
+            pipeline = parse_pipeline(p.read_string(self.wire, "CONFIG_SCRIPT", cap=1 << 20), "client configuration")
+            check(pipeline, allow_foreign=False)
+            return pipeline
+        raise ClientError(f"message id {mid} before the configuration (expected CONFIG_FILE or CONFIG_SCRIPT)")
 
     def _header(self) -> str | None:
-        while True:
-            mid = p.read_id(self.wire)
-            if mid == p.QUERY:
-                self._answer()
-            elif mid == p.CLOSE:
-                return None
-            elif mid == p.TEXT:
-                log.info("%s says: %s", self.peer, p.read_string(self.wire, "TEXT", cap=1 << 20))
-            elif mid == p.HEADER:
-                xml = p.read_string(self.wire, "HEADER")
-                parse_header(xml, "client header")
-                return xml
-            else:
-                raise ClientError(f"message id {mid} before HEADER (data must follow the ISMRMRD header)")
+        mid = self._next()
+        if mid == p.CLOSE:
+            return None
+        if mid == p.HEADER:
+            xml = p.read_string(self.wire, "HEADER")
+            parse_header(xml, "client header")
+            return xml
+        raise ClientError(f"message id {mid} before HEADER (data must follow the ISMRMRD header)")
 
     def _items(self) -> Iterator[Any]:
         while True:

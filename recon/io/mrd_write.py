@@ -165,6 +165,28 @@ def write_raw(
     return path
 
 
+def to_ismrmrd_image(item: ReconImage, index: int, series: int, magnitude: bool = False) -> ismrmrd.Image:
+    """An ISMRMRD image ``[1, 1, y, x]`` with the geometry, counters and meta of ``item``:
+    complex64 (``IMTYPE_COMPLEX``) or float32 magnitude (``IMTYPE_MAGNITUDE``)."""
+    data = np.abs(item.image).astype(np.float32) if magnitude else np.ascontiguousarray(item.image, dtype=np.complex64)
+    image = ismrmrd.Image.from_array(data[None, None], transpose=False)  # (cha, z, y, x)
+    image.image_type = ismrmrd.IMTYPE_MAGNITUDE if magnitude else ismrmrd.IMTYPE_COMPLEX
+    image.image_index = index
+    image.image_series_index = series
+    key = item.key
+    image.slice, image.contrast, image.repetition, image.set, image.phase = key.slice, key.contrast, key.repetition, key.set, key.phase
+    image.field_of_view[:] = item.geometry.fov_mm
+    image.position[:] = item.geometry.position
+    image.read_dir[:] = item.geometry.read_dir
+    image.phase_dir[:] = item.geometry.phase_dir
+    image.slice_dir[:] = item.geometry.slice_dir
+    meta = ismrmrd.Meta()
+    for name, value in item.meta:
+        meta[name] = value
+    image.attribute_string = meta.serialize()
+    return image
+
+
 def write_images(
     path: str | Path,
     images: Sequence[ReconImage],
@@ -184,23 +206,7 @@ def write_images(
     if xml is not None:
         ds.write_xml_header(xml)
     for number, item in enumerate(images):
-        data = np.abs(item.image).astype(np.float32) if magnitude else item.image.astype(np.complex64)
-        image = ismrmrd.Image.from_array(data[None, None], transpose=False)  # (cha, z, y, x)
-        image.image_type = ismrmrd.IMTYPE_MAGNITUDE if magnitude else ismrmrd.IMTYPE_COMPLEX
-        image.image_index = number + 1
-        image.image_series_index = series_index
-        image.slice = item.key.slice
-        image.contrast = item.key.contrast
-        image.repetition = item.key.repetition
-        image.field_of_view[:] = item.geometry.fov_mm
-        image.position[:] = item.geometry.position
-        image.read_dir[:] = item.geometry.read_dir
-        image.phase_dir[:] = item.geometry.phase_dir
-        image.slice_dir[:] = item.geometry.slice_dir
-        meta = ismrmrd.Meta()
-        for key, value in item.meta:
-            meta[key] = value
-        image.attribute_string = meta.serialize()
+        image = to_ismrmrd_image(item, number + 1, series_index, magnitude)
         ds.append_image(f"image_{series_index}", image)
     ds.close()
     return path
