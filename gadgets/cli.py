@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cycguard`` console script."""
     args = build_parser().parse_args(argv)
+    from gadgets.stages import quiet_known_warnings
+
+    quiet_known_warnings()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         stream=sys.stderr,

@@ -18,6 +18,7 @@ import logging
 import socket
 import struct
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,8 +266,15 @@ def _text(raw: bytes | str) -> str:
     return raw.decode("utf-8") if isinstance(raw, bytes) else raw
 
 
+def quiet_known_warnings() -> None:
+    """Silence one harmless third-party warning: gadgetron-python 1.4.1 builds object arrays of
+    ctypes headers, which makes numpy warn about their buffer format on every ImageArray."""
+    warnings.filterwarnings("ignore", message="A builtin ctypes object gave a PEP3118", category=RuntimeWarning)
+
+
 def gadget_logging() -> None:
     """Log to stderr (stdout is Gadgetron's data pipe)."""
+    quiet_known_warnings()
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

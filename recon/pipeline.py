@@ -176,7 +176,7 @@ class CheckResult:
 def prepare_with_maps(data: SliceKSpace, maps: np.ndarray, device: torch.device | str = "cpu") -> PreparedSlice:
     """Like :func:`prepare`, with coil maps computed upstream (``(C, y, x)`` complex64)."""
     kspace = torch.from_numpy(np.array(data.kspace)).to(device)
-    maps_t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.complex64)).to(device)
+    maps_t = torch.from_numpy(np.array(maps, dtype=np.complex64)).to(device)  # a writable copy (wire arrays are read-only)
     if maps_t.shape != kspace.shape:
         raise ValueError(f"coil maps {tuple(maps_t.shape)} do not match k-space {tuple(kspace.shape)}")
     mask = torch.from_numpy(np.array(data.mask))[None].to(device)

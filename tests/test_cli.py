@@ -42,6 +42,8 @@ def test_demo_replays_the_red_team_chain_over_the_wire(tmp_path: Path) -> None:
         assert (tmp_path / "report" / row["picture"]).stat().st_size > 1000
     assert "<table>" in (tmp_path / "report" / "report.html").read_text()
     assert [line.split()[5] for line in result.stdout.splitlines()[1:5]] == verdicts
+    assert "Warning" not in result.stderr, result.stderr  # gadgets and runner log, they do not warn
+    assert len(list((tmp_path / "dicom").rglob("*.dcm"))) == 4
 
 
 def test_calibrate_from_clean_raw_files_and_use_it(tmp_path: Path) -> None:
