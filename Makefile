@@ -14,5 +14,6 @@ demo: setup
 test: setup-dev
 	.venv/bin/ruff check recon gadgets tests benchmarks
 	.venv/bin/lint-imports
+	.venv/bin/hadolint docker/Dockerfile docker/Dockerfile.test
 	.venv/bin/mypy recon gadgets
 	.venv/bin/python -m pytest

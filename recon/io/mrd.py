@@ -133,6 +133,7 @@ class _Accumulator:
     first_seen: int
     saw_last: bool = False
     uses_slice_flags: bool = False
+    corrupt: bool = False
 
 
 def _geometry(acq: ismrmrd.Acquisition, protocol: Protocol) -> SliceGeometry:
@@ -197,7 +198,11 @@ def read_raw(
             raw_xml = group["xml"][()]
             raw_xml = raw_xml[0] if isinstance(raw_xml, np.ndarray) else raw_xml
             xml = raw_xml.decode("utf-8") if isinstance(raw_xml, bytes) else str(raw_xml)
-    except OSError as err:
+    except UnicodeDecodeError as err:
+        raise MRDError(f"{path}: the XML header is not UTF-8 text (corrupt file?): {err}") from err
+    except (OSError, KeyError, RuntimeError, ValueError) as err:  # h5py's errors for corrupt metadata
+        if isinstance(err, MRDError):
+            raise
         raise MRDError(f"{path}: not a readable HDF5 file (truncated or corrupt): {err}") from err
     protocol = parse_header(xml, str(path))
     try:
@@ -206,7 +211,7 @@ def read_raw(
             return _assemble(path, xml, protocol, iter(acquisitions), prewhiten, calibration_for_imaging, strict)
     except MRDError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as err:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
         raise MRDError(f"{path}: cannot read acquisitions (truncated or corrupt data?): {err}") from err
 
 
@@ -269,6 +274,9 @@ def _assemble(
                 first_seen=number,
             )
         acc = slices[key]
+        if not np.isfinite(data).all():
+            acc.corrupt = True  # reported with the slice below; never averaged into good lines
+            continue
         acc.sums[:, row] += data
         acc.counts[row] += 1
         pure_calibration = acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
@@ -285,15 +293,25 @@ def _assemble(
         raise MRDError(f"{path}: no imaging acquisitions")
     whitening, covariance = None, None
     if noise:
-        covariance = noise_covariance(np.concatenate(noise, axis=1))
+        samples = np.concatenate(noise, axis=1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            covariance = noise_covariance(samples) if np.isfinite(samples).all() else np.full((coils, coils), np.nan)
+        if not np.isfinite(covariance).all():
+            raise MRDError(f"{path}: the noise scans hold non-finite or absurdly large samples (corrupt data)")
         if noise_dwell and data_dwell:
             covariance = covariance * (noise_dwell / data_dwell)  # noise variance scales with bandwidth
         if prewhiten:
-            whitening = whitening_matrix(covariance)
+            try:
+                whitening = whitening_matrix(covariance)
+            except ValueError as err:
+                raise MRDError(f"{path}: {err} (corrupt noise scans?)") from err
     out: list[SliceKSpace] = []
     problems: list[str] = []
     for key, acc in sorted(slices.items(), key=lambda item: item[1].first_seen):
         name = f"{path}: slice {key.slice} (contrast {key.contrast}, repetition {key.repetition})"
+        if acc.corrupt:
+            problems.append(f"{name} holds non-finite samples (NaN or infinity): corrupt data")
+            continue
         if acc.uses_slice_flags and not acc.saw_last:
             problems.append(f"{name} has no ACQ_LAST_IN_SLICE acquisition: the data are truncated")
             continue
@@ -302,9 +320,13 @@ def _assemble(
             problems.append(f"{name} has {int(acs.sum())} contiguous calibration lines at the centre, {MIN_AUTO_ACS} needed")
             continue
         kspace = acc.sums / np.maximum(acc.counts, 1)[None, :, None]
-        if whitening is not None:
-            kspace = np.einsum("ij,jyx->iyx", whitening, kspace)
-        kspace = remove_readout_oversampling(kspace, protocol.recon[1])
+        with np.errstate(over="ignore", invalid="ignore"):
+            if whitening is not None:
+                kspace = np.einsum("ij,jyx->iyx", whitening, kspace)
+            kspace = remove_readout_oversampling(kspace, protocol.recon[1]) if np.isfinite(kspace).all() else kspace
+        if not np.isfinite(kspace).all():
+            problems.append(f"{name} holds non-finite or absurdly large samples: corrupt data")
+            continue
         out.append(SliceKSpace(kspace, acc.imaging, acs, key, acc.geometry))
     if problems and strict:
         raise MRDError("; ".join(problems))

@@ -1,0 +1,172 @@
+"""Property-based and mutation tests of what reads untrusted input: pipeline XML, gadget
+properties, the server's protocol states before data, ISMRMRD files. Each input must end in
+the reader's own clear error, never another exception, a hang, or a crash."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gadgets import params
+from gadgets.runner import protocol as p
+from gadgets.runner.config import PipelineError, check, parse_pipeline
+from gadgets.runner.server import Session
+from gadgets.stages import SafeSocket
+from recon.io.mrd import MRDError, read_raw
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = [path.read_text() for path in sorted((ROOT / "pipelines").glob("*.xml"))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(PIPELINES), st.integers(min_value=0, max_value=10**6), st.integers(min_value=1, max_value=40), st.text(max_size=20))
+def test_mutated_pipeline_xml_fails_only_with_pipeline_errors(text: str, where: int, cut: int, insert: str) -> None:
+    position = where % len(text)
+    mutated = text[:position] + insert + text[position + cut :]
+    try:
+        check(parse_pipeline(mutated, "fuzz.xml"))
+    except (PipelineError, params.PropertyError):
+        pass
+
+
+def test_xml_bombs_and_external_entities_are_refused() -> None:
+    bomb = '<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]><configuration>&b;</configuration>'
+    external = '<?xml version="1.0"?><!DOCTYPE c [<!ENTITY x SYSTEM "file:///etc/passwd">]><configuration><version>&x;</version></configuration>'
+    for text in (bomb, external):
+        with pytest.raises(PipelineError, match="safe XML"):
+            parse_pipeline(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(params.GADGETS)), st.dictionaries(st.text(min_size=1, max_size=12), st.text(max_size=30), max_size=4))
+def test_any_properties_parse_or_fail_with_property_errors(gadget: tuple[str, str], values: dict[str, str]) -> None:
+    from xml.etree import ElementTree as ET
+
+    element = ET.Element("configuration")
+    for name, value in values.items():
+        ET.SubElement(element, "property", name=name, value=value)
+    try:
+        params.parse(*gadget, ET.tostring(element))
+    except params.PropertyError:
+        pass
+
+
+class _Server:
+    threads = 1
+    allow_redteam = False
+    idle_timeout = 5.0
+
+    def thread_budget(self, gadgets: int) -> int:
+        return 1
+
+    def active(self):  # type: ignore[no-untyped-def]
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _session(data: bytes) -> list[int]:
+    """Run a server session on ``data`` (then EOF); the message ids it answered with."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        session = Session(ours, "fuzz", _Server())  # type: ignore[arg-type]
+        worker = threading.Thread(target=session.run)
+        worker.start()
+        try:
+            theirs.sendall(data)
+        except OSError:
+            pass
+        theirs.shutdown(socket.SHUT_WR)
+        worker.join(20)
+        assert not worker.is_alive(), "the session hung"
+        wire, ids = SafeSocket(theirs), []
+        while True:
+            try:
+                mid = p.read_id(wire)
+            except ConnectionError:
+                break
+            ids.append(mid)
+            if mid == p.TEXT:
+                assert p.read_string(wire, "TEXT").startswith("[cycguard] ERROR")
+            elif mid == p.RESPONSE:
+                p.read_response(wire)
+            elif mid == p.CLOSE:
+                break
+        return ids
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=64))
+def test_garbage_before_the_header_ends_in_an_error_and_close(data: bytes) -> None:
+    ids = _session(data)
+    assert ids and ids[-1] == p.CLOSE
+    assert set(ids) <= {p.TEXT, p.RESPONSE, p.CLOSE}
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(min_value=0, max_value=2**32 - 1), st.binary(max_size=32))
+def test_absurd_lengths_are_refused_before_reading(length: int, tail: bytes) -> None:
+    data = p.config_file_message("recon") + (p.HEADER).to_bytes(2, "little") + length.to_bytes(4, "little") + tail
+    ids = _session(data)
+    assert ids[-1] == p.CLOSE and p.TEXT in ids  # too long, too short, or not an ISMRMRD header: an error either way
+
+
+@pytest.fixture(scope="module")
+def raw_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from recon.data.demo import DEMO_RAW
+
+    path = tmp_path_factory.mktemp("fuzz") / "raw.h5"
+    shutil.copy(DEMO_RAW, path)
+    return path
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(min_value=0, max_value=10**9), st.binary(min_size=1, max_size=64), st.booleans())
+def test_corrupted_raw_files_fail_with_mrd_errors(raw_copy: Path, tmp_path: Path, where: int, junk: bytes, truncate: bool) -> None:
+    data = bytearray(raw_copy.read_bytes())
+    position = where % len(data)
+    target = tmp_path / f"bad-{where}-{len(junk)}-{truncate}.h5"
+    target.write_bytes(bytes(data[:position]) if truncate else bytes(data[:position] + junk + data[position + len(junk) :]))
+    try:
+        scan = read_raw(target, strict=False)
+    except MRDError:
+        return
+    for data_slice in scan.slices:  # what was read is finite data; anything else is listed in problems
+        assert np.isfinite(data_slice.kspace).all()
+
+
+def test_inconsistent_header_is_named(raw_copy: Path, tmp_path: Path) -> None:
+    target = tmp_path / "inconsistent.h5"
+    shutil.copy(raw_copy, target)
+    with h5py.File(target, "r+") as handle:
+        xml = handle["dataset/xml"][0].decode()
+        del handle["dataset/xml"]
+        handle.create_dataset("dataset/xml", data=[xml.replace("<trajectory>cartesian</trajectory>", "<trajectory>radial</trajectory>").encode()])
+    with pytest.raises(MRDError, match="trajectory 'radial' is not supported"):
+        read_raw(target)
+
+
+def test_non_finite_samples_are_a_problem_not_data(raw_copy: Path, tmp_path: Path) -> None:
+    import ismrmrd
+
+    target = tmp_path / "nan.h5"
+    shutil.copy(raw_copy, target)
+    with h5py.File(target, "r+") as handle:
+        rows = handle["dataset/data"]
+        heads = rows["head"]
+        noise = (heads["flags"].astype(np.uint64) >> np.uint64(ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1)) & np.uint64(1)
+        first = int(np.flatnonzero(noise == 0)[0])
+        row = rows[first]
+        row["data"][:] = np.nan
+        rows[first] = row
+    with pytest.raises(MRDError, match="slice 0 .* holds non-finite samples"):
+        read_raw(target)
+    assert len(read_raw(target, strict=False).slices) == 3  # the other slices are kept
