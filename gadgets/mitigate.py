@@ -34,7 +34,7 @@ class MitigateStage(CheckedImageStage):
         self.settings = settings
         self.mitigation = MitigationSettings(
             enabled=settings.enabled, fidelity=settings.fidelity, radius=settings.radius, iterations=settings.iterations,
-            lr=settings.lr, patience=settings.patience, max_dc_increase=settings.max_dc_increase,
+            lr=settings.lr, patience=settings.patience, max_dc_increase=settings.max_dc_increase, time_budget=settings.time_budget,
         )
 
     def handle(self, item: Any, context: SliceContext) -> list[Any]:

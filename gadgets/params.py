@@ -78,6 +78,7 @@ class MitigateSettings:
     max_dc_increase: float = prop(
         0.25, "safeguard: a rewrite may not move further from the received data than this", unit="noise norms", low=0.0, high=100.0
     )
+    time_budget: float = prop(60.0, "per-slice time for a rewrite; past it the original image leaves flagged", unit="s", low=0.001, high=3600.0)
     device: str = prop("auto", "compute device: auto, cpu, cuda or cuda:N")
     forward_internal: bool = prop(False, "also forward the k-space buffer and coil maps for downstream CycGuard stages")
 

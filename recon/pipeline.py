@@ -96,6 +96,8 @@ class MitigationSettings:
         patience: early stopping.
         max_dc_increase: safeguard: the rewritten image may not move further from the
             received data than this many noise norms beyond the original reconstruction.
+        time_budget: seconds the rewrite of one slice may take; past it the original image
+            ships, ``flagged`` (a partial rewrite is never shipped).
     """
 
     enabled: bool = True
@@ -105,6 +107,7 @@ class MitigationSettings:
     lr: float = 0.1
     patience: int = 5
     max_dc_increase: float = 0.25
+    time_budget: float = 60.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,7 +240,12 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
         result = mitigate_kspace(
             defense.model, prepared.op, prepared.y, cycle, defense.noise_sigma,
             settings.fidelity, settings.radius, settings.iterations, settings.lr, settings.patience,
+            deadline=time.monotonic() + settings.time_budget - (time.perf_counter() - t0),
         )
+    if result.timed_out:
+        seconds = time.perf_counter() - t0
+        reason = f"{checked.reason}; mitigation stopped at its time budget ({settings.time_budget:g} s): the original image ships"
+        return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes + defense.detector.alternatives)
     with torch.no_grad():
         rescored = defense.detector.score(prepared.op, prepared.y, result.image, defense.noise_sigma).get(defense.statistic)
         floor = noise_norm(prepared.op, prepared.y, defense.noise_sigma)

@@ -65,6 +65,15 @@ def test_flagged_without_mitigation_ships_the_original_tagged(tiny: MoDL, small_
     np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)
 
 
+def test_mitigation_past_its_time_budget_ships_the_original_flagged(tiny: MoDL, small_raw: tuple) -> None:
+    data = read_raw(small_raw[0]).slices[0]
+    original = reconstruct(data, tiny).image
+    result = defend(data, _defense(tiny, [1e-9] * 20, MitigationSettings(iterations=50, patience=50, time_budget=1e-4)))
+    assert result.verdict == "flagged" and "time budget (0.0001 s)" in result.reason
+    np.testing.assert_array_equal(result.image, original)  # a partial rewrite never ships
+    assert dict(result.network_passes)["mitigate"] < 50  # it stopped
+
+
 def test_non_finite_score_is_flagged(tiny: MoDL) -> None:
     cal = _defense(tiny, [0.1] * 20).calibration
     assert cal.flags(float("inf")) and cal.flags(float("nan"))

@@ -188,3 +188,34 @@ def test_ismrmrd_tools_file_replays_through_the_recon_chain(shepp_logan: Path, t
     for (image, meta), ref in zip(images, expected, strict=True):
         assert meta["CycGuard.Verdict"] == "unverified"
         compare(image, ref, 1e-4, 1e-4)
+
+
+def test_faults_in_each_stage_leave_every_slice_once_with_a_truthful_verdict(tmp_path: Path) -> None:
+    """Red-team chain with the mitigation's time budget exhausted: the attacked slices leave
+    flagged with the reason, the clean ones clean; nothing is lost or duplicated."""
+    path = tmp_path / "budget.xml"
+    text = (ROOT / "pipelines" / "redteam.xml").read_text()
+    text = text.replace(
+        '<execute name="gadgets.mitigate" target="mitigate" type="python"/>\n      <configuration>',
+        '<execute name="gadgets.mitigate" target="mitigate" type="python"/>\n      <configuration>\n        <property name="time_budget" value="0.001"/>',
+    )
+    path.write_text(text)
+    result = replay(DEMO_RAW, str(path), tmp_path / "out.h5", tmp_path / "report", group="g", in_process=True, progress=False)
+    assert result.ok, result.failures
+    images = read_images(tmp_path / "out.h5", group="g")
+    assert [meta["CycGuard.Verdict"] for _, meta in images] == ["clean", "flagged", "clean", "flagged"]
+    for n in (1, 3):
+        assert "time budget (0.001 s): the original image ships" in images[n][1]["ImageComment"]
+
+
+def test_a_corrupt_calibration_fails_the_detect_gadget_loudly(tmp_path: Path) -> None:
+    calibration = tmp_path / "c.json"
+    calibration.write_text((ROOT / "recon/models/weights/modl_default.calibration.json").read_text().replace('"threshold": ', '"threshold": 1e-9, "x": '))
+    path = tmp_path / "p.xml"
+    path.write_text((ROOT / "pipelines" / "detect.xml").read_text().replace(
+        '<property name="noise_level" value="whitened"/>', f'<property name="noise_level" value="whitened"/>\n        <property name="calibration" value="{calibration}"/>'
+    ))
+    result = replay(DEMO_RAW, str(path), tmp_path / "out.h5", None, group="g", progress=False)
+    assert not result.ok
+    assert any(f.startswith("gadgets.detect:detect: ") for f in result.failures), result.failures
+    assert any("4 of 4 slices came out without an image" in f for f in result.failures)  # none leaves looking checked

@@ -20,6 +20,7 @@ Two variants, both keeping the iterate of lowest cyclic loss (no ground truth):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class MitigationResult:
         iterations: iterations run.
         network_passes: single-slice network evaluations, forward and backward counted
             alike.
+        timed_out: stopped because its time budget ran out (``mitigate_kspace``).
     """
 
     image: Tensor
@@ -55,6 +57,7 @@ class MitigationResult:
     loss_best: float
     iterations: int
     network_passes: int
+    timed_out: bool = False
 
 
 def k_from_image(op: SenseOp, x: Tensor, iterations: int = 10) -> Tensor:
@@ -111,6 +114,7 @@ def mitigate_kspace(
     iterations: int = 20,
     lr: float = 0.1,
     patience: int = 5,
+    deadline: float | None = None,
 ) -> MitigationResult:
     """Our k-space cyclic mitigation (see module docstring).
 
@@ -128,8 +132,11 @@ def mitigate_kspace(
         iterations: at most this many Adam steps.
         lr: Adam learning rate, in units of ``noise_sigma``.
         patience: early-stopping patience.
+        deadline: ``time.monotonic()`` after which no further iteration starts (at least
+            one always runs); the result then says ``timed_out``.
     """
     k = cycle.deltas.batch
+    timed_out = False
     floor = noise_norm(op, y_received, noise_sigma)
     budget = radius * floor
     d_real = torch.zeros_like(y_received.real, requires_grad=True)
@@ -160,5 +167,8 @@ def mitigate_kspace(
             if norm > budget:
                 d_real.mul_(budget / norm)
                 d_imag.mul_(budget / norm)
+        if deadline is not None and time.monotonic() > deadline:
+            timed_out = True
+            break
     assert best_image is not None and start is not None
-    return MitigationResult(best_image, start, best_loss, run, network_passes(run, k))
+    return MitigationResult(best_image, start, best_loss, run, network_passes(run, k), timed_out)
