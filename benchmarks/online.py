@@ -121,6 +121,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=300)
+            if server.stderr is not None:
+                server.stderr.close()
     RESULTS.mkdir(exist_ok=True)
     meta = {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(), "torch": torch.__version__}
     (RESULTS / "online.json").write_text(json.dumps({"meta": meta, "latency": rows, "throughput": throughput}, indent=2) + "\n")

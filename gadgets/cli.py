@@ -118,7 +118,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from gadgets.runner.server import serve
 
-    return serve(args.bind, args.port, args.threads, args.allow_redteam)
+    return serve(args.bind, args.port, args.threads, args.allow_redteam, args.max_sessions)
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=9002)
     srv.add_argument("--threads", type=int, default=None, help="torch threads per gadget process")
     srv.add_argument("--allow-redteam", action="store_true", help="let clients run pipelines with the attack stage")
+    srv.add_argument("--max-sessions", type=int, default=4, help="sessions at once; more wait for a slot (default 4; each runs its own gadget processes)")
     srv.set_defaults(func=_cmd_serve)
 
     snd = sub.add_parser("send", help="send a raw file to a Gadgetron-protocol server, write the images")

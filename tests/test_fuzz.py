@@ -63,6 +63,9 @@ class _Server:
     threads = 1
     allow_redteam = False
     idle_timeout = 5.0
+    max_sessions = 1
+    queue_timeout = 5.0
+    slots = threading.BoundedSemaphore(1)
 
     def thread_budget(self, gadgets: int) -> int:
         return 1

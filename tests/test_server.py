@@ -37,9 +37,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server() -> Iterator[Server]:
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    extra = list(getattr(request, "param", []))
+    process = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stderr is not None
     while b"listening on" not in (line := process.stderr.readline()):
         assert line, "the server exited before listening"
@@ -73,6 +74,7 @@ def test_serve_and_send_give_what_replay_gives(server: Server, tmp_path: Path) -
     assert set(online.latency) == {k for k in online.latency} and len(online.latency) == 4
 
 
+@pytest.mark.parametrize("server", [[], ["--max-sessions", "1"]], indirect=True, ids=["parallel", "queued"])
 def test_two_clients_at_once_get_only_their_own_images(server: Server, tmp_path: Path, small_raw: tuple) -> None:
     # two client processes, as two scanners would be (HDF5 is not safe across threads of one process)
     command = [sys.executable, "-m", "gadgets.cli", "send", "-c", "recon", "--port", str(server.port), "-G", "g"]

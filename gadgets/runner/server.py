@@ -77,8 +77,22 @@ class Session:
             self.wire.write(data)
 
     def run(self) -> None:
-        with self.server.active():
-            self._run()
+        if not self.server.slots.acquire(timeout=self.server.queue_timeout):
+            log.warning("%s: refused, %d sessions busy for %.0f s", self.peer, self.server.max_sessions, self.server.queue_timeout)
+            self._text(f"[cycguard] ERROR: server busy ({self.server.max_sessions} sessions in flight); retry later")
+            self._close()
+            return
+        try:
+            with self.server.active():
+                self._run()
+        finally:
+            self.server.slots.release()
+
+    def _close(self) -> None:
+        try:
+            self.send(struct.pack("<H", p.CLOSE))
+        except OSError:
+            pass
 
     def _run(self) -> None:
         try:
@@ -107,10 +121,7 @@ class Session:
             log.exception("%s: unexpected failure", self.peer)
             self._text(f"[cycguard] ERROR: internal error: {err}")
         finally:
-            try:
-                self.send(struct.pack("<H", p.CLOSE))
-            except OSError:
-                pass
+            self._close()
 
     def _text(self, message: str) -> None:
         try:
@@ -180,10 +191,13 @@ class CycGuardServer(socketserver.ThreadingTCPServer):
     block_on_close = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], threads: int | None = None, allow_redteam: bool = False) -> None:
+    def __init__(self, address: tuple[str, int], threads: int | None = None, allow_redteam: bool = False, max_sessions: int = 4) -> None:
         self.threads = threads
         self.allow_redteam = allow_redteam
         self.idle_timeout = 300.0
+        self.max_sessions = max_sessions  # each session runs its own gadget processes (~0.3 GB each)
+        self.slots = threading.BoundedSemaphore(max_sessions)
+        self.queue_timeout = 600.0  # a connection waits this long for a free slot
         self.sessions = 0
         self._lock = threading.Lock()
         if address[0] not in ("127.0.0.1", "localhost", "::1"):
@@ -215,11 +229,12 @@ class _Handler(socketserver.BaseRequestHandler):
         Session(self.request, self.client_address, self.server).run()  # type: ignore[arg-type]
 
 
-def serve(bind: str = "127.0.0.1", port: int = 9002, threads: int | None = None, allow_redteam: bool = False) -> int:
-    """Run until SIGTERM/SIGINT; connections in flight are finished first."""
+def serve(bind: str = "127.0.0.1", port: int = 9002, threads: int | None = None, allow_redteam: bool = False, max_sessions: int = 4) -> int:
+    """Run until SIGTERM/SIGINT; connections in flight are finished first. At most
+    ``max_sessions`` run at once; more connections wait for a slot (then are refused)."""
     import signal
 
-    server = CycGuardServer((bind, port), threads, allow_redteam)
+    server = CycGuardServer((bind, port), threads, allow_redteam, max_sessions)
     stopping = threading.Event()
 
     def stop(signum: int, _: Any) -> None:
