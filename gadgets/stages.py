@@ -20,7 +20,7 @@ import struct
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ import numpy as np
 from gadgetron.types.recon_data import ReconData
 
 from gadgets import params
-from gadgets.convert import BufferSlice, ContractError, buffer_slices, image_key, is_maps, maps_of
+from gadgets.convert import BufferSlice, ContractError, buffer_slices, image_key, is_maps, maps_of, meta_of
 from recon.types import SliceKey
 
 log = logging.getLogger("cycguard.gadget")
@@ -143,8 +143,6 @@ class InternalStore:
 
 def is_ours(item: Any) -> bool:
     """Whether an item is an image a CycGuard recon made (it carries ``CycGuard.Model``)."""
-    from gadgets.convert import meta_of
-
     return isinstance(item, ismrmrd.Image) and "CycGuard.Model" in meta_of(item)
 
 
@@ -172,15 +170,9 @@ def build_stages(module: str, target: str, config: Any, header_xml: str) -> list
         stage_module, stage_class = STAGE_CLASSES[cls].split(":")
         value = settings[cls]
         if position < len(classes) - 1 and hasattr(value, "forward_internal"):
-            value = _replace(value, forward_internal=True)  # stages inside one process always hand on
+            value = replace(value, forward_internal=True)  # stages inside one process always hand on
         stages.append(getattr(importlib.import_module(stage_module), stage_class)(value, resources))
     return stages
-
-
-def _replace(value: Any, **changes: Any) -> Any:
-    from dataclasses import replace
-
-    return replace(value, **changes)
 
 
 def run_stages(stages: list[Stage], items: Iterable[Any]) -> Iterator[Any]:
