@@ -118,20 +118,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from gadgets.runner.server import serve
 
-    return serve(args.bind, args.port, args.threads, args.allow_redteam, args.max_sessions)
+    return serve(args.bind, args.port, args.threads, args.allow_redteam, args.max_sessions, args.tls_cert, args.tls_key)
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
     from gadgets.runner.client import query, send
 
     if args.query:
-        _out(query(args.host, args.port, args.query))
+        _out(query(args.host, args.port, args.query, tls_ca=args.tls_ca))
         return 0
     if not args.input or not args.output:
         raise ValueError("send needs IN.h5 and -o OUT.h5 (or --query)")
     result = send(
         Path(args.input), Path(args.output), args.config, Path(args.config_script) if args.config_script else None,
-        args.host, args.port, args.group, args.pace, args.tr_ms,
+        args.host, args.port, args.group, args.pace, args.tr_ms, tls_ca=args.tls_ca,
     )
     _out(f"{result.images} image(s) in {result.output} (group {result.group!r}), {result.seconds:.1f} s")
     if result.latency:
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=int, default=None, help="torch threads per gadget process")
     srv.add_argument("--allow-redteam", action="store_true", help="let clients run pipelines with the attack stage")
     srv.add_argument("--max-sessions", type=int, default=4, help="sessions at once; more wait for a slot (default 4; each runs its own gadget processes)")
+    srv.add_argument("--tls-cert", help="PEM certificate: serve over TLS (with --tls-key)")
+    srv.add_argument("--tls-key", help="PEM private key of --tls-cert")
     srv.set_defaults(func=_cmd_serve)
 
     snd = sub.add_parser("send", help="send a raw file to a Gadgetron-protocol server, write the images")
@@ -252,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     snd.add_argument("--pace", choices=["none", "timestamps", "tr"], default="none", help="release acquisitions like a scanner")
     snd.add_argument("--tr-ms", type=float, default=10.0, help="with --pace tr: one acquisition every TR ms")
     snd.add_argument("--query", help="send this QUERY and print the answer instead")
+    snd.add_argument("--tls-ca", help="connect over TLS, checking the server's certificate against this CA (PEM)")
     snd.set_defaults(func=_cmd_send)
 
     chk = sub.add_parser("check", help="validate Gadgetron pipelines (exit 1 naming what is wrong)")

@@ -160,24 +160,15 @@ def test_images_spooled_by_one_run_are_sent_by_the_next(orthanc: object, tmp_pat
     assert len(_instances(orthanc)) == 4  # the same images again: stored once
 
 
-def test_tls_push_to_a_tls_storage_scp(tmp_path: Path, rng: np.random.Generator) -> None:
+def test_tls_push_to_a_tls_storage_scp(tmp_path: Path, rng: np.random.Generator, tls_files: tuple[Path, Path]) -> None:
     """Optional TLS: a pynetdicom storage SCP behind TLS with a throw-away certificate."""
     import socket
     import ssl
-    import subprocess
 
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import MRImageStorage as MRStorage  # type: ignore[attr-defined]
 
-    from tests.conftest import require_binary
-
-    openssl = require_binary("openssl")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )
+    cert, key = tls_files
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     received: list[str] = []

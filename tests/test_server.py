@@ -40,6 +40,9 @@ def _free_port() -> int:
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     port = _free_port()
     extra = list(getattr(request, "param", []))
+    if extra == ["tls"]:
+        cert, key = request.getfixturevalue("tls_files")
+        extra = ["--tls-cert", str(cert), "--tls-key", str(key)]
     process = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "serve", "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stderr is not None
     while b"listening on" not in (line := process.stderr.readline()):
@@ -184,3 +187,14 @@ def test_a_client_vanishing_mid_stream_does_not_hold_the_server(server: Server) 
     assert query("127.0.0.1", server.port, "cycguard::version")  # still serving
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=60) == 0  # the abandoned session ended by itself
+
+
+@pytest.mark.parametrize("server", [["tls"]], indirect=True)
+def test_tls_server_serves_tls_clients_only(server: Server, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    cert = str(tls_files[0])
+    secure = send(DEMO_RAW, tmp_path / "s.h5", "recon", port=server.port, group="g", echo_text=False, tls_ca=cert)
+    assert secure.ok, secure.errors
+    assert len(read_images(tmp_path / "s.h5", group="g")) == 4
+    plain = send(DEMO_RAW, tmp_path / "p.h5", "recon", port=server.port, echo_text=False, timeout=60)
+    assert not plain.ok and plain.images == 0  # no handshake, no images, no hang
+    assert query("127.0.0.1", server.port, "cycguard::version", tls_ca=cert)[0].isdigit()  # still serving

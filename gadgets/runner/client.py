@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -64,8 +65,10 @@ def send(
     tr_ms: float = 0.0,
     timeout: float = 900.0,
     echo_text: bool = True,
+    tls_ca: str | None = None,
 ) -> SendResult:
-    """Send ``raw`` to a Gadgetron-protocol server and write the images it returns."""
+    """Send ``raw`` to a Gadgetron-protocol server and write the images it returns
+    (over TLS, checking the server against ``tls_ca``, when given)."""
     if (config_name is None) == (config_script is None):
         raise ValueError("give a pipeline name (-c) or an XML file (-C), not both")
     header = read_header(raw)
@@ -73,7 +76,7 @@ def send(
     group = group or datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
     result = SendResult(output, group)
     started = time.perf_counter()
-    sock = socket.create_connection((host, port), timeout=30)
+    sock = connect(host, port, tls_ca)
     sock.settimeout(timeout)
     wire = SafeSocket(sock)
     last_sent: dict[SliceKey, float] = {}
@@ -157,9 +160,22 @@ def _receive(wire: SafeSocket, dataset: Any, result: SendResult, last_sent: dict
         result.errors.append(f"connection lost before CLOSE: {err}")
 
 
-def query(host: str, port: int, text: str, timeout: float = 10.0) -> str:
+def connect(host: str, port: int, tls_ca: str | None = None, timeout: float = 30.0) -> socket.socket:
+    """A connection to the server, over TLS when ``tls_ca`` names the CA to check it against."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if tls_ca:
+        context = ssl.create_default_context(cafile=tls_ca)
+        try:
+            return context.wrap_socket(sock, server_hostname=host)
+        except (ssl.SSLError, OSError):
+            sock.close()
+            raise
+    return sock
+
+
+def query(host: str, port: int, text: str, timeout: float = 10.0, tls_ca: str | None = None) -> str:
     """Send one QUERY and return the RESPONSE."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with connect(host, port, tls_ca, timeout) as sock:
         wire = SafeSocket(sock)
         wire.write(p.query_message(text, 1))
         mid = p.read_id(wire)

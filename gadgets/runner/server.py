@@ -8,7 +8,8 @@ acquisitions and waveforms until CLOSE. The pipeline runs through the same runne
 the chain. QUERY is answered for versions only. Errors go back as TEXT
 (``[cycguard] ERROR: ...``) followed by CLOSE, as Gadgetron reports them; the server keeps
 serving other clients. SIGTERM stops accepting and lets the connections in flight finish.
-Binds loopback unless told otherwise: the protocol has no authentication.
+Binds loopback unless told otherwise: the protocol has no authentication. Optional TLS
+(``--tls-cert``/``--tls-key``) encrypts the connection; clients then need ``--tls-ca``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import os
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 from collections.abc import Iterator
@@ -66,6 +68,7 @@ class Session:
 
     def __init__(self, sock: socket.socket, peer: Any, server: CycGuardServer) -> None:
         sock.settimeout(server.idle_timeout)  # a silent client cannot hold a session (or shutdown) forever
+        self.sock = sock
         self.wire = SafeSocket(sock)
         self.peer = peer
         self.server = server
@@ -77,6 +80,12 @@ class Session:
             self.wire.write(data)
 
     def run(self) -> None:
+        if isinstance(self.sock, ssl.SSLSocket):
+            try:
+                self.sock.do_handshake()
+            except (ssl.SSLError, OSError) as err:
+                log.warning("%s: TLS handshake failed: %s", self.peer, err)
+                return
         if not self.server.slots.acquire(timeout=self.server.queue_timeout):
             log.warning("%s: refused, %d sessions busy for %.0f s", self.peer, self.server.max_sessions, self.server.queue_timeout)
             self._text(f"[cycguard] ERROR: server busy ({self.server.max_sessions} sessions in flight); retry later")
@@ -191,7 +200,11 @@ class CycGuardServer(socketserver.ThreadingTCPServer):
     block_on_close = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], threads: int | None = None, allow_redteam: bool = False, max_sessions: int = 4) -> None:
+    def __init__(
+        self, address: tuple[str, int], threads: int | None = None, allow_redteam: bool = False, max_sessions: int = 4,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.tls = tls
         self.threads = threads
         self.allow_redteam = allow_redteam
         self.idle_timeout = 300.0
@@ -204,6 +217,14 @@ class CycGuardServer(socketserver.ThreadingTCPServer):
             log.warning("listening on %s: anyone who can reach this port can send data and read images (no authentication)", address[0])
         super().__init__(address, _Handler)
 
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept; with TLS, wrap without the handshake (done in the session's thread, so a
+        slow or hostile client cannot stall the accept loop)."""
+        sock, address = self.socket.accept()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -229,12 +250,19 @@ class _Handler(socketserver.BaseRequestHandler):
         Session(self.request, self.client_address, self.server).run()  # type: ignore[arg-type]
 
 
-def serve(bind: str = "127.0.0.1", port: int = 9002, threads: int | None = None, allow_redteam: bool = False, max_sessions: int = 4) -> int:
+def serve(
+    bind: str = "127.0.0.1", port: int = 9002, threads: int | None = None, allow_redteam: bool = False, max_sessions: int = 4,
+    tls_cert: str | None = None, tls_key: str | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT; connections in flight are finished first. At most
     ``max_sessions`` run at once; more connections wait for a slot (then are refused)."""
     import signal
 
-    server = CycGuardServer((bind, port), threads, allow_redteam, max_sessions)
+    tls = None
+    if tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(tls_cert, tls_key)
+    server = CycGuardServer((bind, port), threads, allow_redteam, max_sessions, tls)
     stopping = threading.Event()
 
     def stop(signum: int, _: Any) -> None:
@@ -245,7 +273,7 @@ def serve(bind: str = "127.0.0.1", port: int = 9002, threads: int | None = None,
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("listening on %s:%d (pipelines: %s)", bind, server.server_address[1], ", ".join(sorted(installed_pipelines())))
+    log.info("listening on %s:%d%s (pipelines: %s)", bind, server.server_address[1], " with TLS" if tls else "", ", ".join(sorted(installed_pipelines())))
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
