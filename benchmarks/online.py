@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,8 +53,6 @@ def in_process_seconds(raw: Path) -> dict[str, dict[SliceKey, float]]:
         t0 = time.perf_counter()
         result = reconstruct(data, model)
         t1 = time.perf_counter()
-        from dataclasses import replace
-
         check(result.prepared, result.image, replace(defense, noise_sigma=slice_noise_sigma(data, whitened=True)))
         t2 = time.perf_counter()
         out["recon"][data.key] = t1 - t0

@@ -258,6 +258,13 @@ def settings_classes(module: str, target: str, values: Mapping[str, str]) -> tup
     return classes
 
 
+def stage_order(settings: Mapping[type, Any]) -> list[str]:
+    """The stages a parsed configuration runs, in order (a composed gadget: its ``stages``)."""
+    if ComposedSettings in settings:
+        return [s.strip() for s in settings[ComposedSettings].stages.split(",")]
+    return [name for name, cls in STAGE_SETTINGS.items() if cls in settings]
+
+
 def parse(module: str, target: str, config: ET.Element | bytes | str | None) -> dict[type, Any]:
     """Parse and check a gadget's ``<configuration>``: ``{settings class: settings}``.
 

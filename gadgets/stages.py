@@ -161,10 +161,7 @@ def build_stages(module: str, target: str, config: Any, header_xml: str) -> list
     """The stages of a gadget from its ``<configuration>`` (parsed once, here)."""
     settings = params.parse(module, target, config)
     resources = Resources(header_xml)
-    classes = [cls for cls in settings if cls in STAGE_CLASSES]
-    if params.ComposedSettings in settings:
-        order = [s.strip() for s in settings[params.ComposedSettings].stages.split(",")]
-        classes = [params.STAGE_SETTINGS[name] for name in order]
+    classes = [params.STAGE_SETTINGS[name] for name in params.stage_order(settings)]
     stages: list[Stage] = []
     for position, cls in enumerate(classes):
         stage_module, stage_class = STAGE_CLASSES[cls].split(":")

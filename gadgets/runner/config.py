@@ -252,13 +252,9 @@ def check(pipeline: Pipeline, allow_foreign: bool = True, connect_stages: str | 
                 settings = params.parse(node.module, node.target, node.configuration)
             except params.PropertyError as err:
                 raise PipelineError(f"{pipeline.source}: {err}") from err
-        if params.ComposedSettings in settings:
-            order = [params.STAGE_SETTINGS[s.strip()] for s in settings[params.ComposedSettings].stages.split(",")]
-        else:
-            order = [cls for cls in settings if cls in params.STAGE_SETTINGS.values()]
-        for position, cls in enumerate(order):
-            name = next(k for k, v in params.STAGE_SETTINGS.items() if v is cls)
-            forwards = position < len(order) - 1 or bool(getattr(settings[cls], "forward_internal", False))
+        order = params.stage_order(settings)
+        for position, name in enumerate(order):
+            forwards = position < len(order) - 1 or bool(getattr(settings[params.STAGE_SETTINGS[name]], "forward_internal", False))
             if name in ("detect", "mitigate") and not (stages and stages[-1][1]):
                 raise PipelineError(
                     f"{pipeline.source}: the {name} stage of {node.name} needs the k-space buffer and coil maps: "
@@ -292,10 +288,7 @@ def stage_names(node: ExternalNode) -> list[str]:
     """The CycGuard stages an external node runs, in order (empty for foreign or passive nodes)."""
     if not node.ours:
         return []
-    settings = params.parse(node.module, node.target, node.configuration)
-    if params.ComposedSettings in settings:
-        return [s.strip() for s in settings[params.ComposedSettings].stages.split(",")]
-    return [name for name, cls in params.STAGE_SETTINGS.items() if cls in settings]
+    return params.stage_order(params.parse(node.module, node.target, node.configuration))
 
 
 def with_stage_properties(pipeline: Pipeline, stage: str, values: dict[str, str]) -> Pipeline:

@@ -28,14 +28,12 @@ import ismrmrd
 import numpy as np
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription
 
-from recon.io.mrd import parse_header
+from recon.io.mrd import SKIPPED_FLAGS, parse_header
 from recon.physics.noise import noise_covariance, remove_readout_oversampling, whitening_matrix
 
 log = logging.getLogger("cycguard.runner.frontend")
 
 DIMENSIONS = ("slice", "contrast", "phase", "repetition", "set", "average", "segment")
-_SKIP = (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
-         ismrmrd.ACQ_IS_RTFEEDBACK_DATA, ismrmrd.ACQ_IS_HPFEEDBACK_DATA)
 
 # classname -> {property: allowed values (empty: any non-negative integer)}
 FRONTEND: dict[str, dict[str, tuple[str, ...]]] = {
@@ -202,7 +200,7 @@ class BucketToBuffer:
             return [item]
         groups: dict[tuple[int, ...], list[ismrmrd.Acquisition]] = {}
         for acq in item.acquisitions:
-            if any(acq.is_flag_set(flag) for flag in _SKIP):
+            if any(acq.is_flag_set(flag) for flag in SKIPPED_FLAGS.values()):
                 continue
             idx = acq.idx
             key = (int(idx.slice), int(idx.contrast), int(idx.repetition), int(idx.set), int(idx.phase))

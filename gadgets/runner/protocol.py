@@ -18,7 +18,6 @@ CONFIG_FILE, CONFIG_SCRIPT, HEADER, CLOSE, TEXT, QUERY, RESPONSE = 1, 2, 3, 4, 5
 ACQUISITION, IMAGE, WAVEFORM = 1008, 1022, 1026
 CONFIG_FILE_BYTES = 1024
 MAX_STRING_BYTES = 16 << 20  # XML headers and scripts; anything longer is refused before reading it
-DEPRECATED = set(range(1001, 1018)) | {1020, 1021}
 
 
 class ProtocolError(ValueError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from gadgets import params
 from gadgets.convert import image_key, image_pixels, meta_of, meta_value
 from gadgets.runner.chain import run_pipeline
 from gadgets.runner.config import Pipeline, check, load_pipeline, with_stage_properties
-from recon.io.mrd import MRDError, parse_header
+from recon.io.mrd import SKIPPED_FLAGS, MRDError, parse_header, read_header_text
 from recon.io.mrd_write import read_images
 from recon.io.pacs import PacsTarget
 from recon.metrics import quality
@@ -38,10 +38,6 @@ from recon.types import SliceKey
 
 log = logging.getLogger("cycguard.replay")
 
-_NOT_IMAGING = (
-    ismrmrd.ACQ_IS_NOISE_MEASUREMENT, ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA,
-    ismrmrd.ACQ_IS_DUMMYSCAN_DATA, ismrmrd.ACQ_IS_RTFEEDBACK_DATA, ismrmrd.ACQ_IS_HPFEEDBACK_DATA,
-)
 
 
 @dataclass(frozen=True)
@@ -70,24 +66,11 @@ class _Collected:
     key: SliceKey
     pixels: np.ndarray
     meta: dict[str, str]
-    series: int = 1
-    index: int = 0
-    extra: list[str] = field(default_factory=list)
 
 
 def read_header(raw: Path, dataset: str = "dataset") -> str:
     """The XML header of a raw file, checked (:class:`MRDError` naming what is wrong)."""
-    if not raw.is_file():
-        raise MRDError(f"{raw}: no such file")
-    try:
-        with h5py.File(raw, "r") as handle:
-            if f"{dataset}/xml" not in handle or f"{dataset}/data" not in handle:
-                raise MRDError(f"{raw}: no '/{dataset}/xml' header or '/{dataset}/data' acquisitions")
-            value = handle[f"{dataset}/xml"][()]
-    except OSError as err:
-        raise MRDError(f"{raw}: not a readable HDF5 file (truncated or corrupt): {err}") from err
-    value = value[0] if isinstance(value, np.ndarray) else value
-    xml = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    xml = read_header_text(raw, dataset)
     parse_header(xml, str(raw))
     return xml
 
@@ -97,7 +80,7 @@ def expected_slices(raw: Path, dataset: str = "dataset") -> list[SliceKey]:
     with h5py.File(raw, "r") as handle:
         heads = handle[f"{dataset}/data"]["head"]
     mask = np.uint64(0)
-    for flag in _NOT_IMAGING:
+    for flag in (ismrmrd.ACQ_IS_NOISE_MEASUREMENT, *SKIPPED_FLAGS.values()):
         mask |= np.uint64(1) << np.uint64(flag - 1)
     keep = (heads["flags"].astype(np.uint64) & mask) == 0
     idx = heads["idx"][keep]
@@ -194,7 +177,7 @@ def replay(
                 dataset.append_image(f"image_{item.image_series_index}", item)
                 meta = meta_of(item)
                 collected.append(
-                    _Collected(image_key(item), image_pixels(item), {k: str(meta_value(meta, k)) for k in meta.keys()}, item.image_series_index, item.image_index)
+                    _Collected(image_key(item), image_pixels(item), {k: str(meta_value(meta, k)) for k in meta.keys()})
                 )
                 bar.update(1)
                 if on_image is not None:

@@ -30,7 +30,7 @@ from recon.types import SliceGeometry, SliceKey, SliceKSpace
 log = logging.getLogger(__name__)
 
 MIN_AUTO_ACS = 8
-_SKIPPED_FLAGS = {
+SKIPPED_FLAGS = {
     "navigator": ismrmrd.ACQ_IS_NAVIGATION_DATA,
     "phase correction": ismrmrd.ACQ_IS_PHASECORR_DATA,
     "dummy scan": ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
@@ -161,6 +161,37 @@ def acs_block(rows: np.ndarray, center: int) -> np.ndarray:
     return acs
 
 
+def read_header_text(path: str | Path, dataset: str = "dataset") -> str:
+    """The ISMRMRD XML header of a raw file, verbatim (not yet parsed).
+
+    Raises:
+        MRDError: the file is missing, not readable HDF5, lacks the header or the
+            acquisitions, or its header is not UTF-8 text.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MRDError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as handle:
+            if dataset not in handle:
+                raise MRDError(f"{path}: no group '/{dataset}' (groups: {sorted(handle.keys())})")
+            group = handle[dataset]
+            if "xml" not in group:
+                raise MRDError(f"{path}: no ISMRMRD XML header ('/{dataset}/xml')")
+            if "data" not in group:
+                raise MRDError(f"{path}: no acquisitions ('/{dataset}/data')")
+            raw_xml = group["xml"][()]
+            raw_xml = raw_xml[0] if isinstance(raw_xml, np.ndarray) else raw_xml
+            xml = raw_xml.decode("utf-8") if isinstance(raw_xml, bytes) else str(raw_xml)
+    except UnicodeDecodeError as err:
+        raise MRDError(f"{path}: the XML header is not UTF-8 text (corrupt file?): {err}") from err
+    except (OSError, KeyError, RuntimeError, ValueError) as err:  # h5py's errors for corrupt metadata
+        if isinstance(err, MRDError):
+            raise
+        raise MRDError(f"{path}: not a readable HDF5 file (truncated or corrupt): {err}") from err
+    return xml
+
+
 def read_raw(
     path: str | Path,
     dataset: str = "dataset",
@@ -184,26 +215,7 @@ def read_raw(
             holds data this reader cannot represent.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MRDError(f"{path}: no such file")
-    try:
-        with h5py.File(path, "r") as handle:
-            if dataset not in handle:
-                raise MRDError(f"{path}: no group '/{dataset}' (groups: {sorted(handle.keys())})")
-            group = handle[dataset]
-            if "xml" not in group:
-                raise MRDError(f"{path}: no ISMRMRD XML header ('/{dataset}/xml')")
-            if "data" not in group:
-                raise MRDError(f"{path}: no acquisitions ('/{dataset}/data')")
-            raw_xml = group["xml"][()]
-            raw_xml = raw_xml[0] if isinstance(raw_xml, np.ndarray) else raw_xml
-            xml = raw_xml.decode("utf-8") if isinstance(raw_xml, bytes) else str(raw_xml)
-    except UnicodeDecodeError as err:
-        raise MRDError(f"{path}: the XML header is not UTF-8 text (corrupt file?): {err}") from err
-    except (OSError, KeyError, RuntimeError, ValueError) as err:  # h5py's errors for corrupt metadata
-        if isinstance(err, MRDError):
-            raise
-        raise MRDError(f"{path}: not a readable HDF5 file (truncated or corrupt): {err}") from err
+    xml = read_header_text(path, dataset)
     protocol = parse_header(xml, str(path))
     try:
         with ismrmrd.File(str(path), "r") as handle:
@@ -242,7 +254,7 @@ def _assemble(
             noise.append(np.asarray(data, dtype=np.complex64))
             noise_dwell = float(acq.sample_time_us) or None
             continue
-        kind = next((k for k, flag in _SKIPPED_FLAGS.items() if acq.is_flag_set(flag)), None)
+        kind = next((k for k, flag in SKIPPED_FLAGS.items() if acq.is_flag_set(flag)), None)
         if kind is not None:
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
