@@ -201,12 +201,15 @@ class SafeSocket:
             raise ConnectionError(f"refusing a {nbytes}-byte read (cap {MAX_READ_BYTES}): corrupt length field?")
         chunks, remaining = [], nbytes
         while remaining:
-            chunk = self.socket.recv(min(remaining, 1 << 20))
+            chunk = self._recv(min(remaining, 1 << 20))
             if not chunk:
                 raise ConnectionError(f"peer closed the connection with {remaining} of {nbytes} bytes unread")
             chunks.append(chunk)
             remaining -= len(chunk)
         return b"".join(chunks)
+
+    def _recv(self, nbytes: int) -> bytes:
+        return self.socket.recv(nbytes)
 
     def write(self, data: bytes) -> None:
         self.socket.sendall(data)

@@ -78,7 +78,7 @@ def send(
     started = time.perf_counter()
     sock = connect(host, port, tls_ca)
     sock.settimeout(timeout)
-    wire = SafeSocket(sock)
+    wire = p.wire_for(sock)  # images are read by a second thread while acquisitions are written
     last_sent: dict[SliceKey, float] = {}
     dataset = ismrmrd.Dataset(str(output), group, create_if_needed=True)
     dataset.write_xml_header(header)
@@ -176,7 +176,7 @@ def connect(host: str, port: int, tls_ca: str | None = None, timeout: float = 30
 def query(host: str, port: int, text: str, timeout: float = 10.0, tls_ca: str | None = None) -> str:
     """Send one QUERY and return the RESPONSE."""
     with connect(host, port, tls_ca, timeout) as sock:
-        wire = SafeSocket(sock)
+        wire = p.wire_for(sock)
         wire.write(p.query_message(text, 1))
         mid = p.read_id(wire)
         if mid != p.RESPONSE:

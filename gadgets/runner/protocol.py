@@ -7,12 +7,22 @@ waveforms and images are (de)serialised by the ``ismrmrd`` package itself.
 
 from __future__ import annotations
 
+import select
+import socket
+import ssl
 import struct
-from typing import Any
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
 import ismrmrd
 
 from gadgets.stages import SafeSocket
+
+T = TypeVar("T")
+TLS_CHUNK = 16 << 10  # one TLS record
 
 CONFIG_FILE, CONFIG_SCRIPT, HEADER, CLOSE, TEXT, QUERY, RESPONSE = 1, 2, 3, 4, 5, 6, 7
 ACQUISITION, IMAGE, WAVEFORM = 1008, 1022, 1026
@@ -22,6 +32,62 @@ MAX_STRING_BYTES = 16 << 20  # XML headers and scripts; anything longer is refus
 
 class ProtocolError(ValueError):
     """A peer broke the protocol (wrong order, unknown id, absurd length)."""
+
+
+class TlsWire(SafeSocket):
+    """:class:`SafeSocket` over TLS, for a connection read by one thread and written by another.
+
+    OpenSSL forbids concurrent calls on one connection (two threads in ``SSL_read`` and
+    ``SSL_write`` corrupt records now and then: "bad record mac", "EOF in violation of
+    protocol"). Here every TLS call holds one lock and none blocks while holding it: the
+    socket is non-blocking, and a thread that must wait for the network waits in ``select``
+    with the lock released. The socket's timeout (``None``: wait forever) still bounds each
+    wait without progress.
+    """
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        super().__init__(sock)
+        self.timeout = sock.gettimeout()
+        self.lock = threading.Lock()
+        sock.setblocking(False)
+
+    def _call(self, op: Callable[[], T]) -> T:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            with self.lock:
+                try:
+                    return op()
+                except ssl.SSLWantReadError:
+                    waiting: tuple[list[socket.socket], list[socket.socket]] = ([self.socket], [])
+                except ssl.SSLWantWriteError:
+                    waiting = ([], [self.socket])
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no TLS progress for {self.timeout:.0f} s")
+            # short waits: the other thread may have consumed what this one waited for
+            select.select(*waiting, [], min(left, 0.05))
+
+    def _recv(self, nbytes: int) -> bytes:
+        return self._call(partial(self.socket.recv, nbytes))
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            chunk = view[:TLS_CHUNK]  # after a WANT_* OpenSSL needs the same bytes again
+            sent = self._call(partial(self.socket.send, chunk))
+            view = view[sent:]
+
+    def close(self) -> None:
+        try:
+            self.write(struct.pack("<H", CLOSE))
+        except OSError:
+            pass
+        self.socket.close()
+
+
+def wire_for(sock: socket.socket) -> SafeSocket:
+    """The wire for a connected socket: :class:`TlsWire` for TLS, else :class:`SafeSocket`."""
+    return TlsWire(sock) if isinstance(sock, ssl.SSLSocket) else SafeSocket(sock)
 
 
 def read_id(wire: SafeSocket) -> int:

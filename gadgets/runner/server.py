@@ -69,7 +69,7 @@ class Session:
     def __init__(self, sock: socket.socket, peer: Any, server: CycGuardServer) -> None:
         sock.settimeout(server.idle_timeout)  # a silent client cannot hold a session (or shutdown) forever
         self.sock = sock
-        self.wire = SafeSocket(sock)
+        self.wire: SafeSocket = SafeSocket(sock)  # replaced by a TlsWire once the handshake is done
         self.peer = peer
         self.server = server
         self.send_lock = threading.Lock()
@@ -86,6 +86,7 @@ class Session:
             except (ssl.SSLError, OSError) as err:
                 log.warning("%s: TLS handshake failed: %s", self.peer, err)
                 return
+            self.wire = p.wire_for(self.sock)  # the pipeline's output is sent while items are read
         if not self.server.slots.acquire(timeout=self.server.queue_timeout):
             log.warning("%s: refused, %d sessions busy for %.0f s", self.peer, self.server.max_sessions, self.server.queue_timeout)
             self._text(f"[cycguard] ERROR: server busy ({self.server.max_sessions} sessions in flight); retry later")
