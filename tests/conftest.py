@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,33 @@ def orthanc(tmp_path: Path) -> object:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a write past it fails with ENOSPC, as on a full disk. Mounting needs
+    root (as .ci/run runs); elsewhere the test skips, under CI it fails."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        message = f"cannot mount a tmpfs to fill ({mounted.stderr.strip()}); run as root"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder: Path, leave: int) -> Path:
+    """Fill ``folder``'s file system until at most ``leave`` bytes are free; the filler's path."""
+    filler = folder / "filler"
+    free = shutil.disk_usage(folder).free
+    with filler.open("wb") as handle:
+        handle.write(b"\0" * max(free - leave, 0))
+    return filler
 
 
 @pytest.fixture(scope="session")

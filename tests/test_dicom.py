@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ismrmrd
 import numpy as np
 import pytest
 from pydicom import dcmread
 
-from gadgets.runner.replay import replay
+from gadgets.runner.replay import read_header, replay
 from recon.data.demo import DEMO_RAW
 from recon.io.dicom import geometry_of, header_info, to_dicom, write_dicom
-from recon.io.mrd_write import ScanDescription, build_header
+from recon.io.mrd_write import ScanDescription, build_header, read_images
 from recon.io.mrd_write import to_ismrmrd_image as to_image
 from recon.io.pacs import PacsError, PacsTarget, Pusher
 from recon.types import ReconImage, SliceGeometry, SliceKey
+from tests.conftest import fill_disk
 
 XML = build_header(ScanDescription(), 4)
 
@@ -192,3 +194,50 @@ def test_tls_push_to_a_tls_storage_scp(tmp_path: Path, rng: np.random.Generator,
         assert received == [str(ds.SOPInstanceUID)]
     finally:
         server.shutdown()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed once the block ends: nothing listens there
+
+
+@pytest.mark.pacs
+def test_a_full_spool_disk_fails_loudly_and_keeps_what_was_spooled(orthanc: object, small_disk: Path, tmp_path: Path, rng: np.random.Generator) -> None:
+    info = header_info(XML)
+    datasets = [to_dicom(_image(rng, slice_=n, shape=(96, 96)), info) for n in range(2)]
+    size = write_dicom(datasets[0], tmp_path / "probe").stat().st_size
+    orthanc.stop()  # type: ignore[attr-defined]
+    pusher = Pusher(PacsTarget.parse(orthanc.target), small_disk / "spool", timeout=2)  # type: ignore[attr-defined]
+    filler = fill_disk(small_disk, leave=size + size // 2)  # room for one image, not two
+    assert pusher.push(datasets[0]) is False  # the PACS is down: spooled
+    with pytest.raises(OSError, match=f"cannot spool image {datasets[1].SOPInstanceUID} .*No space left.*not delivered"):
+        pusher.push(datasets[1])
+    assert [p.name for p in pusher.spool.iterdir()] == [f"{datasets[0].SOPInstanceUID}.dcm"]  # no partial file left
+    assert dcmread(pusher.pending()[0]).SOPInstanceUID == datasets[0].SOPInstanceUID  # the spooled one is intact
+    with pytest.raises(OSError, match=r"cannot write .*\.dcm: No space left on device$"):
+        write_dicom(datasets[1], small_disk / "dicom")  # the DICOM folder on the same disk
+    assert not [p for p in (small_disk / "dicom").rglob("*") if p.is_file()]
+    filler.unlink()
+    orthanc.start()  # type: ignore[attr-defined]
+    assert pusher.push(datasets[1]) and pusher.pending() == []
+    assert sorted(t["SOPInstanceUID"] for t in _instances(orthanc)) == sorted(str(d.SOPInstanceUID) for d in datasets)
+
+
+@pytest.mark.e2e
+def test_replay_onto_a_full_spool_disk_fails_loudly_and_keeps_the_images_before(small_disk: Path, tmp_path: Path, rng: np.random.Generator) -> None:
+    header = read_header(DEMO_RAW)
+    matrix = ismrmrd.xsd.CreateFromDocument(header).encoding[0].reconSpace.matrixSize
+    size = write_dicom(to_dicom(_image(rng, shape=(matrix.y, matrix.x)), header_info(header)), tmp_path / "probe").stat().st_size
+    spool = small_disk / "spool"
+    spool.mkdir()
+    fill_disk(small_disk, leave=2 * size + size // 2)  # room for two of the four slices
+    result = replay(DEMO_RAW, "defended_composed", tmp_path / "out.h5", None, group="g", progress=False, echo_stderr=False, pacs=f"PACS@127.0.0.1:{_closed_port()}", spool=spool)
+    assert not result.ok
+    assert any("cannot spool image" in f and "No space left" in f for f in result.failures), result.failures
+    assert any("2 of 4 slices came out without an image" in f for f in result.failures), result.failures
+    images = read_images(tmp_path / "out.h5", group="g")  # what passed export before the disk filled is kept
+    assert len(images) == 2 and all(meta["CycGuard.Verdict"] in ("clean", "flagged", "mitigated") for _, meta in images)
+    assert len(list(spool.glob("*.dcm"))) == 2 and not list(spool.glob("*.part"))

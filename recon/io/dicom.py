@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -229,8 +230,25 @@ def write_dicom(ds: Dataset, folder: Path) -> Path:
     """Save under ``folder/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` (names from UIDs only)."""
     target = folder / str(ds.SeriesInstanceUID)
     target.mkdir(parents=True, exist_ok=True)
-    path = target / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    return save_atomically(ds, target / f"{ds.SOPInstanceUID}.dcm")
+
+
+def save_atomically(ds: Dataset, path: Path) -> Path:
+    """Save ``ds`` as ``path`` through a ``.part`` file renamed once complete: a failed write
+    (a full disk) leaves no partial file and raises ``OSError`` with the system's reason."""
+    partial = path.with_suffix(".part")
+    try:
+        ds.save_as(partial, enforce_file_format=True)
+        os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        root: BaseException = err
+        while root.__cause__ is not None:  # pydicom re-raises with the tag and a traceback in the text
+            root = root.__cause__
+        reason = root.strerror if isinstance(root, OSError) and root.strerror else str(err).splitlines()[0]
+        number = getattr(root, "errno", None)
+        message = f"cannot write {path.name}: {reason}"
+        raise (OSError(number, message) if number else OSError(message)) from err
     return path
 
 

@@ -11,7 +11,6 @@ TLS. A spool that cannot be written (disk full) is an error: the image would be 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import socket
 import ssl
@@ -22,6 +21,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage
 from pynetdicom import AE
+
+from recon.io.dicom import save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +89,10 @@ class Pusher:
         return not path.exists()
 
     def _spool(self, ds: Dataset) -> Path:
-        path = self.spool / f"{ds.SOPInstanceUID}.dcm"
-        partial = path.with_suffix(".part")
         try:
-            ds.save_as(partial, enforce_file_format=True)
-            os.replace(partial, path)
+            return save_atomically(ds, self.spool / f"{ds.SOPInstanceUID}.dcm")
         except OSError as err:
-            partial.unlink(missing_ok=True)
-            raise OSError(f"cannot spool image {ds.SOPInstanceUID} to {self.spool}: {err}; it was not delivered") from err
-        return path
+            raise OSError(f"cannot spool image {ds.SOPInstanceUID} to {self.spool}: {err.strerror or err}; it was not delivered") from err
 
     def flush(self) -> int:
         """Send every spooled file; returns how many the PACS acknowledged now."""
