@@ -18,6 +18,7 @@ import logging
 import socket
 import struct
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -251,7 +252,24 @@ def serve(connection: Any, module: str, target: str) -> None:
     except Exception as err:
         log.exception("%s failed", name)
         send_error(connection, f"{name}: {err}")
+        linger(connection.socket.socket)
         raise SystemExit(1) from err
+
+
+def linger(sock: socket.socket, seconds: float = 30.0) -> None:
+    """End a connection with FIN, not RST. A socket closed with input still unread resets, and
+    the peer's kernel then drops what it had received but not yet read: the ERROR just sent
+    and the images sent before it. So stop writing, then read and discard until the peer
+    closes (at most ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(1 << 20):
+                break
+    except OSError:
+        pass
 
 
 def _text(raw: bytes | str) -> str:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import signal
+import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
+import ismrmrd
 from gadgetron.types.recon_data import ReconData
 
-from gadgets.stages import SafeSocket, send_error
+from gadgets.convert import is_maps
+from gadgets.stages import SafeSocket, send_error, serve
 
 
 def explode_on_second_buffer(connection: Any) -> None:
@@ -35,3 +42,77 @@ def print_to_stdout(connection: Any) -> None:
     sys.stdout.flush()
     for item in connection:
         connection.send(item)
+
+
+# Faults injected into the real stages: the gadget runs `gadgets.stages.serve` with the real
+# stage classes and configuration; only the stage's `process` (or the socket) misbehaves at
+# the second image-bearing item (its second slice).
+STAGES = {
+    "recon": ("gadgets.recon", "ReconStage", ReconData),
+    "detect": ("gadgets.detect", "DetectStage", ismrmrd.Image),
+    "mitigate": ("gadgets.mitigate", "MitigateStage", ismrmrd.Image),
+    "export": ("gadgets.export", "ExportStage", ismrmrd.Image),
+}
+
+
+def _second_slice(kind: type) -> Callable[[Any], bool]:
+    seen = {"n": 0}
+
+    def hit(item: Any) -> bool:
+        if isinstance(item, kind) and not is_maps(item):
+            seen["n"] += 1
+        return seen["n"] == 2
+
+    return hit
+
+
+def _inject(connection: Any, stage: str, fault: str) -> None:
+    module_name, class_name, kind = STAGES[stage]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    original, hit = cls.process, _second_slice(kind)
+
+    def process(self: Any, item: Any) -> Any:
+        if hit(item):
+            if fault == "raise":
+                raise RuntimeError(f"injected fault: the {stage} stage raised on slice 2")
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)  # the process and its socket vanish mid-stream
+        return original(self, item)
+
+    if fault == "network":  # the socket dies as the second image is sent: no ERROR can follow
+        send, image_sent = type(connection).send, _second_slice(ismrmrd.Image)
+
+        def broken(self: Any, item: Any) -> None:
+            if image_sent(item):
+                self.socket.socket.shutdown(socket.SHUT_RDWR)
+                raise BrokenPipeError(32, "injected fault: connection to the next gadget broke")
+            send(self, item)
+
+        type(connection).send = broken
+    else:
+        cls.process = process
+    serve(connection, module_name, stage)
+
+
+def recon_raises(connection: Any) -> None:
+    _inject(connection, "recon", "raise")
+
+
+def detect_raises(connection: Any) -> None:
+    _inject(connection, "detect", "raise")
+
+
+def detect_killed(connection: Any) -> None:
+    _inject(connection, "detect", "kill")
+
+
+def mitigate_raises(connection: Any) -> None:
+    _inject(connection, "mitigate", "raise")
+
+
+def mitigate_network_breaks(connection: Any) -> None:
+    _inject(connection, "mitigate", "network")
+
+
+def export_raises(connection: Any) -> None:
+    _inject(connection, "export", "raise")

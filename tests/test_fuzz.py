@@ -16,11 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gadgets import params
+from gadgets.convert import meta_of, meta_value
 from gadgets.runner import protocol as p
 from gadgets.runner.config import PipelineError, check, parse_pipeline
 from gadgets.runner.server import Session
 from gadgets.stages import SafeSocket
 from recon.io.mrd import MRDError, read_raw
+from recon.pipeline import VERDICTS
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = [path.read_text() for path in sorted((ROOT / "pipelines").glob("*.xml"))]
@@ -76,20 +78,25 @@ class _Server:
         return contextlib.nullcontext()
 
 
-def _session(data: bytes) -> list[int]:
-    """Run a server session on ``data`` (then EOF); the message ids it answered with."""
+def _session(data: bytes, wait: float = 20.0) -> list[int]:
+    """Run a server session on ``data`` (then EOF); the message ids it answered with. Images
+    must carry a CycGuard verdict, TEXT must be an error."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
         session = Session(ours, "fuzz", _Server())  # type: ignore[arg-type]
         worker = threading.Thread(target=session.run)
         worker.start()
-        try:
-            theirs.sendall(data)
-        except OSError:
-            pass
-        theirs.shutdown(socket.SHUT_WR)
-        worker.join(20)
-        assert not worker.is_alive(), "the session hung"
+
+        def feed() -> None:
+            try:
+                theirs.sendall(data)
+                theirs.shutdown(socket.SHUT_WR)
+            except OSError:  # the session stopped reading: it says why below
+                pass
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        theirs.settimeout(wait)
         wire, ids = SafeSocket(theirs), []
         while True:
             try:
@@ -101,8 +108,15 @@ def _session(data: bytes) -> list[int]:
                 assert p.read_string(wire, "TEXT").startswith("[cycguard] ERROR")
             elif mid == p.RESPONSE:
                 p.read_response(wire)
+            elif mid == p.IMAGE:
+                image = p.read_item(mid, wire)
+                assert meta_value(meta_of(image), "CycGuard.Verdict") in VERDICTS
             elif mid == p.CLOSE:
                 break
+        worker.join(wait)
+        assert not worker.is_alive(), "the session hung"
+        ours.close()  # as the server does once a session ends: a feeder still writing gets EPIPE
+        feeder.join(wait)
         return ids
 
 
@@ -120,6 +134,56 @@ def test_absurd_lengths_are_refused_before_reading(length: int, tail: bytes) -> 
     data = p.config_file_message("recon") + (p.HEADER).to_bytes(2, "little") + length.to_bytes(4, "little") + tail
     ids = _session(data)
     assert ids[-1] == p.CLOSE and p.TEXT in ids  # too long, too short, or not an ISMRMRD header: an error either way
+
+
+def _acquisitions(slices: int = 1) -> list[bytes]:
+    """The demo's noise scans and the acquisitions of its first ``slices`` slices, as messages."""
+    import ismrmrd
+
+    from gadgets.runner.replay import stream_raw
+    from recon.data.demo import DEMO_RAW
+
+    messages = []
+    for item in stream_raw(DEMO_RAW):
+        if isinstance(item, ismrmrd.Acquisition) and item.idx.slice >= slices:
+            break
+        messages.append(p.item_message(item))
+    return messages
+
+
+@pytest.fixture(scope="module")
+def data_phase() -> tuple[bytes, list[bytes]]:
+    """``(CONFIG_FILE recon + HEADER, the acquisition messages of one slice)``."""
+    from gadgets.runner.replay import read_header
+    from recon.data.demo import DEMO_RAW
+
+    return p.config_file_message("recon") + p.string_message(p.HEADER, read_header(DEMO_RAW)), _acquisitions()
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.integers(min_value=0, max_value=10**6), st.binary(min_size=1, max_size=64))
+def test_garbage_in_the_data_phase_ends_in_an_error_and_close(data_phase: tuple[bytes, list[bytes]], where: int, junk: bytes) -> None:
+    """Random bytes after some good acquisitions: the gadget processes already run; the session
+    must stop them, say why and close."""
+    prefix, messages = data_phase
+    ids = _session(prefix + b"".join(messages[: where % len(messages)]) + junk, wait=60)
+    assert ids[-1] == p.CLOSE and p.TEXT in ids
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.integers(min_value=0, max_value=10**6), st.integers(min_value=0, max_value=10**6), st.binary(min_size=1, max_size=8))
+def test_mutated_acquisitions_end_in_verdict_images_or_an_error(data_phase: tuple[bytes, list[bytes]], which: int, where: int, junk: bytes) -> None:
+    """One acquisition's header overwritten (sizes, flags, counters, positions): the slice
+    comes back with a verdict, or the session says why; always CLOSE, never a hang."""
+    prefix, messages = data_phase
+    index = which % len(messages)
+    message = bytearray(messages[index])
+    position = 2 + where % 338  # inside the message id's 2 bytes + the 340-byte AcquisitionHeader
+    message[position : position + len(junk)] = junk
+    mutated = messages[:index] + [bytes(message[: len(messages[index])])] + messages[index + 1 :]
+    ids = _session(prefix + b"".join(mutated) + p.CLOSE.to_bytes(2, "little"), wait=60)
+    assert ids[-1] == p.CLOSE
+    assert p.TEXT in ids or p.IMAGE in ids  # never silence: images with verdicts, or an error
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ not oversubscribe the cores.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 from gadgets.runner import frontend
@@ -27,18 +27,34 @@ def run_pipeline(
     threads: int | None = None,
     echo_stderr: bool = False,
     io_timeout: float = 900.0,
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """Stream ``items`` (acquisitions, waveforms) through ``pipeline``; yields what leaves it."""
     front = [frontend.build(n.classname, header_xml, dict(n.properties)) for n in pipeline.nodes if isinstance(n, CppGadget)]
     stream: Iterator[Any] = run_stages(front, items)
     externals = pipeline.externals
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // max(1, len(externals)))
+    runs: list[ExternalRun] = []
     for node in externals:
         if in_process:
             if not node.ours:
                 raise PipelineError(f"{node.name}: only CycGuard gadgets can run in process")
             stream = run_stages(build_stages(node.module, node.target, node.configuration, header_xml), stream)
         else:
-            stream = ExternalRun(node, header_xml, threads, echo_stderr=echo_stderr, io_timeout=io_timeout).run(stream)
-    return stream
+            runs.append(ExternalRun(node, header_xml, threads, echo_stderr=echo_stderr, io_timeout=io_timeout))
+            stream = runs[-1].run(stream)
+    return _supervised(stream, runs)
+
+
+def _supervised(stream: Iterator[Any], runs: list[ExternalRun]) -> Generator[Any, None, None]:
+    """``stream``, ending every gadget of the chain and every thread feeding one before it
+    returns, whether the chain finished, failed or its consumer stopped (close the iterator):
+    no thread of a failed run may go on reading the input (HDF5 is not thread-safe) or hold
+    a process. On success each run has ended already and this does nothing."""
+    try:
+        yield from stream
+    finally:
+        for run in runs:
+            run.cancel()
+        for run in runs:
+            run.join()

@@ -103,6 +103,8 @@ class ExternalRun:
         self.process: subprocess.Popen[bytes] | None = None
         self.stdout: _Drain | None = None
         self.stderr: _Drain | None = None
+        self.sock: socket.socket | None = None
+        self.writer: threading.Thread | None = None
 
     # -------------------------------------------------------------- connection
 
@@ -164,23 +166,28 @@ class ExternalRun:
             log.debug("%s: write side closed: %s", self.node.name, err)
             return
         iterator = iter(items)
-        while True:
-            try:
-                item = next(iterator)
-            except StopIteration:
-                break
-            except BaseException as err:  # noqa: BLE001 - handed to the reading side, re-raised there
-                self.upstream_error = err
-                break
-            try:
-                write_item(wire, item)
-            except OSError as err:
-                log.debug("%s: write side closed: %s", self.node.name, err)
-                return
         try:
-            wire.write(struct.pack("<H", MESSAGE_CLOSE))
-        except OSError:
-            pass
+            while True:
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    break
+                except BaseException as err:  # noqa: BLE001 - handed to the reading side, re-raised there
+                    self.upstream_error = err
+                    break
+                try:
+                    write_item(wire, item)
+                except OSError as err:
+                    log.debug("%s: write side closed: %s", self.node.name, err)
+                    return
+            try:
+                wire.write(struct.pack("<H", MESSAGE_CLOSE))
+            except OSError:
+                pass
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:  # end what is upstream now, in this thread (not whenever it is collected)
+                close()
 
     def run(self, items: Iterable[Any]) -> Iterator[Any]:
         """Stream ``items`` through the gadget; yields what it sends back."""
@@ -188,31 +195,33 @@ class ExternalRun:
         sock.settimeout(self.io_timeout)
         wire = SafeSocket(sock)
         writer = threading.Thread(target=self._write_all, args=(wire, items), daemon=True, name=f"write {self.node.name}")
+        self.sock, self.writer = sock, writer
         writer.start()
         closed = False
         try:
             while True:
                 try:
                     (mid,) = struct.unpack("<H", wire.read(2))
+                    if mid == MESSAGE_CLOSE:
+                        closed = True
+                        break
+                    if mid == MESSAGE_ERROR:
+                        (length,) = struct.unpack("<Q", wire.read(8))
+                        if length > MAX_TEXT_BYTES:
+                            self.errors.append(f"ERROR message of {length} bytes (cap {MAX_TEXT_BYTES})")
+                            break
+                        self.errors.append(wire.read(length).decode("utf-8", "replace"))
+                        continue
+                    reader = READERS.get(mid)
+                    if reader is None:
+                        self.errors.append(f"illegal message id {mid} from the gadget")
+                        break
+                    item = reader(wire)
                 except (ConnectionError, TimeoutError, OSError) as err:
                     self.errors.append(f"connection lost before CLOSE ({err})")
                     break
-                if mid == MESSAGE_CLOSE:
-                    closed = True
-                    break
-                if mid == MESSAGE_ERROR:
-                    (length,) = struct.unpack("<Q", wire.read(8))
-                    if length > MAX_TEXT_BYTES:
-                        self.errors.append(f"ERROR message of {length} bytes (cap {MAX_TEXT_BYTES})")
-                        break
-                    self.errors.append(wire.read(length).decode("utf-8", "replace"))
-                    continue
-                reader = READERS.get(mid)
-                if reader is None:
-                    self.errors.append(f"illegal message id {mid} from the gadget")
-                    break
                 try:
-                    yield reader(wire)
+                    yield item
                 except GeneratorExit:  # the consumer stopped (it failed): stop the gadget, report nothing more
                     self._release()
                     raise
@@ -226,6 +235,24 @@ class ExternalRun:
             except OSError:
                 pass
         self._finish(closed)
+
+    def cancel(self) -> None:
+        """Stop now (another part of the chain failed): wake every thread blocked on this
+        gadget's socket and kill its process."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait for the thread that feeds the gadget (it pulls the items upstream of it)."""
+        if self.writer is not None:
+            self.writer.join(timeout)
+            if self.writer.is_alive():
+                log.error("%s: the thread feeding it did not end within %.0f s", self.node.name, timeout)
 
     def _release(self, wait: float = 0.0) -> int | None:
         """Wait up to ``wait`` seconds for the process, kill it if still running, collect its pipes."""
@@ -248,15 +275,17 @@ class ExternalRun:
 
     def _finish(self, closed: bool) -> None:
         if self.process is not None:
-            status = self._release(wait=30 if closed else 0)
-            if status is None and closed:
-                self.errors.append("did not exit within 30 s of CLOSE (killed)")
+            status = self._release(wait=30 if closed else 5)
+            if status is None:
+                self.errors.append(f"did not exit within {30 if closed else 5} s of {'CLOSE' if closed else 'the connection ending'} (killed)")
             assert self.stdout is not None
             if self.stdout.bytes:
                 self.errors.append(f"wrote {self.stdout.bytes} bytes to stdout (Gadgetron's data pipe): {list(self.stdout.tail)[:3]}")
-            if status and not self.errors:
-                self.errors.append(f"exited with status {status}")
+            if status:
+                self.errors.append(f"exited with status {status}" + (f" (killed by signal {-status})" if status < 0 else ""))
+        if self.upstream_error is not None:  # the cause; what this gadget then said is its consequence
+            if self.errors:
+                log.warning("%s, after the failure upstream: %s", self.node.name, "; ".join(self.errors))
+            raise self.upstream_error
         if self.errors:
             raise GadgetError(f"{self.node.name}: " + "; ".join(self.errors) + self._tail())
-        if self.upstream_error is not None:
-            raise self.upstream_error

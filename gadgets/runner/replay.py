@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -90,7 +91,7 @@ def expected_slices(raw: Path, dataset: str = "dataset") -> list[SliceKey]:
     return list(seen)
 
 
-def stream_raw(raw: Path, dataset: str = "dataset") -> Iterator[Any]:
+def stream_raw(raw: Path, dataset: str = "dataset") -> Generator[Any, None, None]:
     """Acquisitions and waveforms interleaved by time stamp, as gadgetron_ismrmrd_client sends them."""
     try:
         with ismrmrd.File(str(raw), "r") as handle:
@@ -172,20 +173,23 @@ def replay(
     dataset.write_xml_header(header_xml)
     bar = tqdm(total=len(expected), desc=f"replay {raw.name}", unit="slice", disable=not progress)
     try:
-        for item in run_pipeline(pipeline, header_xml, stream_raw(raw), in_process=in_process, threads=threads, echo_stderr=echo_stderr):
-            if isinstance(item, ismrmrd.Image):
-                dataset.append_image(f"image_{item.image_series_index}", item)
-                meta = meta_of(item)
-                collected.append(
-                    _Collected(image_key(item), image_pixels(item), {k: str(meta_value(meta, k)) for k in meta.keys()})
-                )
-                bar.update(1)
-                if on_image is not None:
-                    on_image()
-            elif isinstance(item, ReconData) or isinstance(item, ImageArray):
-                failures.append(f"a {type(item).__name__} left the chain: end it with gadgets.export or set forward_internal=false")
-            else:
-                log.info("passed through the chain: %s", type(item).__name__)
+        # the pipeline ends (its threads joined) before the raw file closes, both here and now: h5py
+        # closes every object of a file when one handle to it closes, even another reader's
+        with closing(stream_raw(raw)) as source, closing(run_pipeline(pipeline, header_xml, source, in_process=in_process, threads=threads, echo_stderr=echo_stderr)) as stream:
+            for item in stream:
+                if isinstance(item, ismrmrd.Image):
+                    dataset.append_image(f"image_{item.image_series_index}", item)
+                    meta = meta_of(item)
+                    collected.append(
+                        _Collected(image_key(item), image_pixels(item), {k: str(meta_value(meta, k)) for k in meta.keys()})
+                    )
+                    bar.update(1)
+                    if on_image is not None:
+                        on_image()
+                elif isinstance(item, ReconData) or isinstance(item, ImageArray):
+                    failures.append(f"a {type(item).__name__} left the chain: end it with gadgets.export or set forward_internal=false")
+                else:
+                    log.info("passed through the chain: %s", type(item).__name__)
     except Exception as err:  # any stage's failure ends the run loudly, with what was already written kept
         log.error("%s", err)
         failures.append(str(err))

@@ -23,6 +23,7 @@ import ssl
 import struct
 import threading
 from collections.abc import Iterator
+from contextlib import closing
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -117,12 +118,13 @@ class Session:
             if not self.server.allow_redteam and any("attack" in stage_names(n) for n in pipeline.externals):
                 raise ClientError("pipelines with the red-team attack stage are disabled on this server (cycguard serve --allow-redteam)")
             threads = self.server.threads or self.server.thread_budget(len(pipeline.externals))
-            for item in run_pipeline(pipeline, header, self._items(), threads=threads, echo_stderr=True):
-                if isinstance(item, ismrmrd.Image):
-                    self.send(p.item_message(item))
-                    self.images += 1
-                elif isinstance(item, (ReconData, ImageArray)):
-                    raise ClientError(f"a {type(item).__name__} left the chain: the pipeline must end with gadgets.export")
+            with closing(run_pipeline(pipeline, header, self._items(), threads=threads, echo_stderr=True)) as stream:
+                for item in stream:
+                    if isinstance(item, ismrmrd.Image):
+                        self.send(p.item_message(item))
+                        self.images += 1
+                    elif isinstance(item, (ReconData, ImageArray)):
+                        raise ClientError(f"a {type(item).__name__} left the chain: the pipeline must end with gadgets.export")
             log.info("%s: %d image(s) sent", self.peer, self.images)
         except (ClientError, PipelineError, p.ProtocolError, ValueError, RuntimeError, OSError) as err:
             log.error("%s: %s", self.peer, err)
