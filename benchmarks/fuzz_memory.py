@@ -8,7 +8,7 @@ length, random bytes after a random number of good acquisitions (the gadget proc
 already running then), and one good slice with one acquisition's header overwritten. Every
 case must end with CLOSE within 60 s; images must carry a CycGuard verdict and TEXT must be
 an error. Resident memory of the server (and of the server with its gadget processes) is
-sampled after every case. Results: benchmarks/results/fuzz_memory.json.
+sampled after every case, with the gadget processes still alive then (there should be none). Results: benchmarks/results/fuzz_memory.json.
 """
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ from recon.pipeline import VERDICTS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("garbage before the header", "absurd HEADER length", "garbage in the data phase", "mutated acquisition header")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Processes below ``pid`` (gadget processes a finished session left behind)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = []
+        for task in Path(f"/proc/{parent}/task").glob("*"):  # each thread's children (sessions are threads)
+            try:
+                children += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        found += children
+        frontier += children
+    return found
 
 
 def _cases(rng: np.random.Generator, count: int) -> list[tuple[str, bytes]]:
@@ -112,13 +128,14 @@ def main() -> None:
     cases = _cases(np.random.default_rng(args.seed), args.cases)
     server, port = start_server()
     outcomes: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
-    server_mb, tree_mb = [], []
+    server_mb, tree_mb, leftover = [], [], []
     try:
         for kind, data in tqdm(cases, desc="fuzz cases", unit="case"):
             outcomes[kind][_run(port, data)] += 1
             tree, own = _tree_rss_mb(server.pid)
             server_mb.append(own)
             tree_mb.append(tree)
+            leftover.append(len(_descendants(server.pid)))
         alive = query("127.0.0.1", port, "cycguard::version").strip() != ""
     finally:
         server.terminate()
@@ -130,7 +147,8 @@ def main() -> None:
         "outcomes": {kind: dict(counts) for kind, counts in outcomes.items()},
         "bad": sum(n for counts in outcomes.values() for what, n in counts.items() if what not in ("error", "images", "close only")),
         "server_rss_mb": {"after_first": server_mb[0], "after_warm_up": server_mb[warm], "last": server_mb[-1], "max": max(server_mb)},
-        "server_and_gadgets_rss_mb_max": max(tree_mb),
+        "server_and_leftover_gadgets_rss_mb_max": max(tree_mb),
+        "gadget_processes_left_after_a_case_max": max(leftover),
         "growth_after_warm_up_mb": server_mb[-1] - server_mb[warm],
         "still_serving": alive,
         "server_exit": server.returncode,
