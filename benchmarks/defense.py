@@ -98,7 +98,7 @@ def observe(model: Any, detector: CyclicDetector, item: Item, y: torch.Tensor | 
         t0 = time.perf_counter()
         x1 = model(x, item.op)
         t1 = time.perf_counter()
-        scores: DetectionScores = detector.score(item.op, y, x1, item.sigma)
+        scores: DetectionScores = detector.score(item.op, y, x1, item.sigma, holdout=True)
         t2 = time.perf_counter()
         cg = cg_sense(item.op, y)
     return Observation(psnr(x1, item), psnr(cg, item), asdict(scores), t1 - t0, t2 - t1), x1, y
@@ -173,7 +173,7 @@ def main() -> None:
     protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
     calibrations = {}
     for stat in STATISTICS:
-        key = DetectorKey(stat, detector.alternatives, detector.jitter_scale, detector.seed)
+        key = DetectorKey.of(stat, detector)
         for fpr in (0.01, 0.05):
             cal = calibrate([o.scores[stat] for o in calib], fpr, manifest.sha256, protocol, key)
             calibrations[(stat, fpr)] = cal
@@ -265,7 +265,7 @@ def image_domain_phase(args: argparse.Namespace) -> None:
     clean = [observe(model, detector, it, x=it.x_zf)[0] for it in tqdm(test_items, desc="clean test (image path)")]
     protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
     cals = {
-        stat: calibrate([o.scores[stat] for o in calib], 0.01, manifest.sha256, protocol, DetectorKey(stat, detector.alternatives, detector.jitter_scale, detector.seed))
+        stat: calibrate([o.scores[stat] for o in calib], 0.01, manifest.sha256, protocol, DetectorKey.of(stat, detector))
         for stat in STATISTICS
     }
     table: dict[str, Any] = {"clean_fpr": {s: float(np.mean([cals[s].flags(o.scores[s]) for o in clean])) for s in STATISTICS}}

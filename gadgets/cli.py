@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--statistic",
         default="cyclic_noise",
-        choices=["cyclic_noise", "cyclic", "cycle_image", "dc", "dc_noise"],
+        choices=["cyclic_noise", "cyclic", "cycle_image", "dc", "dc_noise", "holdout_noise"],
         help="detection statistic (default cyclic_noise; see recon/detect/cyclic.py)",
     )
     cal.add_argument("--weights", type=Path, default=None)

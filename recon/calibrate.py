@@ -61,7 +61,7 @@ def detector_for(model: MoDL, manifest: ModelManifest, acs_lines: int | None = N
 @torch.no_grad()
 def _score(model: MoDL, detector: CyclicDetector, op: SenseOp, y: torch.Tensor, noise_sigma: float) -> DetectionScores:
     x1 = model(op.adjoint(y), op)
-    return detector.score(op, y, x1, noise_sigma)
+    return detector.score(op, y, x1, noise_sigma, holdout=True)  # offline: every statistic, to calibrate any
 
 
 def scores_from_raw(paths: Sequence[Path], model: MoDL, manifest: ModelManifest, progress: bool = True) -> tuple[list[DetectionScores], ProtocolKey]:
@@ -107,7 +107,7 @@ def build_calibration(
     target_fpr: float = 0.01,
 ) -> Calibration:
     """Threshold one statistic of clean scores for a target false-positive rate."""
-    key = DetectorKey(statistic, detector.alternatives, detector.jitter_scale, detector.seed)
+    key = DetectorKey.of(statistic, detector)
     return calibrate([s.get(statistic) for s in scores], target_fpr, manifest.sha256, protocol, key)
 
 
@@ -117,7 +117,7 @@ def load_defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, ca
     path = calibration if calibration is not None else default_calibration_path(manifest)
     detector = detector_for(model, manifest, protocol.acs_lines)
     statistic = calibration_statistic(path) if path.exists() else DEFAULT_STATISTIC
-    key = DetectorKey(statistic, detector.alternatives, detector.jitter_scale, detector.seed)
+    key = DetectorKey.of(statistic, detector)
     try:
         loaded = Calibration.load(path, manifest.sha256, protocol, key)
     except CalibrationError as err:

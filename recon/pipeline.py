@@ -193,7 +193,7 @@ def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> Check
     """Score a reconstruction against the received data and compare with the calibrated threshold."""
     x1 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(prepared.y.device)
     t0 = time.perf_counter()
-    scores = defense.detector.score(prepared.op, prepared.y, x1, defense.noise_sigma)
+    scores = defense.detector.score(prepared.op, prepared.y, x1, defense.noise_sigma, holdout=defense.statistic == "holdout_noise")
     seconds = time.perf_counter() - t0
     score = scores.get(defense.statistic)
     calibration = defense.calibration
@@ -247,7 +247,7 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
         reason = f"{checked.reason}; mitigation stopped at its time budget ({settings.time_budget:g} s): the original image ships"
         return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes + defense.detector.alternatives)
     with torch.no_grad():
-        rescored = defense.detector.score(prepared.op, prepared.y, result.image, defense.noise_sigma).get(defense.statistic)
+        rescored = defense.detector.score(prepared.op, prepared.y, result.image, defense.noise_sigma, holdout=defense.statistic == "holdout_noise").get(defense.statistic)
         floor = noise_norm(prepared.op, prepared.y, defense.noise_sigma)
         dc_increase = (_dc_norm(prepared.op, prepared.y, result.image) - _dc_norm(prepared.op, prepared.y, x1)) / floor
     seconds = time.perf_counter() - t0
@@ -274,7 +274,8 @@ def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cp
     checked = check(recon.prepared, recon.image, defense)
     assert checked.scores is not None  # check() computes every statistic
     timings = [*recon.timings, ("detect", checked.seconds)]
-    passes = [("recon", 1), ("detect", defense.detector.alternatives)]
+    holdout = defense.detector.folds if defense.statistic == "holdout_noise" else 0
+    passes = [("recon", 1), ("detect", defense.detector.alternatives + holdout)]
     outcome = mitigate_flagged(recon.prepared, recon.image, checked, defense)
     if outcome.network_passes:
         timings.append(("mitigate", outcome.seconds))

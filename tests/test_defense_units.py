@@ -104,6 +104,47 @@ def test_detector_is_deterministic_and_single_slice(setup: tuple) -> None:
         first.get("psnr")
 
 
+def test_holdout_folds_cover_each_acquired_line_outside_acs_once(setup: tuple) -> None:
+    model, op, y, x_zf = setup
+    detector = CyclicDetector(model, FAMILY, folds=3)
+    folds = detector.holdout(op)
+    omega = op.mask[0].numpy().astype(bool)
+    acs = FAMILY.acs_mask(omega.shape[0])
+    held = folds.held.numpy()
+    assert (held.sum(axis=0) == (omega & ~acs)).all()  # every such line in exactly one fold
+    assert (folds.kept.mask.numpy() == (omega & ~held)).all()  # fold f reconstructs without its lines
+    with pytest.raises(ValueError, match="20 folds need at least as many acquired lines"):
+        CyclicDetector(model, FAMILY, folds=20).holdout(op)
+
+
+def test_holdout_sees_a_perturbation_of_the_acquired_lines(setup: tuple) -> None:
+    model, op, y, x_zf = setup
+    detector = CyclicDetector(model, FAMILY, folds=3)
+    x1 = model(x_zf, op)
+    clean = detector.score(op, y, x1, 0.01, holdout=True)
+    assert detector.score(op, y, x1, 0.01).holdout_noise is None  # only when asked
+    with pytest.raises(ValueError, match="was not computed"):
+        detector.score(op, y, x1, 0.01).get("holdout_noise")
+    held = detector.holdout(op).held.any(dim=0)
+    bump = torch.zeros_like(y)
+    bump[:, :, held, :] = 0.2 * float(y.abs().max())  # only on lines that some fold holds out
+    perturbed = y + bump
+    score = detector.score(op, perturbed, model(op.adjoint(perturbed), op), 0.01, holdout=True)
+    assert clean.holdout_noise is not None and score.holdout_noise is not None
+    assert score.holdout_noise > 2 * clean.holdout_noise
+
+
+def test_holdout_calibrations_carry_their_folds(tmp_path: Path, setup: tuple) -> None:
+    detector = CyclicDetector(setup[0], FAMILY, folds=3)
+    key = DetectorKey.of("holdout_noise", detector)
+    assert key.folds == 3 and DetectorKey.of("cyclic", detector) == DETECTOR  # files of other statistics unchanged
+    path = calibrate(np.linspace(0, 1, 99), 0.05, "ab" * 32, PROTOCOL, key).save(tmp_path / "cal.json")
+    assert json.loads(path.read_text())["detector"]["folds"] == 3
+    with pytest.raises(CalibrationError, match="made with detector"):
+        Calibration.load(path, "ab" * 32, PROTOCOL, DetectorKey.of("holdout_noise", CyclicDetector(setup[0], FAMILY, folds=4)))
+    assert Calibration.load(path, "ab" * 32, PROTOCOL, key).detector == key
+
+
 def test_calibration_threshold_and_p_values(tmp_path: Path) -> None:
     scores = np.linspace(0.0, 1.0, 199)
     cal = calibrate(scores, 0.05, "ab" * 32, PROTOCOL, DETECTOR)

@@ -14,6 +14,8 @@ def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, sta
     """The detector's statistic, differentiable in ``y`` and ``x1``."""
     if statistic in ("dc", "dc_noise"):
         return statistic_tensor(statistic, op, y, x1, None, None, noise_sigma)
+    if statistic == "holdout_noise":
+        return detector.holdout(op).residual_noise(detector.model, y, noise_sigma)
     cycle = detector.cycle(op, y.detach(), x1.detach())
     x2, r = cycle.run(detector.model, x1)
     return statistic_tensor(statistic, op, y, x1, x2, r, noise_sigma)
@@ -55,7 +57,7 @@ def adaptive_kspace_l2(
         with torch.no_grad():
             y_try = y + delta
             x_try = model(op.adjoint(y_try), op)
-            passes = detector.score(op, y_try, x_try, noise_sigma).get(statistic) <= threshold
+            passes = detector.score(op, y_try, x_try, noise_sigma, holdout=statistic == "holdout_noise").get(statistic) <= threshold
             harm_try = float(torch.linalg.vector_norm(x_try - target) / torch.linalg.vector_norm(target))
         if passes and harm_try > best_damage:
             best, best_damage = y_try, harm_try

@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 FORMAT = "cycguard-calibration/1"
 
@@ -45,6 +46,13 @@ class DetectorKey:
     alternatives: int
     jitter_scale: float
     seed: int
+    folds: int | None = None  # holdout_noise only; absent from files of the other statistics
+
+    @classmethod
+    def of(cls, statistic: str, detector: Any) -> DetectorKey:
+        """The key of a :class:`~recon.detect.cyclic.CyclicDetector` scoring ``statistic``."""
+        folds = int(detector.folds) if statistic == "holdout_noise" else None
+        return cls(statistic, detector.alternatives, detector.jitter_scale, detector.seed, folds)
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,7 @@ class Calibration:
             "format": FORMAT,
             "model_sha256": self.model_sha256,
             "protocol": asdict(self.protocol),
-            "detector": asdict(self.detector),
+            "detector": {k: v for k, v in asdict(self.detector).items() if v is not None},
             "target_fpr": self.target_fpr,
             "threshold": self.threshold,
             "clean_scores": list(self.clean_scores),

@@ -21,6 +21,13 @@ reconstruction the recon stage already made):
   of the network's input does its damage);
 * ``dc``: the plain data-consistency residual ``||y - P_Omega F S x1|| / ||y||`` (baseline,
   no extra network pass);
+* ``holdout_noise``: cross-validation of the acquired lines (ours, not the paper's). The
+  acquired lines outside the ACS block are split into F interleaved folds; for each fold the
+  network reconstructs from the other lines and predicts the held-out ones; the prediction
+  error over all folds, in noise units. Every acquired line outside the ACS block is
+  predicted once from data that do not contain it, so a perturbation of those lines shows
+  in full unless it is predictable from the rest (consistent with the physics and the
+  network's prior, i.e. forged data). F extra network passes, batched.
 * ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
   ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
   paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
@@ -41,7 +48,8 @@ from recon.physics.masks import MaskFamily
 from recon.physics.noise import complex_randn
 from recon.physics.sense import SenseOp
 
-STATISTICS = ("cyclic", "cycle_image", "dc", "cyclic_noise", "dc_noise")
+STATISTICS = ("cyclic", "cycle_image", "dc", "cyclic_noise", "dc_noise", "holdout_noise")
+CYCLE_STATISTICS = STATISTICS[:5]
 
 
 @dataclass(frozen=True)
@@ -53,12 +61,16 @@ class DetectionScores:
     dc: float
     cyclic_noise: float
     dc_noise: float
+    holdout_noise: float | None = None  # computed only when asked (F extra network passes)
 
     def get(self, statistic: str) -> float:
         """The named statistic (one of :data:`STATISTICS`)."""
         if statistic not in STATISTICS:
             raise ValueError(f"statistic {statistic!r} is not one of {', '.join(STATISTICS)}")
-        return float(getattr(self, statistic))
+        value = getattr(self, statistic)
+        if value is None:
+            raise ValueError(f"statistic {statistic!r} was not computed (score(..., holdout=True))")
+        return float(value)
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -99,6 +111,31 @@ class Cycle:
         return x2, self.omega_k.forward(x2)
 
 
+@dataclass(frozen=True, eq=False)
+class Holdout:
+    """The folds of one slice's cross-validation.
+
+    Attributes:
+        kept: SENSE operator with the slice's maps repeated F times; mask f is the
+            acquisition without the lines of fold f.
+        held: ``(F, ky)`` the lines of each fold (acquired, outside the ACS block).
+    """
+
+    kept: SenseOp
+    held: Tensor
+
+    def residual_noise(self, model: MoDL, y: Tensor, noise_sigma: float) -> Tensor:
+        """Prediction error on the held-out lines over all folds, in noise norms
+        (``sigma sqrt(n)``, n the held-out entries); differentiable in ``y``."""
+        folds = self.kept.batch
+        x2 = model(self.kept.adjoint(y.expand(folds, -1, -1, -1)), self.kept)
+        predicted = self.kept.fully_sampled().forward(x2)
+        held = self.held.to(y.real.dtype)[:, None, :, None]
+        residual = (y - predicted) * held
+        n = float(self.held.sum()) * y.shape[1] * y.shape[-1]
+        return torch.linalg.vector_norm(residual) / (noise_sigma * n**0.5)
+
+
 def cyclic_loss(y: Tensor, r: Tensor) -> Tensor:
     """The paper's ``mean_k ||y - r_k|| / ||r_k||`` (differentiable), ``y`` ``(1, C, ky, kx)``."""
     return torch.mean(_norm(y - r) / _norm(r).clamp(min=1e-30))
@@ -137,6 +174,7 @@ class CyclicDetector:
         jitter_scale: jitter amplitude in units of the per-coil DC-residual RMS (paper: 6).
         seed: seed of the alternative masks and the jitter (a slice is always scored the
             same way, so scores are reproducible and calibrations meaningful).
+        folds: F, the folds of ``holdout_noise``.
     """
 
     model: MoDL
@@ -144,6 +182,20 @@ class CyclicDetector:
     alternatives: int = 3
     jitter_scale: float = 6.0
     seed: int = 0
+    folds: int = 8
+
+    def holdout(self, op: SenseOp) -> Holdout:
+        """The folds for a slice (batch of 1): acquired lines outside the ACS block, dealt in turn."""
+        omega = op.mask[0].cpu().numpy().astype(bool)
+        lines = np.flatnonzero(omega & ~self.family.acs_mask(omega.shape[0]))
+        if self.folds < 2 or len(lines) < self.folds:
+            raise ValueError(f"{self.folds} folds need at least as many acquired lines outside the ACS block ({len(lines)} here), and 2")
+        held = np.zeros((self.folds, omega.shape[0]), dtype=bool)
+        for fold in range(self.folds):
+            held[fold, lines[fold :: self.folds]] = True
+        held_t = torch.from_numpy(held).to(op.maps.device)
+        kept = SenseOp(op.maps.expand(self.folds, -1, -1, -1), torch.from_numpy(omega[None] & ~held).to(op.maps.device))
+        return Holdout(kept=kept, held=held_t)
 
     def cycle(self, op: SenseOp, y: Tensor, x1: Tensor) -> Cycle:
         """Build the cycle's fixed parts for a slice (batch of 1)."""
@@ -163,16 +215,18 @@ class CyclicDetector:
         return Cycle(deltas=deltas, omega_k=omega_k, noise=noise)
 
     @torch.no_grad()
-    def score(self, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float = 1.0) -> DetectionScores:
-        """All statistics for one slice.
+    def score(self, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float = 1.0, holdout: bool = False) -> DetectionScores:
+        """All statistics for one slice (``holdout_noise`` only with ``holdout``).
 
         Args:
             op: the acquisition operator (batch 1).
             y: ``(1, C, ky, kx)`` measured k-space (zero off the mask).
             x1: ``(1, y, x)`` the network's reconstruction ``f(E^H y; Omega)``.
             noise_sigma: acquisition noise standard deviation per sample (1 when prewhitened).
+            holdout: also compute ``holdout_noise`` (F more network passes).
         """
         cycle = self.cycle(op, y, x1)
         x2, r = cycle.run(self.model, x1)
-        values = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in STATISTICS}
-        return DetectionScores(**values)
+        values: dict[str, float | None] = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in CYCLE_STATISTICS}
+        values["holdout_noise"] = float(self.holdout(op).residual_noise(self.model, y, noise_sigma)) if holdout else None
+        return DetectionScores(**values)  # type: ignore[arg-type]
