@@ -30,7 +30,7 @@ from recon.types import SliceKSpace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATISTIC = "cyclic_noise"
+DEFAULT_STATISTIC = "holdout_noise"
 CALIBRATION_DIR = WEIGHTS_DIR
 
 

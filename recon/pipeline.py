@@ -217,13 +217,23 @@ class MitigationOutcome:
     network_passes: int
 
 
+DATA_ONLY_STATISTICS = ("holdout_noise",)
+
+
+def safeguard_statistic(statistic: str) -> str:
+    """The statistic that judges a rewrite: the calibrated one unless it ignores the image."""
+    return "cyclic_noise" if statistic in DATA_ONLY_STATISTICS else statistic
+
+
 def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
     """Rewrite a flagged image by the k-space cyclic mitigation, behind the safeguard.
 
     The rewrite ships only when its statistic against the received data is lower than the
     original's and it stays within ``max_dc_increase`` noise norms of the original's data
     residual; otherwise the original image ships with verdict ``flagged``. Images that
-    passed the check are returned untouched.
+    passed the check are returned untouched. The statistic is the calibrated one when it
+    judges the image; ``holdout_noise`` judges the received data only (the same for any
+    image), so the safeguard then compares ``cyclic_noise`` (:func:`safeguard_statistic`).
     """
     if checked.verdict != "flagged":
         return MitigationOutcome(image, checked.verdict, None, checked.reason, 0.0, 0)
@@ -246,18 +256,25 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
         seconds = time.perf_counter() - t0
         reason = f"{checked.reason}; mitigation stopped at its time budget ({settings.time_budget:g} s): the original image ships"
         return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes + defense.detector.alternatives)
+    judge = safeguard_statistic(defense.statistic)
     with torch.no_grad():
-        rescored = defense.detector.score(prepared.op, prepared.y, result.image, defense.noise_sigma, holdout=defense.statistic == "holdout_noise").get(defense.statistic)
+        if judge == defense.statistic:
+            before = checked.score
+        elif checked.scores is not None:
+            before = checked.scores.get(judge)
+        else:  # read back from image meta: score the received image too
+            before = defense.detector.score(prepared.op, prepared.y, x1, defense.noise_sigma).get(judge)
+        rescored = defense.detector.score(prepared.op, prepared.y, result.image, defense.noise_sigma).get(judge)
         floor = noise_norm(prepared.op, prepared.y, defense.noise_sigma)
         dc_increase = (_dc_norm(prepared.op, prepared.y, result.image) - _dc_norm(prepared.op, prepared.y, x1)) / floor
     seconds = time.perf_counter() - t0
     passes = result.network_passes + defense.detector.alternatives
-    if rescored < checked.score and dc_increase <= settings.max_dc_increase:
-        reason = f"mitigated: {defense.statistic} {checked.score:.4g} -> {rescored:.4g} (threshold {checked.threshold:.4g})"
+    if rescored < before and dc_increase <= settings.max_dc_increase:
+        reason = f"mitigated: {judge} {before:.4g} -> {rescored:.4g} ({checked.reason})"
         rewritten = result.image[0].cpu().numpy().astype(np.complex64)
         return MitigationOutcome(rewritten, "mitigated", rescored, reason, seconds, passes)
     reason = (
-        f"{checked.reason}; rewrite refused by the safeguard ({defense.statistic} {rescored:.4g}, "
+        f"{checked.reason}; rewrite refused by the safeguard ({judge} {before:.4g} -> {rescored:.4g}, "
         f"data residual +{dc_increase:.2f} noise norms)"
     )
     return MitigationOutcome(image, "flagged", rescored, reason, seconds, passes)

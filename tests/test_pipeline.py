@@ -108,13 +108,13 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse
     from dataclasses import replace
 
     from recon.attacks import pgd_kspace_l2
-    from recon.calibrate import default_calibration_path, detector_for, protocol_of
+    from recon.calibrate import calibration_statistic, default_calibration_path, detector_for, protocol_of
     from recon.data.demo import DEMO_RAW, DEMO_REFERENCE
     from recon.detect.calibration import Calibration, DetectorKey
     from recon.io.mrd_write import read_images
     from recon.metrics import quality
     from recon.models.weights import load_model
-    from recon.pipeline import prepare
+    from recon.pipeline import prepare, safeguard_statistic
 
     model, manifest = load_model()
     scan = read_raw(DEMO_RAW)
@@ -123,8 +123,9 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse
     protocol = protocol_of(data, manifest, scan.protocol.acceleration)
     detector = detector_for(model, manifest)
     path = default_calibration_path(manifest)
-    statistic = "cyclic_noise"
-    calibration = Calibration.load(path, manifest.sha256, protocol, DetectorKey(statistic, 3, detector.jitter_scale, detector.seed))
+    statistic = calibration_statistic(path)
+    assert statistic == "holdout_noise"  # the deployed statistic (benchmarks/RESULTS.md section 2)
+    calibration = Calibration.load(path, manifest.sha256, protocol, DetectorKey.of(statistic, detector))
     prepared = prepare(data)
     n = float(prepared.op.mask.sum()) * data.coils * data.shape[1]
     attacked_y = pgd_kspace_l2(model, prepared.op, prepared.y, 3.0 * n**0.5, torch.Generator().manual_seed(0))
@@ -134,6 +135,6 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse
     result = defend(attacked, Defense(model, detector, calibration, statistic, noise_sigma=1.0))
     assert result.verdict in ("flagged", "mitigated")
     assert result.score > calibration.threshold and result.p_value < 0.01
-    if result.verdict == "mitigated":
-        assert result.mitigated_score is not None and result.mitigated_score < result.score
+    if result.verdict == "mitigated":  # judged by the image statistic: holdout_noise ignores the image
+        assert result.mitigated_score is not None and result.mitigated_score < result.scores.get(safeguard_statistic(statistic))
     assert quality(result.image, reference).psnr >= before - 0.5
