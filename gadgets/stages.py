@@ -217,7 +217,7 @@ class SafeSocket:
 
     def close(self) -> None:
         try:
-            self.socket.sendall(struct.pack("<H", MESSAGE_CLOSE))
+            self.write(struct.pack("<H", MESSAGE_CLOSE))
         except OSError:
             pass
         self.socket.close()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from recon.detect.calibration import Calibration
-from recon.detect.cyclic import CyclicDetector, DetectionScores, noise_norm
+from recon.detect.cyclic import DATA_ONLY_STATISTICS, CyclicDetector, DetectionScores, noise_norm
 from recon.models.modl import MoDL
 from recon.physics.coils import estimate_coil_maps
 from recon.physics.sense import SenseOp
@@ -193,7 +193,7 @@ def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> Check
     """Score a reconstruction against the received data and compare with the calibrated threshold."""
     x1 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(prepared.y.device)
     t0 = time.perf_counter()
-    scores = defense.detector.score(prepared.op, prepared.y, x1, defense.noise_sigma, holdout=defense.statistic == "holdout_noise")
+    scores = defense.detector.score(prepared.op, prepared.y, x1, defense.noise_sigma, holdout=defense.statistic in DATA_ONLY_STATISTICS)
     seconds = time.perf_counter() - t0
     score = scores.get(defense.statistic)
     calibration = defense.calibration
@@ -215,9 +215,6 @@ class MitigationOutcome:
     reason: str
     seconds: float
     network_passes: int
-
-
-DATA_ONLY_STATISTICS = ("holdout_noise",)
 
 
 def safeguard_statistic(statistic: str) -> str:
@@ -258,17 +255,19 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
         return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes + defense.detector.alternatives)
     judge = safeguard_statistic(defense.statistic)
     with torch.no_grad():
+        rescoring = defense.detector.alternatives
         if judge == defense.statistic:
             before = checked.score
         elif checked.scores is not None:
             before = checked.scores.get(judge)
         else:  # read back from image meta: score the received image too
             before = defense.detector.score(prepared.op, prepared.y, x1, defense.noise_sigma).get(judge)
+            rescoring += defense.detector.alternatives
         rescored = defense.detector.score(prepared.op, prepared.y, result.image, defense.noise_sigma).get(judge)
         floor = noise_norm(prepared.op, prepared.y, defense.noise_sigma)
         dc_increase = (_dc_norm(prepared.op, prepared.y, result.image) - _dc_norm(prepared.op, prepared.y, x1)) / floor
     seconds = time.perf_counter() - t0
-    passes = result.network_passes + defense.detector.alternatives
+    passes = result.network_passes + rescoring
     if rescored < before and dc_increase <= settings.max_dc_increase:
         reason = f"mitigated: {judge} {before:.4g} -> {rescored:.4g} ({checked.reason})"
         rewritten = result.image[0].cpu().numpy().astype(np.complex64)
@@ -291,7 +290,7 @@ def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cp
     checked = check(recon.prepared, recon.image, defense)
     assert checked.scores is not None  # check() computes every statistic
     timings = [*recon.timings, ("detect", checked.seconds)]
-    holdout = defense.detector.folds if defense.statistic == "holdout_noise" else 0
+    holdout = defense.detector.folds if defense.statistic in DATA_ONLY_STATISTICS else 0
     passes = [("recon", 1), ("detect", defense.detector.alternatives + holdout)]
     outcome = mitigate_flagged(recon.prepared, recon.image, checked, defense)
     if outcome.network_passes:

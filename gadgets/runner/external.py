@@ -275,9 +275,10 @@ class ExternalRun:
 
     def _finish(self, closed: bool) -> None:
         if self.process is not None:
-            status = self._release(wait=30 if closed else 5)
+            wait = 30 if closed else 5
+            status = self._release(wait=wait)
             if status is None:
-                self.errors.append(f"did not exit within {30 if closed else 5} s of {'CLOSE' if closed else 'the connection ending'} (killed)")
+                self.errors.append(f"did not exit within {wait} s of {'CLOSE' if closed else 'the connection ending'} (killed)")
             assert self.stdout is not None
             if self.stdout.bytes:
                 self.errors.append(f"wrote {self.stdout.bytes} bytes to stdout (Gadgetron's data pipe): {list(self.stdout.tail)[:3]}")

@@ -77,13 +77,6 @@ class TlsWire(SafeSocket):
             sent = self._call(partial(self.socket.send, chunk))
             view = view[sent:]
 
-    def close(self) -> None:
-        try:
-            self.write(struct.pack("<H", CLOSE))
-        except OSError:
-            pass
-        self.socket.close()
-
 
 def wire_for(sock: socket.socket) -> SafeSocket:
     """The wire for a connected socket: :class:`TlsWire` for TLS, else :class:`SafeSocket`."""

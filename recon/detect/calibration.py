@@ -18,7 +18,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from recon.detect.cyclic import DATA_ONLY_STATISTICS
+
+if TYPE_CHECKING:
+    from recon.detect.cyclic import CyclicDetector
 
 FORMAT = "cycguard-calibration/1"
 
@@ -49,9 +54,9 @@ class DetectorKey:
     folds: int | None = None  # holdout_noise only; absent from files of the other statistics
 
     @classmethod
-    def of(cls, statistic: str, detector: Any) -> DetectorKey:
-        """The key of a :class:`~recon.detect.cyclic.CyclicDetector` scoring ``statistic``."""
-        folds = int(detector.folds) if statistic == "holdout_noise" else None
+    def of(cls, statistic: str, detector: CyclicDetector) -> DetectorKey:
+        """The key of a detector scoring ``statistic``."""
+        folds = detector.folds if statistic in DATA_ONLY_STATISTICS else None
         return cls(statistic, detector.alternatives, detector.jitter_scale, detector.seed, folds)
 
 

@@ -50,6 +50,9 @@ from recon.physics.sense import SenseOp
 
 STATISTICS = ("cyclic", "cycle_image", "dc", "cyclic_noise", "dc_noise", "holdout_noise")
 CYCLE_STATISTICS = STATISTICS[:5]
+# statistics of the received data alone: the same for any image, F extra network passes,
+# computed only when asked (``score(..., holdout=True)``)
+DATA_ONLY_STATISTICS = ("holdout_noise",)
 
 
 @dataclass(frozen=True)
