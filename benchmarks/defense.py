@@ -148,7 +148,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--replot", action="store_true", help="only redraw plots and tables from OUT/defense.json")
     parser.add_argument("--image-domain", action="store_true", help="only the image-domain table, clean baseline through the same image path")
+    parser.add_argument("--mitigation-only", action="store_true", help="only the mitigation table (and montage), merged into OUT/defense.json")
     args = parser.parse_args()
+    if args.mitigation_only:
+        torch.set_num_threads(args.threads)
+        mitigation_only(args)
+        return
     if args.image_domain:
         torch.set_num_threads(args.threads)
         image_domain_phase(args)
@@ -227,7 +232,7 @@ def main() -> None:
     # 3. adaptive attacker against the deployed statistic at 1 % FPR
     deployed = calibrations[(args.statistic, 0.01)]
     adaptive_rows = []
-    for budget in (1.0, 3.0):
+    for budget in (0.3, 1.0, 3.0):
         for i, item in enumerate(tqdm(victims[: args.adaptive], desc=f"adaptive {budget:g} noise norms")):
             adv = attack("adaptive", budget, model, item, detector, deployed.threshold, args.statistic, seed=5000 + i)
             obs, _, _ = observe(model, detector, item, y=adv["y"])
@@ -246,6 +251,19 @@ def main() -> None:
     plot_roc(roc_data, args.out / "defense_roc.png", args.statistic)
     plot_damage(results, args.out / "defense_damage.png")
     write_markdown(results, args.out / "defense.md", args.statistic)
+
+
+def mitigation_only(args: argparse.Namespace) -> None:
+    """The mitigation phase alone, on the first ``--mitigated`` clean test slices."""
+    model, manifest = load_model(args.weights)
+    family = MaskFamily(manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    detector = CyclicDetector(model, family)
+    victims = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=202)][: args.mitigated]
+    clean = [observe(model, detector, it)[0] for it in victims]
+    path = args.out / "defense.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, {})
+    path.write_text(json.dumps(results, indent=1))
 
 
 def image_domain_phase(args: argparse.Namespace) -> None:
@@ -290,7 +308,7 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
     from recon.pipeline import MitigationSettings
 
     settings = MitigationSettings()
-    cases = {"kspace-l2 3 noise norms": ("kspace-l2", 3.0), "image-linf 0.01 max|x_zf|": ("image-linf", 0.01), "clean": ("none", 0.0)}
+    cases = {"kspace-l2 1 noise norms": ("kspace-l2", 1.0), "kspace-l2 3 noise norms": ("kspace-l2", 3.0), "image-linf 0.01 max|x_zf|": ("image-linf", 0.01), "clean": ("none", 0.0)}
     out: dict[str, Any] = {}
     montage_panels: list[tuple[str, np.ndarray]] = []
     for case, (name, budget) in cases.items():

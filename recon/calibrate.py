@@ -17,8 +17,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recon.detect.calibration import Calibration, CalibrationError, DetectorKey, ProtocolKey, calibrate
-from recon.detect.cyclic import CyclicDetector, DetectionScores
+from recon.detect.calibration import (
+    Calibration,
+    CalibrationError,
+    DetectorKey,
+    ProtocolKey,
+    calibrate,
+    calibrate_combined,
+)
+from recon.detect.cyclic import COMBINED_STATISTICS, CyclicDetector, DetectionScores
 from recon.io.mrd import read_raw
 from recon.models.modl import MoDL
 from recon.models.weights import WEIGHTS_DIR, ModelManifest
@@ -30,7 +37,7 @@ from recon.types import SliceKSpace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATISTIC = "holdout_noise"
+DEFAULT_STATISTIC = "holdout_union"
 CALIBRATION_DIR = WEIGHTS_DIR
 
 
@@ -108,6 +115,10 @@ def build_calibration(
 ) -> Calibration:
     """Threshold one statistic of clean scores for a target false-positive rate."""
     key = DetectorKey.of(statistic, detector)
+    scores = list(scores)
+    if statistic in COMBINED_STATISTICS:
+        components = {name: [s.get(name) for s in scores] for name in COMBINED_STATISTICS[statistic]}
+        return calibrate_combined(components, target_fpr, manifest.sha256, protocol, key)
     return calibrate([s.get(statistic) for s in scores], target_fpr, manifest.sha256, protocol, key)
 
 

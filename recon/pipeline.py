@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from recon.detect.calibration import Calibration
-from recon.detect.cyclic import DATA_ONLY_STATISTICS, CyclicDetector, DetectionScores, noise_norm
+from recon.detect.cyclic import DATA_ONLY_STATISTICS, SENSITIVE_STATISTICS, CyclicDetector, DetectionScores, noise_norm
 from recon.models.modl import MoDL
 from recon.physics.coils import estimate_coil_maps
 from recon.physics.sense import SenseOp
@@ -193,10 +193,13 @@ def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> Check
     """Score a reconstruction against the received data and compare with the calibrated threshold."""
     x1 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(prepared.y.device)
     t0 = time.perf_counter()
-    scores = defense.detector.score(prepared.op, prepared.y, x1, defense.noise_sigma, holdout=defense.statistic in DATA_ONLY_STATISTICS)
+    scores = defense.detector.score(
+        prepared.op, prepared.y, x1, defense.noise_sigma,
+        holdout=defense.statistic in DATA_ONLY_STATISTICS, sensitive=defense.statistic in SENSITIVE_STATISTICS,
+    )
     seconds = time.perf_counter() - t0
-    score = scores.get(defense.statistic)
     calibration = defense.calibration
+    score = calibration.score_of(scores)
     if calibration.flags(score):
         verdict, relation = "flagged", ">"
     else:
@@ -229,7 +232,7 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
     original's and it stays within ``max_dc_increase`` noise norms of the original's data
     residual; otherwise the original image ships with verdict ``flagged``. Images that
     passed the check are returned untouched. The statistic is the calibrated one when it
-    judges the image; ``holdout_noise`` judges the received data only (the same for any
+    judges the image; the ``holdout_*`` statistics judge the received data only (the same for any
     image), so the safeguard then compares ``cyclic_noise`` (:func:`safeguard_statistic`).
     """
     if checked.verdict != "flagged":
@@ -290,8 +293,7 @@ def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cp
     checked = check(recon.prepared, recon.image, defense)
     assert checked.scores is not None  # check() computes every statistic
     timings = [*recon.timings, ("detect", checked.seconds)]
-    holdout = defense.detector.folds if defense.statistic in DATA_ONLY_STATISTICS else 0
-    passes = [("recon", 1), ("detect", defense.detector.alternatives + holdout)]
+    passes = [("recon", 1), ("detect", defense.detector.passes(defense.statistic))]
     outcome = mitigate_flagged(recon.prepared, recon.image, checked, defense)
     if outcome.network_passes:
         timings.append(("mitigate", outcome.seconds))

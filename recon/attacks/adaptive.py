@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from recon.attacks.kspace import l2_start, l2_step
-from recon.detect.cyclic import DATA_ONLY_STATISTICS, CyclicDetector, statistic_tensor
+from recon.detect.cyclic import COMBINED_STATISTICS, DATA_ONLY_STATISTICS, CyclicDetector, statistic_tensor
 from recon.physics.sense import SenseOp
 
 
@@ -14,8 +14,12 @@ def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, sta
     """The detector's statistic, differentiable in ``y`` and ``x1``."""
     if statistic in ("dc", "dc_noise"):
         return statistic_tensor(statistic, op, y, x1, None, None, noise_sigma)
-    if statistic in DATA_ONLY_STATISTICS:
-        return detector.holdout(op).residual_noise(detector.model, y, noise_sigma)
+    if statistic in COMBINED_STATISTICS:
+        raise ValueError(f"the adaptive attacker targets one statistic; {statistic!r} combines {COMBINED_STATISTICS[statistic]}")
+    if statistic in DATA_ONLY_STATISTICS:  # the sensitive directions held fixed at this iterate
+        value = detector.holdout_statistics(op, y, noise_sigma, sensitive=statistic == "holdout_sensitive")[statistic]
+        assert value is not None
+        return value
     cycle = detector.cycle(op, y.detach(), x1.detach())
     x2, r = cycle.run(detector.model, x1)
     return statistic_tensor(statistic, op, y, x1, x2, r, noise_sigma)
@@ -57,7 +61,8 @@ def adaptive_kspace_l2(
         with torch.no_grad():
             y_try = y + delta
             x_try = model(op.adjoint(y_try), op)
-            passes = detector.score(op, y_try, x_try, noise_sigma, holdout=statistic in DATA_ONLY_STATISTICS).get(statistic) <= threshold
+            scores = detector.score(op, y_try, x_try, noise_sigma, holdout=statistic in DATA_ONLY_STATISTICS, sensitive=statistic == "holdout_sensitive")
+            passes = scores.get(statistic) <= threshold
             harm_try = float(torch.linalg.vector_norm(x_try - target) / torch.linalg.vector_norm(target))
         if passes and harm_try > best_damage:
             best, best_damage = y_try, harm_try

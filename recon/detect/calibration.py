@@ -15,15 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recon.detect.cyclic import DATA_ONLY_STATISTICS
+from recon.detect.cyclic import COMBINED_STATISTICS, DATA_ONLY_STATISTICS, SENSITIVE_STATISTICS
 
 if TYPE_CHECKING:
-    from recon.detect.cyclic import CyclicDetector
+    from recon.detect.cyclic import CyclicDetector, DetectionScores
 
 FORMAT = "cycguard-calibration/1"
 
@@ -51,12 +51,16 @@ class DetectorKey:
     alternatives: int
     jitter_scale: float
     seed: int
-    folds: int | None = None  # holdout_noise only; absent from files of the other statistics
+    folds: int | None = None  # the data-only statistics only; absent from files of the others
+    directions: int | None = None  # holdout_sensitive and holdout_union only
+    power_iterations: int | None = None  # likewise
 
     @classmethod
     def of(cls, statistic: str, detector: CyclicDetector) -> DetectorKey:
         """The key of a detector scoring ``statistic``."""
         folds = detector.folds if statistic in DATA_ONLY_STATISTICS else None
+        if statistic in SENSITIVE_STATISTICS:
+            return cls(statistic, detector.alternatives, detector.jitter_scale, detector.seed, folds, detector.directions, detector.power_iterations)
         return cls(statistic, detector.alternatives, detector.jitter_scale, detector.seed, folds)
 
 
@@ -70,6 +74,14 @@ class Calibration:
     target_fpr: float
     threshold: float
     clean_scores: tuple[float, ...]
+    scales: tuple[tuple[str, float], ...] = ()  # a combined statistic's components and their divisors
+
+    def score_of(self, scores: DetectionScores) -> float:
+        """The calibrated statistic of a slice's scores: the named one, or for a combined
+        statistic the largest component over its scale."""
+        if not self.scales:
+            return scores.get(self.detector.statistic)
+        return max(scores.get(name) / scale for name, scale in self.scales)
 
     def flags(self, score: float) -> bool:
         """Whether ``score`` exceeds the threshold (non-finite scores are flagged: fail closed)."""
@@ -91,6 +103,7 @@ class Calibration:
             "target_fpr": self.target_fpr,
             "threshold": self.threshold,
             "clean_scores": list(self.clean_scores),
+            **({"scales": {name: scale for name, scale in self.scales}} if self.scales else {}),
         }
 
     def save(self, path: Path) -> Path:
@@ -126,6 +139,7 @@ class Calibration:
                 target_fpr=float(raw["target_fpr"]),
                 threshold=float(raw["threshold"]),
                 clean_scores=tuple(float(s) for s in raw["clean_scores"]),
+                scales=tuple((str(name), float(scale)) for name, scale in raw.get("scales", {}).items()),
             )
         except CalibrationError:
             raise
@@ -144,6 +158,9 @@ class Calibration:
             raise CalibrationError(f"calibration {path} was made for protocol {calibration.protocol}, this scan is {protocol}")
         if calibration.detector != detector:
             raise CalibrationError(f"calibration {path} was made with detector {calibration.detector}, configured {detector}")
+        components = COMBINED_STATISTICS.get(detector.statistic, ())
+        if tuple(name for name, _ in calibration.scales) != components or any(not (math.isfinite(v) and v > 0) for _, v in calibration.scales):
+            raise CalibrationError(f"calibration {path} has scales {dict(calibration.scales)}, statistic {detector.statistic} needs positive scales of {list(components)}")
         return calibration
 
 
@@ -170,3 +187,32 @@ def calibrate(
     if rank > n:
         raise ValueError(f"{n} clean scores cannot calibrate a {target_fpr:g} false-positive rate; need at least {math.ceil(1 / target_fpr) - 1}")
     return Calibration(model_sha256, protocol, detector, target_fpr, clean[rank - 1], tuple(clean))
+
+
+def calibrate_combined(
+    components: Mapping[str, Sequence[float]],
+    target_fpr: float,
+    model_sha256: str,
+    protocol: ProtocolKey,
+    detector: DetectorKey,
+) -> Calibration:
+    """Calibrate a combined statistic (:data:`COMBINED_STATISTICS`) from its components'
+    clean scores, slice by slice.
+
+    Each component is divided by its own conformal threshold at ``target_fpr``; the
+    combined score of a slice is the largest quotient, and its threshold the conformal
+    quantile of the combined clean scores (so the false-positive rate of the union is
+    ``target_fpr``, not the sum of the components').
+    """
+    names = COMBINED_STATISTICS.get(detector.statistic)
+    if names is None or set(components) != set(names):
+        raise ValueError(f"statistic {detector.statistic!r} is not combined from {sorted(components)}")
+    lengths = {len(components[name]) for name in names}
+    if len(lengths) != 1:
+        raise ValueError(f"the components need one score per clean slice each, got {lengths}")
+    scales = tuple((name, calibrate(components[name], target_fpr, model_sha256, protocol, detector).threshold) for name in names)
+    if any(scale <= 0 for _, scale in scales):
+        raise ValueError(f"component thresholds must be positive to scale by, got {dict(scales)}")
+    combined = [max(float(components[name][i]) / scale for name, scale in scales) for i in range(lengths.pop())]
+    single = calibrate(combined, target_fpr, model_sha256, protocol, detector)
+    return Calibration(model_sha256, protocol, detector, target_fpr, single.threshold, single.clean_scores, scales)

@@ -28,6 +28,20 @@ reconstruction the recon stage already made):
   predicted once from data that do not contain it, so a perturbation of those lines shows
   in full unless it is predictable from the rest (consistent with the physics and the
   network's prior, i.e. forged data). F extra network passes, batched.
+* ``holdout_sensitive``: where that cross-validation residual lies (ours). An attack that
+  damages the image with a small perturbation must put it where the network is most
+  sensitive: along the top right-singular vectors of the Jacobian of ``y -> f(E^H y)``,
+  restricted to the held-out lines (found by block power iteration from a seeded start, K
+  directions, a few iterations). The statistic is the residual's RMS along those K
+  directions over its RMS per direction overall: about 1 for a residual spread like noise,
+  whatever the noise level or the slice's difficulty, and large when the unexplained part of
+  the data points where the network amplifies it. ``2 K iterations`` more network passes
+  (forward and backward) on top of the F folds; no noise estimate needed.
+* ``holdout_union`` (the deployed default): the larger of ``holdout_noise`` and
+  ``holdout_sensitive``, each over its own clean threshold at the target rate (scales kept in
+  the calibration). The two fail in opposite places: a large or spiky perturbation raises
+  the residual everywhere and dilutes the sensitive share, a small damaging one hides in the
+  noise but not in the sensitive directions.
 * ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
   ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
   paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
@@ -48,11 +62,15 @@ from recon.physics.masks import MaskFamily
 from recon.physics.noise import complex_randn
 from recon.physics.sense import SenseOp
 
-STATISTICS = ("cyclic", "cycle_image", "dc", "cyclic_noise", "dc_noise", "holdout_noise")
+STATISTICS = ("cyclic", "cycle_image", "dc", "cyclic_noise", "dc_noise", "holdout_noise", "holdout_sensitive")
 CYCLE_STATISTICS = STATISTICS[:5]
-# statistics of the received data alone: the same for any image, F extra network passes,
+# combinations of per-slice statistics, scaled by a calibration (recon/detect/calibration.py)
+COMBINED_STATISTICS = {"holdout_union": ("holdout_noise", "holdout_sensitive")}
+# statistics of the received data alone: the same for any image, extra network passes,
 # computed only when asked (``score(..., holdout=True)``)
-DATA_ONLY_STATISTICS = ("holdout_noise",)
+DATA_ONLY_STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union")
+# those that need the sensitive directions (``score(..., sensitive=True)``)
+SENSITIVE_STATISTICS = ("holdout_sensitive", "holdout_union")
 
 
 @dataclass(frozen=True)
@@ -65,9 +83,12 @@ class DetectionScores:
     cyclic_noise: float
     dc_noise: float
     holdout_noise: float | None = None  # computed only when asked (F extra network passes)
+    holdout_sensitive: float | None = None  # likewise, and 2 K iterations more
 
     def get(self, statistic: str) -> float:
         """The named statistic (one of :data:`STATISTICS`)."""
+        if statistic in COMBINED_STATISTICS:
+            raise ValueError(f"statistic {statistic!r} combines {' and '.join(COMBINED_STATISTICS[statistic])} on a calibration's scales (Calibration.score_of)")
         if statistic not in STATISTICS:
             raise ValueError(f"statistic {statistic!r} is not one of {', '.join(STATISTICS)}")
         value = getattr(self, statistic)
@@ -127,16 +148,72 @@ class Holdout:
     kept: SenseOp
     held: Tensor
 
-    def residual_noise(self, model: MoDL, y: Tensor, noise_sigma: float) -> Tensor:
-        """Prediction error on the held-out lines over all folds, in noise norms
-        (``sigma sqrt(n)``, n the held-out entries); differentiable in ``y``."""
+    @property
+    def support(self) -> Tensor:
+        """``(1, 1, ky, 1)``: 1 on the held-out lines of any fold."""
+        return self.held.any(dim=0).to(torch.float32)[None, None, :, None]
+
+    def entries(self, y: Tensor) -> int:
+        """The number of held-out k-space entries of ``y`` (all coils)."""
+        return int(self.held.sum()) * y.shape[1] * y.shape[-1]
+
+    def residual(self, model: MoDL, y: Tensor) -> Tensor:
+        """``(1, C, ky, kx)``: each held-out line minus its prediction from the other lines
+        (zero elsewhere); differentiable in ``y``."""
         folds = self.kept.batch
         x2 = model(self.kept.adjoint(y.expand(folds, -1, -1, -1)), self.kept)
         predicted = self.kept.fully_sampled().forward(x2)
         held = self.held.to(y.real.dtype)[:, None, :, None]
-        residual = (y - predicted) * held
-        n = float(self.held.sum()) * y.shape[1] * y.shape[-1]
-        return torch.linalg.vector_norm(residual) / (noise_sigma * n**0.5)
+        return ((y - predicted) * held).sum(dim=0, keepdim=True)
+
+    def residual_noise(self, model: MoDL, y: Tensor, noise_sigma: float) -> Tensor:
+        """Prediction error on the held-out lines over all folds, in noise norms
+        (``sigma sqrt(n)``, n the held-out entries); differentiable in ``y``."""
+        return noise_residual(self.residual(model, y), self.entries(y), noise_sigma)
+
+
+def noise_residual(residual: Tensor, entries: int, noise_sigma: float) -> Tensor:
+    """``||residual|| / (sigma sqrt(entries))``."""
+    return torch.linalg.vector_norm(residual) / (noise_sigma * entries**0.5)
+
+
+def sensitive_directions(model: MoDL, op: SenseOp, y: Tensor, support: Tensor, count: int, iterations: int, generator: torch.Generator) -> Tensor:
+    """The ``count`` data directions on ``support`` along which ``f(E^H y)`` changes most.
+
+    Block power iteration on ``J^H J``, J the Jacobian of ``y -> f(E^H y; Omega)`` at the
+    received ``y`` (each product by finite difference and one backward pass, the ``count``
+    vectors as one batch), from a seeded random start. Returns ``(count, C, ky, kx)``
+    orthonormal directions (not differentiable).
+    """
+    ops = SenseOp(op.maps.expand(count, -1, -1, -1), op.mask.expand(count, -1))
+    y = y.detach()
+    step = 1e-3 * float(torch.linalg.vector_norm(y)) / count**0.5
+    with torch.no_grad():
+        base = model(op.adjoint(y), op)
+    directions = _orthonormal(complex_randn((count, *y.shape[1:]), generator, y.device) * support)
+    for _ in range(iterations):
+        with torch.enable_grad():
+            delta = (step * directions).requires_grad_(True)
+            moved = model(ops.adjoint(y + delta), ops)
+            (grad,) = torch.autograd.grad(0.5 * torch.sum((moved - base).abs() ** 2), delta)
+        directions = _orthonormal(grad * support)
+    return directions
+
+
+def _orthonormal(vectors: Tensor) -> Tensor:
+    """Orthonormalise a batch of k-space vectors (QR of the flattened batch)."""
+    flat = vectors.reshape(vectors.shape[0], -1)
+    q, _ = torch.linalg.qr(flat.T)
+    return q.T.reshape(vectors.shape)
+
+
+def sensitive_share(residual: Tensor, directions: Tensor, entries: int) -> Tensor:
+    """RMS of ``residual`` along ``directions`` over its RMS per direction overall
+    (``holdout_sensitive``; about 1 for a residual spread like white noise)."""
+    coefficients = (directions.conj() * residual).reshape(directions.shape[0], -1).sum(dim=1)
+    along = torch.linalg.vector_norm(coefficients) / directions.shape[0] ** 0.5
+    overall = torch.linalg.vector_norm(residual) / entries**0.5
+    return along / overall.clamp(min=1e-30)
 
 
 def cyclic_loss(y: Tensor, r: Tensor) -> Tensor:
@@ -177,7 +254,9 @@ class CyclicDetector:
         jitter_scale: jitter amplitude in units of the per-coil DC-residual RMS (paper: 6).
         seed: seed of the alternative masks and the jitter (a slice is always scored the
             same way, so scores are reproducible and calibrations meaningful).
-        folds: F, the folds of ``holdout_noise``.
+        folds: F, the folds of ``holdout_noise`` and ``holdout_sensitive``.
+        directions: K, the sensitive directions of ``holdout_sensitive``.
+        power_iterations: block power iterations that find them.
     """
 
     model: MoDL
@@ -186,6 +265,8 @@ class CyclicDetector:
     jitter_scale: float = 6.0
     seed: int = 0
     folds: int = 8
+    directions: int = 4
+    power_iterations: int = 2
 
     def holdout(self, op: SenseOp) -> Holdout:
         """The folds for a slice (batch of 1): acquired lines outside the ACS block, dealt in turn."""
@@ -217,19 +298,47 @@ class CyclicDetector:
         noise = self.jitter_scale * sigma * white
         return Cycle(deltas=deltas, omega_k=omega_k, noise=noise)
 
+    def sensitive(self, op: SenseOp, y: Tensor, holdout: Holdout) -> Tensor:
+        """The slice's K sensitive directions on the held-out lines (seeded: reproducible)."""
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        return sensitive_directions(self.model, op, y, holdout.support.to(y.device), self.directions, self.power_iterations, generator)
+
+    def holdout_statistics(self, op: SenseOp, y: Tensor, noise_sigma: float, sensitive: bool = True) -> dict[str, Tensor | None]:
+        """``holdout_noise`` and (with ``sensitive``) ``holdout_sensitive``, from one set of
+        fold predictions; differentiable in ``y`` (the directions are held fixed)."""
+        holdout = self.holdout(op)
+        residual = holdout.residual(self.model, y)
+        entries = holdout.entries(y)
+        values: dict[str, Tensor | None] = {"holdout_noise": noise_residual(residual, entries, noise_sigma), "holdout_sensitive": None}
+        if sensitive:
+            values["holdout_sensitive"] = sensitive_share(residual, self.sensitive(op, y, holdout), entries)
+        return values
+
+    def passes(self, statistic: str) -> int:
+        """Single-slice network evaluations (forward and backward alike) to score ``statistic``."""
+        count = self.alternatives
+        if statistic in DATA_ONLY_STATISTICS:
+            count += self.folds
+        if statistic in SENSITIVE_STATISTICS:
+            count += 2 * self.directions * self.power_iterations
+        return count
+
     @torch.no_grad()
-    def score(self, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float = 1.0, holdout: bool = False) -> DetectionScores:
-        """All statistics for one slice (``holdout_noise`` only with ``holdout``).
+    def score(self, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float = 1.0, holdout: bool = False, sensitive: bool = True) -> DetectionScores:
+        """All statistics for one slice (the data-only ones only with ``holdout``).
 
         Args:
             op: the acquisition operator (batch 1).
             y: ``(1, C, ky, kx)`` measured k-space (zero off the mask).
             x1: ``(1, y, x)`` the network's reconstruction ``f(E^H y; Omega)``.
             noise_sigma: acquisition noise standard deviation per sample (1 when prewhitened).
-            holdout: also compute ``holdout_noise`` (F more network passes).
+            holdout: also compute ``holdout_noise`` (F more network passes) and, unless
+                ``sensitive`` is false, ``holdout_sensitive`` (2 K iterations more).
         """
         cycle = self.cycle(op, y, x1)
         x2, r = cycle.run(self.model, x1)
         values: dict[str, float | None] = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in CYCLE_STATISTICS}
-        values["holdout_noise"] = float(self.holdout(op).residual_noise(self.model, y, noise_sigma)) if holdout else None
+        if holdout:
+            for name, value in self.holdout_statistics(op, y, noise_sigma, sensitive).items():
+                values[name] = None if value is None else float(value)
         return DetectionScores(**values)  # type: ignore[arg-type]

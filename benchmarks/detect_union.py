@@ -1,0 +1,144 @@
+"""Detection benchmark of the deployed statistic ``holdout_union`` and its two components.
+
+Usage: ``python -m benchmarks.detect_union [--clean 300] [--attacked 24] [--out benchmarks/results/union]``
+
+The same data, seeds and attacks as ``benchmarks.defense`` (k-space attacks, impulse
+spikes, benign noise; image-domain attacks are in that benchmark): the calibration set is
+made by the product's own ``cycguard calibrate --simulate N`` procedure
+(``recon.calibrate.scores_from_simulation`` and ``build_calibration``, seed 101), the clean
+test set and the attacked copies of its first slices by seed 202. Writes every slice's
+scores (``union.json``, so other combinations can be evaluated without rerunning the
+network), the tables (``union.md``), the ROC of the union (``union_roc.png``) and the
+calibration file the run made (``calibration.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks.defense import attack, auc, observe, to_item  # noqa: E402
+from recon.calibrate import build_calibration, detector_for, scores_from_simulation  # noqa: E402
+from recon.data.samples import simulated_slices  # noqa: E402
+from recon.detect.calibration import Calibration  # noqa: E402
+from recon.detect.cyclic import DetectionScores  # noqa: E402
+from recon.models.weights import load_model  # noqa: E402
+
+STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union")
+ATTACKS: list[tuple[str, float, str]] = [
+    ("kspace-l2", 0.3, "noise norms"),
+    ("kspace-l2", 1.0, "noise norms"),
+    ("kspace-l2", 3.0, "noise norms"),
+    ("kspace-fgsm", 1.0, "noise norms"),
+    ("kspace-fgsm", 3.0, "noise norms"),
+    ("impulse", 0.05, "x max|y| per spike, 10 spikes"),
+    ("impulse", 0.2, "x max|y| per spike, 10 spikes"),
+    ("benign", 1.0, "x noise sigma"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clean", type=int, default=300)
+    parser.add_argument("--attacked", type=int, default=24)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/union"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, manifest = load_model(None)
+    calib_scores, protocol = scores_from_simulation(args.clean, model, manifest, seed=101)
+    detector = detector_for(model, manifest)
+    cals = {(s, f): build_calibration(calib_scores, protocol, manifest, detector, s, f) for s in STATISTICS for f in (0.01, 0.05)}
+    cals[("holdout_union", 0.01)].save(args.out / "calibration.json")
+
+    def values(cal: Calibration, scores: list[DetectionScores]) -> list[float]:
+        return [cal.score_of(s) for s in scores]
+
+    items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=202)]
+    clean = [observe(model, detector, it)[0] for it in tqdm(items, desc="clean test")]
+    clean_scores = [DetectionScores(**o.scores) for o in clean]
+    results: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "thresholds": {f"{s}@{f}": c.threshold for (s, f), c in cals.items()},
+        "scales": {f"{s}@{f}": dict(c.scales) for (s, f), c in cals.items() if c.scales},
+        "clean_fpr": {f"{s}@{f}": float(np.mean([c.flags(v) for v in values(c, clean_scores)])) for (s, f), c in cals.items()},
+        "seconds_detect": float(np.median([o.seconds_detect for o in clean])),
+        "calibration_scores": [{k: getattr(s, k) for k in STATISTICS[:2]} for s in calib_scores],
+        "clean_scores": [{k: o.scores[k] for k in STATISTICS[:2]} | {"psnr": o.psnr} for o in clean],
+        "attacks": {},
+    }
+    roc: dict[str, tuple[list[float], list[float]]] = {}
+    for name, budget, unit in ATTACKS:
+        label = f"{name} {budget:g} {unit}"
+        rows = []
+        for i, item in enumerate(tqdm(items[: args.attacked], desc=label)):
+            adv = attack(name, budget, model, item, detector, 0.0, "holdout_union", seed=1000 + i)
+            rows.append(observe(model, detector, item, y=adv["y"])[0])
+        scores = [DetectionScores(**o.scores) for o in rows]
+        damage = [clean[i].psnr - o.psnr for i, o in enumerate(rows)]
+        entry: dict[str, Any] = {"damage_db": float(np.mean(damage)), "damaging_3db": int(sum(d >= 3 for d in damage)), "auc": {}, "tpr": {}, "tpr_damaging_3db": {}}
+        for s in STATISTICS:
+            cal = cals[(s, 0.01)]
+            entry["auc"][s] = auc(values(cal, clean_scores), values(cal, scores))
+            for f in (0.01, 0.05):
+                flagged = [cals[(s, f)].flags(v) for v in values(cals[(s, f)], scores)]
+                entry["tpr"][f"{s}@{f}"] = float(np.mean(flagged))
+                hits = [fl for fl, d in zip(flagged, damage, strict=True) if d >= 3]
+                entry["tpr_damaging_3db"][f"{s}@{f}"] = float(np.mean(hits)) if hits else None
+        entry["scores"] = [{k: o.scores[k] for k in STATISTICS[:2]} | {"damage_db": d} for o, d in zip(rows, damage, strict=True)]
+        results["attacks"][label] = entry
+        roc[label] = (values(cals[("holdout_union", 0.01)], clean_scores), values(cals[("holdout_union", 0.01)], scores))
+        (args.out / "union.json").write_text(json.dumps(results, indent=1))
+    write_markdown(results, args.out / "union.md")
+    plot_roc(roc, args.out / "union_roc.png")
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    lines = [
+        "| attack (budget) | damage dB | n >= 3 dB | AUC noise / sensitive / union | TPR@1% noise / sensitive / union | TPR@5% noise / sensitive / union | union TPR@1% on >= 3 dB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, e in results["attacks"].items():
+        a = " / ".join(f"{e['auc'][s]:.3f}" for s in STATISTICS)
+        t1 = " / ".join(f"{e['tpr'][f'{s}@0.01']:.2f}" for s in STATISTICS)
+        t5 = " / ".join(f"{e['tpr'][f'{s}@0.05']:.2f}" for s in STATISTICS)
+        hit = e["tpr_damaging_3db"]["holdout_union@0.01"]
+        lines.append(f"| {label} | {e['damage_db']:.2f} | {e['damaging_3db']} | {a} | {t1} | {t5} | {'n/a' if hit is None else f'{hit:.2f}'} |")
+    lines += ["", "Clean FPR at the calibrated thresholds: " + ", ".join(f"{k} {v:.3f}" for k, v in results["clean_fpr"].items())]
+    lines += ["", "Thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in results["thresholds"].items())]
+    lines += [f"Detection: {results['seconds_detect']:.2f} s per slice (median, clean test)"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_roc(roc: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label, (clean, attacked) in roc.items():
+        fpr, tpr, _ = roc_curve([0] * len(clean) + [1] * len(attacked), clean + attacked)
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc(clean, attacked):.2f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.axvline(0.01, color="grey", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_xlabel("false-positive rate (clean held-out slices)")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title("Detection ROC, statistic: holdout_union")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
