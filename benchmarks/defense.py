@@ -437,7 +437,7 @@ def write_markdown(results: dict[str, Any], path: Path, statistic: str) -> None:
     a = results["adaptive"]
     lines += ["", f"Adaptive attacker ({statistic}, 1 % FPR threshold): flagged {a['flagged_rate']:.2f}; largest unflagged damage {a['max_unflagged_damage_db']} dB."]
     lines += ["", "| mitigation case | clean | attacked | ours | faithful | range proj. | smoothing | CG-SENSE | ours recovered | faithful recovered | passes ours / faithful |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for case, m in results["mitigation"].items():
+    for case, m in results.get("mitigation", {}).items():
         s = m["summary"]
         f = _formatter(s)
         lines.append(

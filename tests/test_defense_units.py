@@ -18,6 +18,7 @@ from recon.attacks import (
     pgd_kspace_l2,
     pgd_kspace_linf,
 )
+from recon.attacks.adaptive import adaptive_kspace_l2
 from recon.data.samples import batch_inputs, make_sample
 from recon.detect import CalibrationError, CyclicDetector, calibrate
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey, calibrate_combined
@@ -234,6 +235,21 @@ def test_union_calibration_scales_each_component_by_its_threshold(tmp_path: Path
         Calibration.load(stripped.save(tmp_path / "stripped.json"), "ab" * 32, PROTOCOL, key)
     with pytest.raises(ValueError, match="is not combined from"):
         calibrate_combined({"holdout_noise": noise}, 0.05, "ab" * 32, PROTOCOL, key)
+
+
+def test_adaptive_attack_stays_in_budget_and_on_the_sampled_lines(setup: tuple) -> None:
+    model, op, y, _ = setup
+    detector = CyclicDetector(model, FAMILY, folds=3, directions=2, power_iterations=1)
+    eps = 0.05 * float(torch.linalg.vector_norm(y))
+    scales = {"holdout_noise": 1.0, "holdout_sensitive": 1.0}
+    for statistic, extra in (("cyclic_noise", {}), ("holdout_union", {"scales": scales})):
+        attacked = adaptive_kspace_l2(model, op, y, eps, detector, statistic, 1e9, _gen(4), steps=2, noise_sigma=0.01, **extra)
+        delta = attacked - y
+        assert float(torch.linalg.vector_norm(delta)) <= eps * (1 + 1e-4)
+        assert float(torch.linalg.vector_norm(delta)) > 0.5 * eps  # with a threshold it never reaches, it spends the budget
+        assert float(_off_mask(op, delta).abs().max()) == 0.0
+    with pytest.raises(ValueError, match="needs the calibration's scales"):
+        adaptive_kspace_l2(model, op, y, eps, detector, "holdout_union", 1.0, _gen(4), steps=1)
 
 
 def test_calibration_threshold_and_p_values(tmp_path: Path) -> None:

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
 from recon.attacks.kspace import l2_start, l2_step
-from recon.detect.cyclic import COMBINED_STATISTICS, DATA_ONLY_STATISTICS, CyclicDetector, statistic_tensor
+from recon.detect.cyclic import (
+    COMBINED_STATISTICS,
+    DATA_ONLY_STATISTICS,
+    SENSITIVE_STATISTICS,
+    CyclicDetector,
+    statistic_tensor,
+)
 from recon.physics.sense import SenseOp
 
 
-def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, statistic: str, noise_sigma: float) -> Tensor:
+def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, statistic: str, noise_sigma: float, scales: Mapping[str, float]) -> Tensor:
     """The detector's statistic, differentiable in ``y`` and ``x1``."""
     if statistic in ("dc", "dc_noise"):
         return statistic_tensor(statistic, op, y, x1, None, None, noise_sigma)
-    if statistic in COMBINED_STATISTICS:
-        raise ValueError(f"the adaptive attacker targets one statistic; {statistic!r} combines {COMBINED_STATISTICS[statistic]}")
+    if statistic in COMBINED_STATISTICS:  # the largest component over its scale
+        values = detector.holdout_statistics(op, y, noise_sigma)
+        parts = []
+        for name in COMBINED_STATISTICS[statistic]:
+            part = values[name]
+            assert part is not None
+            parts.append(part / scales[name])
+        return torch.stack(parts).max()
     if statistic in DATA_ONLY_STATISTICS:  # the sensitive directions held fixed at this iterate
         value = detector.holdout_statistics(op, y, noise_sigma, sensitive=statistic == "holdout_sensitive")[statistic]
         assert value is not None
@@ -38,12 +52,17 @@ def adaptive_kspace_l2(
     penalty: float = 10.0,
     margin: float = 0.9,
     noise_sigma: float = 1.0,
+    scales: Mapping[str, float] | None = None,
 ) -> Tensor:
     """l2 PGD on the sampled k-space that maximises ``damage - penalty * relu(stat - margin * threshold)``.
 
     The attacker evaluates the real detector after every step and returns the most damaging
-    iterate that the detector would pass; if none passes, the last iterate.
+    iterate that the detector would pass; if none passes, the last iterate. A combined
+    statistic needs its calibration's ``scales``.
     """
+    if statistic in COMBINED_STATISTICS and scales is None:
+        raise ValueError(f"statistic {statistic!r} needs the calibration's scales")
+    scales = dict(scales or {})
     with torch.no_grad():
         target = model(op.adjoint(y), op)
     step = 2.5 * eps / steps
@@ -54,15 +73,16 @@ def adaptive_kspace_l2(
         y_adv = y + delta
         x1 = model(op.adjoint(y_adv), op)
         harm = torch.linalg.vector_norm(x1 - target) / torch.linalg.vector_norm(target)
-        stat = _statistic(detector, op, y_adv, x1, statistic, noise_sigma)
+        stat = _statistic(detector, op, y_adv, x1, statistic, noise_sigma, scales)
         objective = harm - penalty * torch.relu(stat - margin * threshold)
         (grad,) = torch.autograd.grad(objective, delta)
         delta = l2_step(op, delta.detach(), grad, step, eps)
         with torch.no_grad():
             y_try = y + delta
             x_try = model(op.adjoint(y_try), op)
-            scores = detector.score(op, y_try, x_try, noise_sigma, holdout=statistic in DATA_ONLY_STATISTICS, sensitive=statistic == "holdout_sensitive")
-            passes = scores.get(statistic) <= threshold
+            scores = detector.score(op, y_try, x_try, noise_sigma, holdout=statistic in DATA_ONLY_STATISTICS, sensitive=statistic in SENSITIVE_STATISTICS)
+            value = max(scores.get(n) / scales[n] for n in COMBINED_STATISTICS[statistic]) if statistic in COMBINED_STATISTICS else scores.get(statistic)
+            passes = value <= threshold
             harm_try = float(torch.linalg.vector_norm(x_try - target) / torch.linalg.vector_norm(target))
         if passes and harm_try > best_damage:
             best, best_damage = y_try, harm_try
