@@ -205,6 +205,8 @@ def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> Check
     else:
         verdict, relation = "clean", "<="
     reason = f"{verdict}: {defense.statistic} {score:.4g} {relation} threshold {calibration.threshold:.4g}"
+    if calibration.scales:  # which component decided
+        reason += " (" + ", ".join(f"{name} {scores.get(name):.4g} / {scale:.4g}" for name, scale in calibration.scales) + ")"
     return CheckResult(verdict, score, calibration.threshold, calibration.p_value(score), scores, reason, seconds)
 
 

@@ -124,7 +124,7 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse
     detector = detector_for(model, manifest)
     path = default_calibration_path(manifest)
     statistic = calibration_statistic(path)
-    assert statistic == "holdout_noise"  # the deployed statistic (benchmarks/RESULTS.md section 2)
+    assert statistic == "holdout_union"  # the deployed statistic (benchmarks/RESULTS.md section 2)
     calibration = Calibration.load(path, manifest.sha256, protocol, DetectorKey.of(statistic, detector))
     prepared = prepare(data)
     n = float(prepared.op.mask.sum()) * data.coils * data.shape[1]
@@ -135,6 +135,6 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse
     result = defend(attacked, Defense(model, detector, calibration, statistic, noise_sigma=1.0))
     assert result.verdict in ("flagged", "mitigated")
     assert result.score > calibration.threshold and result.p_value < 0.01
-    if result.verdict == "mitigated":  # judged by the image statistic: holdout_noise ignores the image
+    if result.verdict == "mitigated":  # judged by the image statistic: the holdout statistics ignore the image
         assert result.mitigated_score is not None and result.mitigated_score < result.scores.get(safeguard_statistic(statistic))
     assert quality(result.image, reference).psnr >= before - 0.5
