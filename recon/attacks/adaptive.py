@@ -13,6 +13,7 @@ from recon.detect.cyclic import (
     DATA_ONLY_STATISTICS,
     SENSITIVE_STATISTICS,
     CyclicDetector,
+    scaled_maximum,
     statistic_tensor,
 )
 from recon.physics.sense import SenseOp
@@ -23,7 +24,7 @@ def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, sta
     if statistic in ("dc", "dc_noise"):
         return statistic_tensor(statistic, op, y, x1, None, None, noise_sigma)
     if statistic in COMBINED_STATISTICS:  # the largest component over its scale
-        values = detector.holdout_statistics(op, y, noise_sigma)
+        values = detector.holdout_statistics(op, y, noise_sigma, x1=x1)
         parts = []
         for name in COMBINED_STATISTICS[statistic]:
             part = values[name]
@@ -31,7 +32,7 @@ def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, sta
             parts.append(part / scales[name])
         return torch.stack(parts).max()
     if statistic in DATA_ONLY_STATISTICS:  # the sensitive directions held fixed at this iterate
-        value = detector.holdout_statistics(op, y, noise_sigma, sensitive=statistic == "holdout_sensitive")[statistic]
+        value = detector.holdout_statistics(op, y, noise_sigma, sensitive=statistic == "holdout_sensitive", x1=x1)[statistic]
         assert value is not None
         return value
     cycle = detector.cycle(op, y.detach(), x1.detach())
@@ -63,6 +64,7 @@ def adaptive_kspace_l2(
     if statistic in COMBINED_STATISTICS and scales is None:
         raise ValueError(f"statistic {statistic!r} needs the calibration's scales")
     scales = dict(scales or {})
+    components = [(name, scales[name]) for name in COMBINED_STATISTICS.get(statistic, ())]
     with torch.no_grad():
         target = model(op.adjoint(y), op)
     step = 2.5 * eps / steps
@@ -81,7 +83,7 @@ def adaptive_kspace_l2(
             y_try = y + delta
             x_try = model(op.adjoint(y_try), op)
             scores = detector.score(op, y_try, x_try, noise_sigma, holdout=statistic in DATA_ONLY_STATISTICS, sensitive=statistic in SENSITIVE_STATISTICS)
-            value = max(scores.get(n) / scales[n] for n in COMBINED_STATISTICS[statistic]) if statistic in COMBINED_STATISTICS else scores.get(statistic)
+            value = scaled_maximum(scores, components) if components else scores.get(statistic)
             passes = value <= threshold
             harm_try = float(torch.linalg.vector_norm(x_try - target) / torch.linalg.vector_norm(target))
         if passes and harm_try > best_damage:

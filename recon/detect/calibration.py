@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recon.detect.cyclic import COMBINED_STATISTICS, DATA_ONLY_STATISTICS, SENSITIVE_STATISTICS
+from recon.detect.cyclic import COMBINED_STATISTICS, DATA_ONLY_STATISTICS, SENSITIVE_STATISTICS, scaled_maximum
 
 if TYPE_CHECKING:
     from recon.detect.cyclic import CyclicDetector, DetectionScores
@@ -81,7 +81,7 @@ class Calibration:
         statistic the largest component over its scale."""
         if not self.scales:
             return scores.get(self.detector.statistic)
-        return max(scores.get(name) / scale for name, scale in self.scales)
+        return scaled_maximum(scores, self.scales)
 
     def flags(self, score: float) -> bool:
         """Whether ``score`` exceeds the threshold (non-finite scores are flagged: fail closed)."""

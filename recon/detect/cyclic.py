@@ -51,6 +51,7 @@ reconstruction the recon stage already made):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,24 +173,33 @@ class Holdout:
         return noise_residual(self.residual(model, y), self.entries(y), noise_sigma)
 
 
+def scaled_maximum(scores: DetectionScores, scales: Sequence[tuple[str, float]]) -> float:
+    """A combined statistic: the largest component over its scale."""
+    return max(scores.get(name) / scale for name, scale in scales)
+
+
 def noise_residual(residual: Tensor, entries: int, noise_sigma: float) -> Tensor:
     """``||residual|| / (sigma sqrt(entries))``."""
     return torch.linalg.vector_norm(residual) / (noise_sigma * entries**0.5)
 
 
-def sensitive_directions(model: MoDL, op: SenseOp, y: Tensor, support: Tensor, count: int, iterations: int, generator: torch.Generator) -> Tensor:
+def sensitive_directions(
+    model: MoDL, op: SenseOp, y: Tensor, support: Tensor, count: int, iterations: int, generator: torch.Generator, base: Tensor | None = None
+) -> Tensor:
     """The ``count`` data directions on ``support`` along which ``f(E^H y)`` changes most.
 
     Block power iteration on ``J^H J``, J the Jacobian of ``y -> f(E^H y; Omega)`` at the
     received ``y`` (each product by finite difference and one backward pass, the ``count``
-    vectors as one batch), from a seeded random start. Returns ``(count, C, ky, kx)``
-    orthonormal directions (not differentiable).
+    vectors as one batch), from a seeded random start; ``base`` is ``f(E^H y)`` when the
+    caller has it. Returns ``(count, C, ky, kx)`` orthonormal directions (not differentiable).
     """
     ops = SenseOp(op.maps.expand(count, -1, -1, -1), op.mask.expand(count, -1))
     y = y.detach()
     step = 1e-3 * float(torch.linalg.vector_norm(y)) / count**0.5
-    with torch.no_grad():
-        base = model(op.adjoint(y), op)
+    if base is None:
+        with torch.no_grad():
+            base = model(op.adjoint(y), op)
+    base = base.detach()
     directions = _orthonormal(complex_randn((count, *y.shape[1:]), generator, y.device) * support)
     for _ in range(iterations):
         with torch.enable_grad():
@@ -298,20 +308,22 @@ class CyclicDetector:
         noise = self.jitter_scale * sigma * white
         return Cycle(deltas=deltas, omega_k=omega_k, noise=noise)
 
-    def sensitive(self, op: SenseOp, y: Tensor, holdout: Holdout) -> Tensor:
-        """The slice's K sensitive directions on the held-out lines (seeded: reproducible)."""
+    def sensitive(self, op: SenseOp, y: Tensor, holdout: Holdout, x1: Tensor | None = None) -> Tensor:
+        """The slice's K sensitive directions on the held-out lines (seeded: reproducible);
+        ``x1``, the network's image of ``y``, saves a pass when given."""
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        return sensitive_directions(self.model, op, y, holdout.support.to(y.device), self.directions, self.power_iterations, generator)
+        return sensitive_directions(self.model, op, y, holdout.support.to(y.device), self.directions, self.power_iterations, generator, x1)
 
-    def holdout_statistics(self, op: SenseOp, y: Tensor, noise_sigma: float, sensitive: bool = True) -> dict[str, Tensor | None]:
+    def holdout_statistics(self, op: SenseOp, y: Tensor, noise_sigma: float, sensitive: bool = True, x1: Tensor | None = None) -> dict[str, Tensor | None]:
         """``holdout_noise`` and (with ``sensitive``) ``holdout_sensitive``, from one set of
-        fold predictions; differentiable in ``y`` (the directions are held fixed)."""
+        fold predictions; differentiable in ``y`` (the directions are held fixed). ``x1``,
+        the network's image of ``y``, saves the directions a pass."""
         holdout = self.holdout(op)
         residual = holdout.residual(self.model, y)
         entries = holdout.entries(y)
         values: dict[str, Tensor | None] = {"holdout_noise": noise_residual(residual, entries, noise_sigma), "holdout_sensitive": None}
         if sensitive:
-            values["holdout_sensitive"] = sensitive_share(residual, self.sensitive(op, y, holdout), entries)
+            values["holdout_sensitive"] = sensitive_share(residual, self.sensitive(op, y, holdout, x1), entries)
         return values
 
     def passes(self, statistic: str) -> int:
@@ -339,6 +351,6 @@ class CyclicDetector:
         x2, r = cycle.run(self.model, x1)
         values: dict[str, float | None] = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in CYCLE_STATISTICS}
         if holdout:
-            for name, value in self.holdout_statistics(op, y, noise_sigma, sensitive).items():
+            for name, value in self.holdout_statistics(op, y, noise_sigma, sensitive, x1).items():
                 values[name] = None if value is None else float(value)
         return DetectionScores(**values)  # type: ignore[arg-type]
