@@ -2,7 +2,10 @@
 
 Usage: ``python -m benchmarks.detect_union [--clean 300] [--attacked 24] [--out benchmarks/results/union]``,
 then ``python -m benchmarks.detect_union --adaptive 6`` (the adaptive attacker against the
-calibration the first run made).
+calibration the first run made) and ``python -m benchmarks.detect_union --keyed 3`` (a
+site-keyed detector, ``CYCGUARD_DETECTOR_KEY``, at the same calibration: its clean
+false-positive rate on the clean test slices, and the adaptive attacker without the key,
+plain and averaging over random starts).
 
 The same data, seeds and attacks as ``benchmarks.defense`` (k-space attacks, impulse
 spikes, benign noise; image-domain attacks are in that benchmark): the calibration set is
@@ -58,10 +61,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/union"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adaptive", type=int, default=0, help="only the adaptive attacker on N slices per budget, against OUT/calibration.json")
+    parser.add_argument("--keyed", type=int, default=0, help="only the site-keyed detector: clean FPR, and the adaptive attacker on N slices per budget")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.adaptive:
         adaptive_phase(args)
+        return
+    if args.keyed:
+        keyed_phase(args)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     model, manifest = load_model(None)
@@ -137,6 +144,38 @@ def adaptive_phase(args: argparse.Namespace) -> None:
     write_markdown(results, args.out / "union.md")
 
 
+KEY = b"benchmark site key"  # any secret the attacker does not have
+
+
+def keyed_phase(args: argparse.Namespace) -> None:
+    """A detector keyed by a site secret against the calibration this benchmark made (with
+    the public seed): clean FPR on the same clean test slices, and the adaptive attacker who
+    has everything but the key, plain (public seed) and with fresh random starts per step."""
+    model, manifest = load_model(None)
+    public = detector_for(model, manifest)
+    keyed = detector_for(model, manifest, direction_key=KEY)
+    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of("holdout_union", keyed))
+    items = [to_item(s) for s in simulated_slices("heldout", args.clean, keyed.family, manifest.coils, seed=202)]
+    clean_scores = [cal.score_of(DetectionScores(**observe(model, keyed, it)[0].scores)) for it in tqdm(items, desc="clean test, keyed")]
+    victims = items[: args.keyed]
+    clean = [observe(model, public, it)[0] for it in victims]
+    rows = []
+    for resample in (False, True):
+        for budget in (0.3, 1.0, 3.0):
+            for i, item in enumerate(tqdm(victims, desc=f"adaptive {budget:g} noise norms{', resampled' if resample else ''}")):
+                g = torch.Generator().manual_seed(5000 + i)
+                y = adaptive_kspace_l2(model, item.op, item.y, budget * item.noise_norm, keyed, "holdout_union", cal.threshold, g, noise_sigma=item.sigma, scales=dict(cal.scales), resample_directions=resample)
+                obs = observe(model, keyed, item, y=y)[0]
+                value = cal.score_of(DetectionScores(**obs.scores))
+                rows.append({"resample": resample, "budget": budget, "damage_db": clean[i].psnr - obs.psnr, "score": value, "flagged": cal.flags(value)})
+    path = args.out / "union.json"
+    results = json.loads(path.read_text())
+    results["keyed"] = {"clean_fpr": float(np.mean([cal.flags(v) for v in clean_scores])), "clean_slices": len(clean_scores), "threshold": cal.threshold, "adaptive": rows}
+    path.write_text(json.dumps(results, indent=1))
+    write_markdown(results, args.out / "union.md")
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines = [
         "| attack (budget) | damage dB | n >= 3 dB | AUC noise / sensitive / union | TPR@1% noise / sensitive / union | TPR@5% noise / sensitive / union | union TPR@1% on >= 3 dB |",
@@ -159,6 +198,16 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             kept = [r["damage_db"] for r in rows if not r["flagged"]]
             spread = f"{np.mean(kept):.1f} / {max(kept):.1f}" if kept else "none unflagged"
             lines.append(f"| {budget:g} noise norms | {sum(r['flagged'] for r in rows)} of {len(rows)} | {spread} |")
+    keyed = results.get("keyed")
+    if keyed:
+        lines += ["", f"Site-keyed detector at the same calibration (threshold {keyed['threshold']:.4g}): clean FPR {keyed['clean_fpr']:.3f} on {keyed['clean_slices']} clean test slices.", ""]
+        lines += ["| adaptive attacker without the key | budget | flagged | damage dB of unflagged (mean / max) |", "|---|---|---|---|"]
+        for resample in (False, True):
+            for budget in sorted({r["budget"] for r in keyed["adaptive"]}):
+                rows = [r for r in keyed["adaptive"] if r["budget"] == budget and r["resample"] == resample]
+                kept = [r["damage_db"] for r in rows if not r["flagged"]]
+                spread = f"{np.mean(kept):.1f} / {max(kept):.1f}" if kept else "none unflagged"
+                lines.append(f"| {'random starts per step' if resample else 'public seed'} | {budget:g} noise norms | {sum(r['flagged'] for r in rows)} of {len(rows)} | {spread} |")
     path.write_text("\n".join(lines) + "\n")
 
 

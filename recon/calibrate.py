@@ -25,7 +25,14 @@ from recon.detect.calibration import (
     calibrate,
     calibrate_combined,
 )
-from recon.detect.cyclic import COMBINED_STATISTICS, CyclicDetector, DetectionScores
+from recon.detect.cyclic import (
+    COMBINED_STATISTICS,
+    DETECTOR_KEY_ENV,
+    SENSITIVE_STATISTICS,
+    CyclicDetector,
+    DetectionScores,
+    detector_key_from_env,
+)
 from recon.io.mrd import read_raw
 from recon.models.modl import MoDL
 from recon.models.weights import WEIGHTS_DIR, ModelManifest
@@ -59,10 +66,11 @@ def protocol_of(data: SliceKSpace, manifest: ModelManifest, acceleration: int) -
     return ProtocolKey(data.shape, data.coils, manifest.mask_kind, acceleration, int(data.acs.sum()))
 
 
-def detector_for(model: MoDL, manifest: ModelManifest, acs_lines: int | None = None) -> CyclicDetector:
-    """The detector with the project's default settings for a model."""
+def detector_for(model: MoDL, manifest: ModelManifest, acs_lines: int | None = None, direction_key: bytes | None = None) -> CyclicDetector:
+    """The detector with the project's default settings for a model (``direction_key``: a
+    site's secret for the sensitive directions, :func:`recon.detect.cyclic.start_seed`)."""
     family = MaskFamily(manifest.mask_kind, manifest.acceleration, manifest.acs_lines if acs_lines is None else acs_lines)
-    return CyclicDetector(model, family)
+    return CyclicDetector(model, family, direction_key=direction_key)
 
 
 @torch.no_grad()
@@ -124,10 +132,16 @@ def build_calibration(
 
 def load_defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, calibration: Path | None) -> Defense | None:
     """The defense for a protocol, or ``None`` (with a warning) when the default calibration
-    does not fit; a calibration the caller named must fit (:class:`CalibrationError` otherwise)."""
+    does not fit; a calibration the caller named must fit (:class:`CalibrationError` otherwise).
+
+    The detector's sensitive directions are keyed by ``CYCGUARD_DETECTOR_KEY`` when the site
+    sets it (the calibration, made with the public seed, holds either way)."""
     path = calibration if calibration is not None else default_calibration_path(manifest)
-    detector = detector_for(model, manifest, protocol.acs_lines)
+    direction_key = detector_key_from_env()
+    detector = detector_for(model, manifest, protocol.acs_lines, direction_key)
     statistic = calibration_statistic(path) if path.exists() else DEFAULT_STATISTIC
+    if statistic in SENSITIVE_STATISTICS:
+        log.info("sensitive directions %s", f"keyed by {DETECTOR_KEY_ENV}" if direction_key else f"from the public seed ({DETECTOR_KEY_ENV} unset)")
     key = DetectorKey.of(statistic, detector)
     try:
         loaded = Calibration.load(path, manifest.sha256, protocol, key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from recon.attacks.adaptive import adaptive_kspace_l2
 from recon.data.samples import batch_inputs, make_sample
 from recon.detect import CalibrationError, CyclicDetector, calibrate
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey, calibrate_combined
-from recon.detect.cyclic import DetectionScores, _orthonormal, sensitive_share
+from recon.detect.cyclic import DetectionScores, _orthonormal, detector_key_from_env, sensitive_share, start_seed
 from recon.mitigate import mitigate_faithful, mitigate_kspace
 from recon.models.modl import MoDL, MoDLConfig
 from recon.physics.masks import MaskFamily
@@ -178,6 +179,25 @@ def test_sensitive_directions_are_where_the_network_amplifies(setup: tuple) -> N
     assert change(directions[:1]) > 2 * change(random)
 
 
+def test_a_site_key_makes_the_directions_secret_but_reproducible(setup: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, op, y, _ = setup
+    public = CyclicDetector(model, FAMILY, folds=3, directions=2, power_iterations=1)
+    keyed = replace(public, direction_key=b"site secret")
+    holdout = public.holdout(op)
+    assert start_seed(0, None, y) == 0  # no key: the public seed
+    assert start_seed(0, b"site secret", y) == start_seed(0, b"site secret", y.clone())  # the same data, the same start
+    assert len({start_seed(0, b"site secret", y), start_seed(0, b"other", y), start_seed(0, b"site secret", 1.01 * y)}) == 3
+    directions = keyed.sensitive(op, y, holdout)
+    torch.testing.assert_close(directions, keyed.sensitive(op, y, holdout))  # reproducible at the site
+    assert not torch.allclose(directions, public.sensitive(op, y, holdout))  # not what the public seed gives
+    assert DetectorKey.of("holdout_union", keyed) == DetectorKey.of("holdout_union", public)  # not in the calibration
+    assert "site secret" not in repr(keyed)
+    monkeypatch.setenv("CYCGUARD_DETECTOR_KEY", "")
+    assert detector_key_from_env() is None
+    monkeypatch.setenv("CYCGUARD_DETECTOR_KEY", "site secret")
+    assert detector_key_from_env() == b"site secret"
+
+
 def test_holdout_sensitive_flags_a_damaging_perturbation(setup: tuple) -> None:
     model, op, y, x_zf = setup
     detector = CyclicDetector(model, FAMILY, folds=3, directions=2, power_iterations=4)
@@ -242,7 +262,8 @@ def test_adaptive_attack_stays_in_budget_and_on_the_sampled_lines(setup: tuple) 
     detector = CyclicDetector(model, FAMILY, folds=3, directions=2, power_iterations=1)
     eps = 0.05 * float(torch.linalg.vector_norm(y))
     scales = {"holdout_noise": 1.0, "holdout_sensitive": 1.0}
-    for statistic, extra in (("cyclic_noise", {}), ("holdout_union", {"scales": scales})):
+    cases = (("cyclic_noise", {}), ("holdout_union", {"scales": scales}), ("holdout_union", {"scales": scales, "resample_directions": True}))
+    for statistic, extra in cases:
         attacked = adaptive_kspace_l2(model, op, y, eps, detector, statistic, 1e9, _gen(4), steps=2, noise_sigma=0.01, **extra)
         delta = attacked - y
         assert float(torch.linalg.vector_norm(delta)) <= eps * (1 + 1e-4)

@@ -138,3 +138,24 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse
     if result.verdict == "mitigated":  # judged by the image statistic: the holdout statistics ignore the image
         assert result.mitigated_score is not None and result.mitigated_score < result.scores.get(safeguard_statistic(statistic))
     assert quality(result.image, reference).psnr >= before - 0.5
+
+
+def test_the_site_key_reaches_the_deployed_detector(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """``CYCGUARD_DETECTOR_KEY`` keys the shipped defense's sensitive directions; the shipped
+    calibration still loads (the key is not part of it)."""
+    from recon.calibrate import load_defense, protocol_of
+    from recon.data.demo import DEMO_RAW
+    from recon.models.weights import load_model
+
+    model, manifest = load_model()
+    scan = read_raw(DEMO_RAW)
+    protocol = protocol_of(scan.slices[0], manifest, scan.protocol.acceleration)
+    monkeypatch.setenv("CYCGUARD_DETECTOR_KEY", "site secret")
+    with caplog.at_level("INFO"):
+        keyed = load_defense(model, manifest, protocol, None)
+    assert keyed is not None and keyed.detector.direction_key == b"site secret"
+    assert "keyed by CYCGUARD_DETECTOR_KEY" in caplog.text and "site secret" not in caplog.text
+    monkeypatch.delenv("CYCGUARD_DETECTOR_KEY")
+    public = load_defense(model, manifest, protocol, None)
+    assert public is not None and public.detector.direction_key is None
+    assert public.calibration == keyed.calibration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -54,12 +55,17 @@ def adaptive_kspace_l2(
     margin: float = 0.9,
     noise_sigma: float = 1.0,
     scales: Mapping[str, float] | None = None,
+    resample_directions: bool = False,
 ) -> Tensor:
     """l2 PGD on the sampled k-space that maximises ``damage - penalty * relu(stat - margin * threshold)``.
 
-    The attacker evaluates the real detector after every step and returns the most damaging
+    The attacker evaluates the detector after every step and returns the most damaging
     iterate that the detector would pass; if none passes, the last iterate. A combined
-    statistic needs its calibration's ``scales``.
+    statistic needs its calibration's ``scales``. The attacker knows everything but a site's
+    ``direction_key``: it scores with the public seed. With ``resample_directions`` (against
+    a keyed detector) every step's gradient uses sensitive directions from a fresh random
+    start (expectation over the unknown start), and an iterate counts as passing only if it
+    passes with the public seed and with one more fresh start.
     """
     if statistic in COMBINED_STATISTICS and scales is None:
         raise ValueError(f"statistic {statistic!r} needs the calibration's scales")
@@ -70,21 +76,28 @@ def adaptive_kspace_l2(
     step = 2.5 * eps / steps
     delta = l2_start(op, y, eps, generator)
     best, best_damage = None, -1.0
+    public = replace(detector, direction_key=None)
+
+    def fresh() -> CyclicDetector:
+        return replace(public, seed=int(torch.randint(0, 2**62, (1,), generator=generator)))
+
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
         y_adv = y + delta
         x1 = model(op.adjoint(y_adv), op)
         harm = torch.linalg.vector_norm(x1 - target) / torch.linalg.vector_norm(target)
-        stat = _statistic(detector, op, y_adv, x1, statistic, noise_sigma, scales)
+        stat = _statistic(fresh() if resample_directions else public, op, y_adv, x1, statistic, noise_sigma, scales)
         objective = harm - penalty * torch.relu(stat - margin * threshold)
         (grad,) = torch.autograd.grad(objective, delta)
         delta = l2_step(op, delta.detach(), grad, step, eps)
         with torch.no_grad():
             y_try = y + delta
             x_try = model(op.adjoint(y_try), op)
-            scores = detector.score(op, y_try, x_try, noise_sigma, holdout=statistic in DATA_ONLY_STATISTICS, sensitive=statistic in SENSITIVE_STATISTICS)
-            value = scaled_maximum(scores, components) if components else scores.get(statistic)
-            passes = value <= threshold
+            passes = True
+            for judge in (public, fresh()) if resample_directions else (public,):
+                scores = judge.score(op, y_try, x_try, noise_sigma, holdout=statistic in DATA_ONLY_STATISTICS, sensitive=statistic in SENSITIVE_STATISTICS)
+                value = scaled_maximum(scores, components) if components else scores.get(statistic)
+                passes = passes and value <= threshold
             harm_try = float(torch.linalg.vector_norm(x_try - target) / torch.linalg.vector_norm(target))
         if passes and harm_try > best_damage:
             best, best_damage = y_try, harm_try

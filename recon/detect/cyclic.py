@@ -36,7 +36,11 @@ reconstruction the recon stage already made):
   directions over its RMS per direction overall: about 1 for a residual spread like noise,
   whatever the noise level or the slice's difficulty, and large when the unexplained part of
   the data points where the network amplifies it. ``2 K iterations`` more network passes
-  (forward and backward) on top of the F folds; no noise estimate needed.
+  (forward and backward) on top of the F folds; no noise estimate needed. The amplified
+  subspace is much larger than K: starts drawn from different seeds give nearly orthogonal
+  directions (subspace overlap 0.02-0.07) that flag the same attacks. So a site can key the
+  start with a secret (:func:`start_seed`, ``CYCGUARD_DETECTOR_KEY``): the directions are
+  then reproducible there and unknown to an attacker who has everything but the key.
 * ``holdout_union`` (the deployed default): the larger of ``holdout_noise`` and
   ``holdout_sensitive``, each over its own clean threshold at the target rate (scales kept in
   the calibration). The two fail in opposite places: a large or spiky perturbation raises
@@ -51,8 +55,10 @@ reconstruction the recon stage already made):
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -72,6 +78,8 @@ COMBINED_STATISTICS = {"holdout_union": ("holdout_noise", "holdout_sensitive")}
 DATA_ONLY_STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union")
 # those that need the sensitive directions (``score(..., sensitive=True)``)
 SENSITIVE_STATISTICS = ("holdout_sensitive", "holdout_union")
+# environment variable holding a site's secret for the sensitive directions' start
+DETECTOR_KEY_ENV = "CYCGUARD_DETECTOR_KEY"
 
 
 @dataclass(frozen=True)
@@ -217,6 +225,27 @@ def _orthonormal(vectors: Tensor) -> Tensor:
     return q.T.reshape(vectors.shape)
 
 
+def start_seed(seed: int, key: bytes | None, y: Tensor) -> int:
+    """Seed of the power iteration's random start for the received data ``y``.
+
+    Without a key, the public ``seed`` (the same start for every slice). With a site's
+    secret ``key``, a keyed hash (BLAKE2b) of the data: the same data always get the same
+    directions there (reproducible verdicts), and an attacker without the key cannot
+    predict them.
+    """
+    if key is None:
+        return seed
+    data = y.detach().cpu().contiguous().numpy().tobytes()
+    digest = hashlib.blake2b(data, key=hashlib.sha256(key).digest(), digest_size=8, person=seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch generator seed
+
+
+def detector_key_from_env() -> bytes | None:
+    """The site's detector key (``CYCGUARD_DETECTOR_KEY``), or ``None`` when unset or empty."""
+    value = os.environ.get(DETECTOR_KEY_ENV, "")
+    return value.encode() if value else None
+
+
 def sensitive_share(residual: Tensor, directions: Tensor, entries: int) -> Tensor:
     """RMS of ``residual`` along ``directions`` over its RMS per direction overall
     (``holdout_sensitive``; about 1 for a residual spread like white noise)."""
@@ -267,6 +296,10 @@ class CyclicDetector:
         folds: F, the folds of ``holdout_noise`` and ``holdout_sensitive``.
         directions: K, the sensitive directions of ``holdout_sensitive``.
         power_iterations: block power iterations that find them.
+        direction_key: a site's secret that keys the directions' start to the data
+            (:func:`start_seed`); ``None``: the public ``seed``. Kept out of ``repr`` and
+            out of calibration files (a calibration made without it holds with it: the
+            start is a random draw either way).
     """
 
     model: MoDL
@@ -277,6 +310,7 @@ class CyclicDetector:
     folds: int = 8
     directions: int = 4
     power_iterations: int = 2
+    direction_key: bytes | None = field(default=None, repr=False)
 
     def holdout(self, op: SenseOp) -> Holdout:
         """The folds for a slice (batch of 1): acquired lines outside the ACS block, dealt in turn."""
@@ -309,9 +343,10 @@ class CyclicDetector:
         return Cycle(deltas=deltas, omega_k=omega_k, noise=noise)
 
     def sensitive(self, op: SenseOp, y: Tensor, holdout: Holdout, x1: Tensor | None = None) -> Tensor:
-        """The slice's K sensitive directions on the held-out lines (seeded: reproducible);
-        ``x1``, the network's image of ``y``, saves a pass when given."""
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        """The slice's K sensitive directions on the held-out lines (seeded, or keyed to the
+        data with ``direction_key``: reproducible either way); ``x1``, the network's image of
+        ``y``, saves a pass when given."""
+        generator = torch.Generator(device="cpu").manual_seed(start_seed(self.seed, self.direction_key, y))
         return sensitive_directions(self.model, op, y, holdout.support.to(y.device), self.directions, self.power_iterations, generator, x1)
 
     def holdout_statistics(self, op: SenseOp, y: Tensor, noise_sigma: float, sensitive: bool = True, x1: Tensor | None = None) -> dict[str, Tensor | None]:
