@@ -259,29 +259,52 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
         reason = f"{checked.reason}; mitigation stopped at its time budget ({settings.time_budget:g} s): the original image ships"
         return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes + defense.detector.alternatives)
     judge = safeguard_statistic(defense.statistic)
-    with torch.no_grad():
-        rescoring = defense.detector.alternatives
-        if judge == defense.statistic:
-            before = checked.score
-        elif checked.scores is not None:
-            before = checked.scores.get(judge)
-        else:  # read back from image meta: score the received image too
-            before = defense.detector.score(prepared.op, prepared.y, x1, defense.noise_sigma).get(judge)
-            rescoring += defense.detector.alternatives
-        rescored = defense.detector.score(prepared.op, prepared.y, result.image, defense.noise_sigma).get(judge)
-        floor = noise_norm(prepared.op, prepared.y, defense.noise_sigma)
-        dc_increase = (_dc_norm(prepared.op, prepared.y, result.image) - _dc_norm(prepared.op, prepared.y, x1)) / floor
+    rescoring = defense.detector.alternatives
+    if judge == defense.statistic:
+        before: float | None = checked.score
+    elif checked.scores is not None:
+        before = checked.scores.get(judge)
+    else:  # read back from image meta: score the received image too
+        before = None
+        rescoring += defense.detector.alternatives
+    verdict = safeguard(defense.detector, prepared.op, prepared.y, x1, result.image, judge, defense.noise_sigma, settings.max_dc_increase, before)
     seconds = time.perf_counter() - t0
     passes = result.network_passes + rescoring
-    if rescored < before and dc_increase <= settings.max_dc_increase:
-        reason = f"mitigated: {judge} {before:.4g} -> {rescored:.4g} ({checked.reason})"
+    if verdict.accepted:
+        reason = f"mitigated: {judge} {verdict.before:.4g} -> {verdict.after:.4g} ({checked.reason})"
         rewritten = result.image[0].cpu().numpy().astype(np.complex64)
-        return MitigationOutcome(rewritten, "mitigated", rescored, reason, seconds, passes)
+        return MitigationOutcome(rewritten, "mitigated", verdict.after, reason, seconds, passes)
     reason = (
-        f"{checked.reason}; rewrite refused by the safeguard ({judge} {before:.4g} -> {rescored:.4g}, "
-        f"data residual +{dc_increase:.2f} noise norms)"
+        f"{checked.reason}; rewrite refused by the safeguard ({judge} {verdict.before:.4g} -> {verdict.after:.4g}, "
+        f"data residual +{verdict.dc_increase:.2f} noise norms)"
     )
-    return MitigationOutcome(image, "flagged", rescored, reason, seconds, passes)
+    return MitigationOutcome(image, "flagged", verdict.after, reason, seconds, passes)
+
+
+@dataclass(frozen=True)
+class SafeguardVerdict:
+    """Whether a rewrite may ship: its statistic before and after, and how much further from
+    the received data it moved (noise norms)."""
+
+    accepted: bool
+    before: float
+    after: float
+    dc_increase: float
+
+
+@torch.no_grad()
+def safeguard(
+    detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, rewritten: Tensor,
+    judge: str, noise_sigma: float, max_dc_increase: float, before: float | None = None,
+) -> SafeguardVerdict:
+    """The mitigation's safeguard: a rewrite ships only when ``judge`` (an image statistic)
+    is lower for it than for the original reconstruction ``x1`` and its data residual grew
+    by at most ``max_dc_increase`` noise norms. ``before``: ``judge`` of ``x1`` when known."""
+    if before is None:
+        before = detector.score(op, y, x1, noise_sigma).get(judge)
+    after = detector.score(op, y, rewritten, noise_sigma).get(judge)
+    dc_increase = (_dc_norm(op, y, rewritten) - _dc_norm(op, y, x1)) / noise_norm(op, y, noise_sigma)
+    return SafeguardVerdict(after < before and dc_increase <= max_dc_increase, before, after, dc_increase)
 
 
 def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cpu") -> DefendedResult:

@@ -198,6 +198,25 @@ def test_a_site_key_makes_the_directions_secret_but_reproducible(setup: tuple, m
     assert detector_key_from_env() == b"site secret"
 
 
+def test_the_detector_key_can_come_from_a_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CYCGUARD_DETECTOR_KEY", raising=False)
+    monkeypatch.delenv("CYCGUARD_DETECTOR_KEY_FILE", raising=False)
+    assert detector_key_from_env() is None
+    secret = tmp_path / "detector_key"
+    secret.write_bytes(b"from a file\n")
+    monkeypatch.setenv("CYCGUARD_DETECTOR_KEY_FILE", str(secret))
+    assert detector_key_from_env() == b"from a file"  # the trailing newline of `echo` dropped
+    monkeypatch.setenv("CYCGUARD_DETECTOR_KEY", "direct")
+    assert detector_key_from_env() == b"direct"  # the variable wins
+    monkeypatch.delenv("CYCGUARD_DETECTOR_KEY")
+    secret.write_bytes(b"")
+    with pytest.raises(ValueError, match="detector key file is empty"):
+        detector_key_from_env()
+    monkeypatch.setenv("CYCGUARD_DETECTOR_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="cannot read the detector key"):  # never a silent fall back to the public seed
+        detector_key_from_env()
+
+
 def test_holdout_sensitive_flags_a_damaging_perturbation(setup: tuple) -> None:
     model, op, y, x_zf = setup
     detector = CyclicDetector(model, FAMILY, folds=3, directions=2, power_iterations=4)

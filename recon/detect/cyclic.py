@@ -59,6 +59,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -241,9 +242,23 @@ def start_seed(seed: int, key: bytes | None, y: Tensor) -> int:
 
 
 def detector_key_from_env() -> bytes | None:
-    """The site's detector key (``CYCGUARD_DETECTOR_KEY``), or ``None`` when unset or empty."""
+    """The site's detector key: ``CYCGUARD_DETECTOR_KEY``, or the contents of the file named by
+    ``CYCGUARD_DETECTOR_KEY_FILE`` (a container secret; one trailing newline dropped), or
+    ``None`` when neither is set. A key file that is named but unreadable or empty is an
+    error: the site asked for a secret key and must not silently get the public seed."""
     value = os.environ.get(DETECTOR_KEY_ENV, "")
-    return value.encode() if value else None
+    if value:
+        return value.encode()
+    path = os.environ.get(DETECTOR_KEY_ENV + "_FILE", "")
+    if not path:
+        return None
+    try:
+        key = Path(path).read_bytes().removesuffix(b"\n")
+    except OSError as err:
+        raise ValueError(f"{DETECTOR_KEY_ENV}_FILE={path}: cannot read the detector key ({err.strerror})") from err
+    if not key:
+        raise ValueError(f"{DETECTOR_KEY_ENV}_FILE={path}: the detector key file is empty")
+    return key
 
 
 def sensitive_share(residual: Tensor, directions: Tensor, entries: int) -> Tensor:
