@@ -264,6 +264,8 @@ def mitigation_only(args: argparse.Namespace) -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, {})
     path.write_text(json.dumps(results, indent=1))
+    if "attacks" in results:  # a full run's figures are there: the tables again, with this mitigation
+        write_markdown(results, args.out / "defense.md", args.statistic)
 
 
 def image_domain_phase(args: argparse.Namespace) -> None:
