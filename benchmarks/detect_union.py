@@ -152,14 +152,13 @@ def keyed_phase(args: argparse.Namespace) -> None:
     the public seed): clean FPR on the same clean test slices, and the adaptive attacker who
     has everything but the key, plain (public seed) and with fresh random starts per step."""
     model, manifest = load_model(None)
-    public = detector_for(model, manifest)
     keyed = detector_for(model, manifest, direction_key=KEY)
     protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
     cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of("holdout_union", keyed))
     items = [to_item(s) for s in simulated_slices("heldout", args.clean, keyed.family, manifest.coils, seed=202)]
-    clean_scores = [cal.score_of(DetectionScores(**observe(model, keyed, it)[0].scores)) for it in tqdm(items, desc="clean test, keyed")]
+    clean = [observe(model, keyed, it)[0] for it in tqdm(items, desc="clean test, keyed")]  # the victims' clean PSNR too
+    clean_scores = [cal.score_of(DetectionScores(**o.scores)) for o in clean]
     victims = items[: args.keyed]
-    clean = [observe(model, public, it)[0] for it in victims]
     rows = []
     for resample in (False, True):
         for budget in (0.3, 1.0, 3.0):
@@ -194,10 +193,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     if adaptive:
         lines += ["", "| adaptive attacker budget | flagged | damage dB of unflagged (mean / max) |", "|---|---|---|"]
         for budget in sorted({r["budget"] for r in adaptive["rows"]}):
-            rows = [r for r in adaptive["rows"] if r["budget"] == budget]
-            kept = [r["damage_db"] for r in rows if not r["flagged"]]
-            spread = f"{np.mean(kept):.1f} / {max(kept):.1f}" if kept else "none unflagged"
-            lines.append(f"| {budget:g} noise norms | {sum(r['flagged'] for r in rows)} of {len(rows)} | {spread} |")
+            lines.append(f"| {budget:g} noise norms | {_flagged_and_spread([r for r in adaptive['rows'] if r['budget'] == budget])} |")
     keyed = results.get("keyed")
     if keyed:
         lines += ["", f"Site-keyed detector at the same calibration (threshold {keyed['threshold']:.4g}): clean FPR {keyed['clean_fpr']:.3f} on {keyed['clean_slices']} clean test slices.", ""]
@@ -205,10 +201,15 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         for resample in (False, True):
             for budget in sorted({r["budget"] for r in keyed["adaptive"]}):
                 rows = [r for r in keyed["adaptive"] if r["budget"] == budget and r["resample"] == resample]
-                kept = [r["damage_db"] for r in rows if not r["flagged"]]
-                spread = f"{np.mean(kept):.1f} / {max(kept):.1f}" if kept else "none unflagged"
-                lines.append(f"| {'random starts per step' if resample else 'public seed'} | {budget:g} noise norms | {sum(r['flagged'] for r in rows)} of {len(rows)} | {spread} |")
+                lines.append(f"| {'random starts per step' if resample else 'public seed'} | {budget:g} noise norms | {_flagged_and_spread(rows)} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _flagged_and_spread(rows: list[dict[str, Any]]) -> str:
+    """``flagged N of M | mean / max damage of the unflagged`` cells of an adaptive table."""
+    kept = [r["damage_db"] for r in rows if not r["flagged"]]
+    spread = f"{np.mean(kept):.1f} / {max(kept):.1f}" if kept else "none unflagged"
+    return f"{sum(r['flagged'] for r in rows)} of {len(rows)} | {spread}"
 
 
 def plot_roc(roc: dict[str, tuple[list[float], list[float]]], path: Path) -> None:

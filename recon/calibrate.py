@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,14 +26,7 @@ from recon.detect.calibration import (
     calibrate,
     calibrate_combined,
 )
-from recon.detect.cyclic import (
-    COMBINED_STATISTICS,
-    DETECTOR_KEY_ENV,
-    SENSITIVE_STATISTICS,
-    CyclicDetector,
-    DetectionScores,
-    detector_key_from_env,
-)
+from recon.detect.cyclic import COMBINED_STATISTICS, SENSITIVE_STATISTICS, CyclicDetector, DetectionScores
 from recon.io.mrd import read_raw
 from recon.models.modl import MoDL
 from recon.models.weights import WEIGHTS_DIR, ModelManifest
@@ -46,6 +40,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATISTIC = "holdout_union"
 CALIBRATION_DIR = WEIGHTS_DIR
+# environment variable holding a site's secret for the sensitive directions' start
+DETECTOR_KEY_ENV = "CYCGUARD_DETECTOR_KEY"
 
 
 def default_calibration_path(manifest: ModelManifest) -> Path:
@@ -64,6 +60,26 @@ def slice_noise_sigma(data: SliceKSpace, whitened: bool) -> float:
 def protocol_of(data: SliceKSpace, manifest: ModelManifest, acceleration: int) -> ProtocolKey:
     """The protocol key of a slice (mask kind from the model's training family)."""
     return ProtocolKey(data.shape, data.coils, manifest.mask_kind, acceleration, int(data.acs.sum()))
+
+
+def detector_key_from_env() -> bytes | None:
+    """The site's detector key: ``CYCGUARD_DETECTOR_KEY``, or the contents of the file named by
+    ``CYCGUARD_DETECTOR_KEY_FILE`` (a container secret; one trailing newline dropped), or
+    ``None`` when neither is set. A key file that is named but unreadable or empty is an
+    error: the site asked for a secret key and must not silently get the public seed."""
+    value = os.environ.get(DETECTOR_KEY_ENV, "")
+    if value:
+        return value.encode()
+    path = os.environ.get(DETECTOR_KEY_ENV + "_FILE", "")
+    if not path:
+        return None
+    try:
+        key = Path(path).read_bytes().removesuffix(b"\n")
+    except OSError as err:
+        raise ValueError(f"{DETECTOR_KEY_ENV}_FILE={path}: cannot read the detector key ({err.strerror})") from err
+    if not key:
+        raise ValueError(f"{DETECTOR_KEY_ENV}_FILE={path}: the detector key file is empty")
+    return key
 
 
 def detector_for(model: MoDL, manifest: ModelManifest, acs_lines: int | None = None, direction_key: bytes | None = None) -> CyclicDetector:

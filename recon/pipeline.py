@@ -259,17 +259,15 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
         reason = f"{checked.reason}; mitigation stopped at its time budget ({settings.time_budget:g} s): the original image ships"
         return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes + defense.detector.alternatives)
     judge = safeguard_statistic(defense.statistic)
-    rescoring = defense.detector.alternatives
     if judge == defense.statistic:
         before: float | None = checked.score
     elif checked.scores is not None:
         before = checked.scores.get(judge)
-    else:  # read back from image meta: score the received image too
+    else:  # read back from image meta: the safeguard scores the received image too
         before = None
-        rescoring += defense.detector.alternatives
     verdict = safeguard(defense.detector, prepared.op, prepared.y, x1, result.image, judge, defense.noise_sigma, settings.max_dc_increase, before)
     seconds = time.perf_counter() - t0
-    passes = result.network_passes + rescoring
+    passes = result.network_passes + verdict.network_passes
     if verdict.accepted:
         reason = f"mitigated: {judge} {verdict.before:.4g} -> {verdict.after:.4g} ({checked.reason})"
         rewritten = result.image[0].cpu().numpy().astype(np.complex64)
@@ -283,13 +281,14 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
 
 @dataclass(frozen=True)
 class SafeguardVerdict:
-    """Whether a rewrite may ship: its statistic before and after, and how much further from
-    the received data it moved (noise norms)."""
+    """Whether a rewrite may ship: its statistic before and after, how much further from
+    the received data it moved (noise norms), and the network passes the verdict took."""
 
     accepted: bool
     before: float
     after: float
     dc_increase: float
+    network_passes: int
 
 
 @torch.no_grad()
@@ -300,11 +299,13 @@ def safeguard(
     """The mitigation's safeguard: a rewrite ships only when ``judge`` (an image statistic)
     is lower for it than for the original reconstruction ``x1`` and its data residual grew
     by at most ``max_dc_increase`` noise norms. ``before``: ``judge`` of ``x1`` when known."""
+    passes = detector.alternatives
     if before is None:
         before = detector.score(op, y, x1, noise_sigma).get(judge)
+        passes += detector.alternatives
     after = detector.score(op, y, rewritten, noise_sigma).get(judge)
     dc_increase = (_dc_norm(op, y, rewritten) - _dc_norm(op, y, x1)) / noise_norm(op, y, noise_sigma)
-    return SafeguardVerdict(after < before and dc_increase <= max_dc_increase, before, after, dc_increase)
+    return SafeguardVerdict(after < before and dc_increase <= max_dc_increase, before, after, dc_increase, passes)
 
 
 def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cpu") -> DefendedResult:

@@ -20,10 +20,11 @@ from recon.attacks import (
     pgd_kspace_linf,
 )
 from recon.attacks.adaptive import adaptive_kspace_l2
+from recon.calibrate import detector_key_from_env
 from recon.data.samples import batch_inputs, make_sample
 from recon.detect import CalibrationError, CyclicDetector, calibrate
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey, calibrate_combined
-from recon.detect.cyclic import DetectionScores, _orthonormal, detector_key_from_env, sensitive_share, start_seed
+from recon.detect.cyclic import DetectionScores, _orthonormal, sensitive_share, start_seed
 from recon.mitigate import mitigate_faithful, mitigate_kspace
 from recon.models.modl import MoDL, MoDLConfig
 from recon.physics.masks import MaskFamily

@@ -41,6 +41,14 @@ def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, sta
     return statistic_tensor(statistic, op, y, x1, x2, r, noise_sigma)
 
 
+def _passes(
+    detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, statistic: str, noise_sigma: float, components: list[tuple[str, float]], threshold: float
+) -> bool:
+    """Whether the detector passes ``y`` (a combined statistic: its ``components`` and scales)."""
+    scores = detector.score(op, y, x1, noise_sigma, holdout=statistic in DATA_ONLY_STATISTICS, sensitive=statistic in SENSITIVE_STATISTICS)
+    return (scaled_maximum(scores, components) if components else scores.get(statistic)) <= threshold
+
+
 def adaptive_kspace_l2(
     model: torch.nn.Module,
     op: SenseOp,
@@ -93,11 +101,8 @@ def adaptive_kspace_l2(
         with torch.no_grad():
             y_try = y + delta
             x_try = model(op.adjoint(y_try), op)
-            passes = True
-            for judge in (public, fresh()) if resample_directions else (public,):
-                scores = judge.score(op, y_try, x_try, noise_sigma, holdout=statistic in DATA_ONLY_STATISTICS, sensitive=statistic in SENSITIVE_STATISTICS)
-                value = scaled_maximum(scores, components) if components else scores.get(statistic)
-                passes = passes and value <= threshold
+            judges = (public, fresh()) if resample_directions else (public,)  # drawn every step: the same random stream
+            passes = all(_passes(judge, op, y_try, x_try, statistic, noise_sigma, components, threshold) for judge in judges)
             harm_try = float(torch.linalg.vector_norm(x_try - target) / torch.linalg.vector_norm(target))
         if passes and harm_try > best_damage:
             best, best_damage = y_try, harm_try

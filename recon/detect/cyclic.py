@@ -39,7 +39,8 @@ reconstruction the recon stage already made):
   (forward and backward) on top of the F folds; no noise estimate needed. The amplified
   subspace is much larger than K: starts drawn from different seeds give nearly orthogonal
   directions (subspace overlap 0.02-0.07) that flag the same attacks. So a site can key the
-  start with a secret (:func:`start_seed`, ``CYCGUARD_DETECTOR_KEY``): the directions are
+  start with a secret (:func:`start_seed`; ``CYCGUARD_DETECTOR_KEY``, read by
+  :func:`recon.calibrate.detector_key_from_env`): the directions are
   then reproducible there and unknown to an attacker who has everything but the key.
 * ``holdout_union`` (the deployed default): the larger of ``holdout_noise`` and
   ``holdout_sensitive``, each over its own clean threshold at the target rate (scales kept in
@@ -56,10 +57,8 @@ reconstruction the recon stage already made):
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,8 +78,6 @@ COMBINED_STATISTICS = {"holdout_union": ("holdout_noise", "holdout_sensitive")}
 DATA_ONLY_STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union")
 # those that need the sensitive directions (``score(..., sensitive=True)``)
 SENSITIVE_STATISTICS = ("holdout_sensitive", "holdout_union")
-# environment variable holding a site's secret for the sensitive directions' start
-DETECTOR_KEY_ENV = "CYCGUARD_DETECTOR_KEY"
 
 
 @dataclass(frozen=True)
@@ -239,26 +236,6 @@ def start_seed(seed: int, key: bytes | None, y: Tensor) -> int:
     data = y.detach().cpu().contiguous().numpy().tobytes()
     digest = hashlib.blake2b(data, key=hashlib.sha256(key).digest(), digest_size=8, person=seed.to_bytes(8, "little")).digest()
     return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch generator seed
-
-
-def detector_key_from_env() -> bytes | None:
-    """The site's detector key: ``CYCGUARD_DETECTOR_KEY``, or the contents of the file named by
-    ``CYCGUARD_DETECTOR_KEY_FILE`` (a container secret; one trailing newline dropped), or
-    ``None`` when neither is set. A key file that is named but unreadable or empty is an
-    error: the site asked for a secret key and must not silently get the public seed."""
-    value = os.environ.get(DETECTOR_KEY_ENV, "")
-    if value:
-        return value.encode()
-    path = os.environ.get(DETECTOR_KEY_ENV + "_FILE", "")
-    if not path:
-        return None
-    try:
-        key = Path(path).read_bytes().removesuffix(b"\n")
-    except OSError as err:
-        raise ValueError(f"{DETECTOR_KEY_ENV}_FILE={path}: cannot read the detector key ({err.strerror})") from err
-    if not key:
-        raise ValueError(f"{DETECTOR_KEY_ENV}_FILE={path}: the detector key file is empty")
-    return key
 
 
 def sensitive_share(residual: Tensor, directions: Tensor, entries: int) -> Tensor:
