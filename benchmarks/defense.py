@@ -149,6 +149,10 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true", help="only redraw plots and tables from OUT/defense.json")
     parser.add_argument("--image-domain", action="store_true", help="only the image-domain table, clean baseline through the same image path")
     parser.add_argument("--mitigation-only", action="store_true", help="only the mitigation table (and montage), merged into OUT/defense.json")
+    parser.add_argument(
+        "--calibration", type=Path, default=None,
+        help="calibration whose prior_shift threshold gates the prior mitigation (default: the one shipped with the weights)",
+    )
     args = parser.parse_args()
     if args.mitigation_only:
         torch.set_num_threads(args.threads)
@@ -263,9 +267,51 @@ def mitigation_only(args: argparse.Namespace) -> None:
     path = args.out / "defense.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, {})
+    results["prior_on_clean"] = prior_on_clean(model, detector, manifest, args)
     path.write_text(json.dumps(results, indent=1))
+    (args.out / "mitigation.md").write_text("\n".join(mitigation_markdown(results)) + "\n")
     if "attacks" in results:  # a full run's figures are there: the tables again, with this mitigation
         write_markdown(results, args.out / "defense.md", args.statistic)
+
+
+def prior_gate_of(model: Any, detector: CyclicDetector, manifest: Any, args: argparse.Namespace) -> float:
+    """The clean threshold of ``prior_shift`` in the calibration (checked against this model)."""
+    from recon.calibrate import calibration_statistic, default_calibration_path
+    from recon.detect.calibration import Calibration
+    from recon.pipeline import prior_gate
+
+    path = args.calibration or default_calibration_path(manifest)
+    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    cal = Calibration.load(path, manifest.sha256, protocol, DetectorKey.of(calibration_statistic(path), detector))
+    gate = prior_gate(cal)
+    if gate is None:
+        raise SystemExit(f"{path}: calibration of {cal.detector.statistic} holds no prior_shift threshold; the prior mitigation needs one")
+    return gate
+
+
+def prior_on_clean(model: Any, detector: CyclicDetector, manifest: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Every clean test slice pushed through the gated prior mitigation (a false positive's
+    fate): how many the gate lets through and the PSNR change of what ships."""
+    from recon.mitigate.prior import mitigate_prior
+    from recon.pipeline import MitigationSettings
+
+    gate, gain = prior_gate_of(model, detector, manifest, args), MitigationSettings().prior_gain
+    items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, 8, seed=202)]
+    changes, accepted, raw = [], 0, []
+    for item in tqdm(items, desc="clean through the prior mitigation"):
+        with torch.no_grad():
+            x1 = model(item.x_zf, item.op)
+        result = mitigate_prior(model, item.op, item.y, x1, item.sigma, gate, detector.prior_gain, gain)
+        base = psnr(x1, item)
+        with torch.no_grad():
+            raw.append(psnr(model(item.x_zf, item.op, prior_gain=gain), item) - base)
+        accepted += result.accepted
+        changes.append((psnr(result.image, item) if result.image is not None else base) - base)
+    return {
+        "slices": len(items), "gate": gate, "gain": gain, "accepted": accepted,
+        "shipped_change_db_mean": float(np.mean(changes)), "shipped_change_db_min": float(np.min(changes)),
+        "raw_change_db_mean": float(np.mean(raw)),
+    }
 
 
 def image_domain_phase(args: argparse.Namespace) -> None:
@@ -307,11 +353,16 @@ def image_domain_phase(args: argparse.Namespace) -> None:
 
 
 def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, examples: dict[str, Any]) -> dict[str, Any]:
+    from recon.mitigate.prior import mitigate_prior
     from recon.pipeline import MitigationSettings, safeguard, safeguard_statistic
 
     settings = MitigationSettings()
     judge = safeguard_statistic(args.statistic)
-    cases = {"kspace-l2 1 noise norms": ("kspace-l2", 1.0), "kspace-l2 3 noise norms": ("kspace-l2", 3.0), "image-linf 0.01 max|x_zf|": ("image-linf", 0.01), "clean": ("none", 0.0)}
+    gate = prior_gate_of(model, detector, load_model(args.weights)[1], args)
+    cases = {
+        "kspace-l2 0.3 noise norms": ("kspace-l2", 0.3), "kspace-l2 1 noise norms": ("kspace-l2", 1.0), "kspace-l2 3 noise norms": ("kspace-l2", 3.0),
+        "kspace-fgsm 1 noise norms": ("kspace-fgsm", 1.0), "image-linf 0.01 max|x_zf|": ("image-linf", 0.01), "clean": ("none", 0.0),
+    }
     out: dict[str, Any] = {}
     montage_panels: list[tuple[str, np.ndarray]] = []
     for case, (name, budget) in cases.items():
@@ -332,6 +383,14 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
             verdict = safeguard(detector, item.op, y_in, x1, ours.image, judge, item.sigma, settings.max_dc_increase)
             row["ours_accepted"] = float(verdict.accepted)
             row["ours_shipped"] = psnr(ours.image if verdict.accepted else x1, item)
+            # the prior-weighted re-reconstruction (the product's default): raw, and behind its gate
+            t0 = time.perf_counter()
+            prior = mitigate_prior(model, item.op, y_in, x1, item.sigma, gate, detector.prior_gain, settings.prior_gain)
+            row["prior_seconds"], row["prior_passes"] = time.perf_counter() - t0, prior.network_passes
+            with torch.no_grad():
+                row["prior"] = psnr(model(item.op.adjoint(y_in), item.op, prior_gain=settings.prior_gain), item)
+            row["prior_accepted"] = float(prior.accepted)
+            row["prior_shipped"] = psnr(prior.image if prior.image is not None else x1, item)
             if i < args.faithful:
                 x_rx = item.op.adjoint(y_in) if x_in is None else x_in
                 t0 = time.perf_counter()
@@ -343,14 +402,21 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
                 row["cg_sense"] = psnr(cg_sense(item.op, y_in), item)
             rows.append(row)
             if i == 0:
-                montage_panels += [(f"{case}: received", x1[0].numpy()), (f"{case}: ours", ours.image[0].numpy())]
+                shipped = prior.image if prior.image is not None else x1
+                montage_panels += [(f"{case}: received", x1[0].numpy()), (f"{case}: prior, shipped", shipped[0].numpy())]
         summary = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if not k.endswith("_passes")}
         summary["faithful_passes"] = float(np.mean([r["faithful_passes"] for r in rows if "faithful_passes" in r])) if any("faithful_passes" in r for r in rows) else None
         summary["ours_passes"] = float(np.mean([r["ours_passes"] for r in rows]))
+        summary["prior_passes"] = float(np.mean([r["prior_passes"] for r in rows]))
         loss = summary["clean"] - summary["attacked"]
-        for method in ("ours", "ours_shipped", "faithful", "range_projection", "smoothing", "cg_sense"):
+        for method in ("ours", "ours_shipped", "prior", "prior_shipped", "faithful", "range_projection", "smoothing", "cg_sense"):
             if method in summary and loss > 0.5:
                 summary[f"{method}_recovered"] = (summary[method] - summary["attacked"]) / loss
+        damaging = [r for r in rows if r["clean"] - r["attacked"] >= 3]  # the target's cases: attacks costing >= 3 dB
+        if damaging and name != "none":
+            for method in ("prior", "prior_shipped", "ours_shipped"):
+                summary[f"{method}_recovered_3db"] = float(np.mean([(r[method] - r["attacked"]) / (r["clean"] - r["attacked"]) for r in damaging]))
+            summary["damaging_3db"] = len(damaging)
         out[case] = {"summary": summary, "rows": rows}
     montage(args.out / "defense_montage.png", montage_panels + [("reference", victims[0].reference)])
     return out
@@ -417,6 +483,40 @@ def _formatter(summary: dict[str, Any]) -> Any:
     return f
 
 
+def mitigation_markdown(results: dict[str, Any]) -> list[str]:
+    """The mitigation tables (PSNR dB means; recovered = share of the attack's loss)."""
+    lines = [
+        "| mitigation case | clean | attacked | prior | prior shipped (gate) | accepted | cyclic (ours) | cyclic shipped (safeguard) | accepted | faithful | range proj. | smoothing | CG-SENSE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    mitigation = results.get("mitigation", {})
+    for case, m in mitigation.items():
+        f = _formatter(m["summary"])
+        lines.append(
+            f"| {case} | {f('clean')} | {f('attacked')} | {f('prior')} | {f('prior_shipped')} | {f('prior_accepted')} | {f('ours')} | {f('ours_shipped')} | "
+            f"{f('ours_accepted')} | {f('faithful')} | {f('range_projection')} | {f('smoothing')} | {f('cg_sense')} |"
+        )
+    lines += [
+        "",
+        "| mitigation case | recovered: prior / prior shipped / cyclic / cyclic shipped / faithful / range proj. / smoothing / CG-SENSE | on slices losing >= 3 dB: prior / prior shipped / cyclic shipped (n) | passes prior / cyclic / faithful |",
+        "|---|---|---|---|",
+    ]
+    for case, m in mitigation.items():
+        f = _formatter(m["summary"])
+        shares = " / ".join(f(f"{k}_recovered") for k in ("prior", "prior_shipped", "ours", "ours_shipped", "faithful", "range_projection", "smoothing", "cg_sense"))
+        damaging = " / ".join(f(f"{k}_recovered_3db") for k in ("prior", "prior_shipped", "ours_shipped")) + f" ({m['summary'].get('damaging_3db', 0)})"
+        lines.append(f"| {case} | {shares} | {damaging} | {f('prior_passes')} / {f('ours_passes')} / {f('faithful_passes')} |")
+    c = results.get("prior_on_clean")
+    if c:
+        lines += [
+            "",
+            f"Clean test slices through the gated prior mitigation: {c['accepted']} of {c['slices']} rewritten (gate: prior_shift > {c['gate']:.4g}); "
+            f"PSNR change of what ships mean {c['shipped_change_db_mean']:+.3f} dB, worst {c['shipped_change_db_min']:+.2f} dB "
+            f"(ungated rewrite at {c['gain']:g}x: {c['raw_change_db_mean']:+.2f} dB).",
+        ]
+    return lines
+
+
 def write_markdown(results: dict[str, Any], path: Path, statistic: str) -> None:
     c = results["clean"]
     lines = [
@@ -443,14 +543,7 @@ def write_markdown(results: dict[str, Any], path: Path, statistic: str) -> None:
     lines += ["", "Clean FPR at calibrated thresholds: " + ", ".join(f"{k} {v:.3f}" for k, v in c["fpr"].items())]
     a = results["adaptive"]
     lines += ["", f"Adaptive attacker ({statistic}, 1 % FPR threshold): flagged {a['flagged_rate']:.2f}; largest unflagged damage {a['max_unflagged_damage_db']} dB."]
-    lines += ["", "| mitigation case | clean | attacked | ours | ours shipped (safeguard) | accepted | faithful | range proj. | smoothing | CG-SENSE | ours recovered | shipped recovered | faithful recovered | passes ours / faithful |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for case, m in results.get("mitigation", {}).items():
-        s = m["summary"]
-        f = _formatter(s)
-        lines.append(
-            f"| {case} | {f('clean')} | {f('attacked')} | {f('ours')} | {f('ours_shipped')} | {f('ours_accepted')} | {f('faithful')} | {f('range_projection')} | {f('smoothing')} | {f('cg_sense')} | "
-            f"{f('ours_recovered')} | {f('ours_shipped_recovered')} | {f('faithful_recovered')} | {f('ours_passes')} / {f('faithful_passes')} |"
-        )
+    lines += [""] + mitigation_markdown(results)
     same = results.get("image_domain_same_path")
     if same:
         lines += ["", "Image-domain attacks against clean slices scored through the same pseudo-inverse path (AUC / TPR@1%):", ""]

@@ -1,6 +1,9 @@
-"""Detection benchmark of the deployed statistic ``holdout_union`` and its two components.
+"""Detection benchmark of the combined statistics (``holdout_union``, ``holdout_shift_union``)
+and their components (``holdout_noise``, ``holdout_sensitive``, ``prior_shift``).
 
-Usage: ``python -m benchmarks.detect_union [--clean 300] [--attacked 24] [--out benchmarks/results/union]``,
+Usage: ``python -m benchmarks.detect_union [--clean 300] [--attacked 24] [--statistic S] [--out benchmarks/results/union]``
+(``--statistic``: the deployed one, whose calibration file the run writes and which the
+adaptive attacker targets; default the product's, ``recon.calibrate.DEFAULT_STATISTIC``),
 then ``python -m benchmarks.detect_union --adaptive 6`` (the adaptive attacker against the
 calibration the first run made) and ``python -m benchmarks.detect_union --keyed 3`` (a
 site-keyed detector, ``CYCGUARD_DETECTOR_KEY``, at the same calibration: its clean
@@ -35,13 +38,14 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks.defense import attack, auc, observe, to_item  # noqa: E402
 from recon.attacks.adaptive import adaptive_kspace_l2  # noqa: E402
-from recon.calibrate import build_calibration, detector_for, scores_from_simulation  # noqa: E402
+from recon.calibrate import DEFAULT_STATISTIC, build_calibration, detector_for, scores_from_simulation  # noqa: E402
 from recon.data.samples import simulated_slices  # noqa: E402
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey  # noqa: E402
 from recon.detect.cyclic import DetectionScores  # noqa: E402
 from recon.models.weights import load_model  # noqa: E402
 
-STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union")
+COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift")
+STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union")
 ATTACKS: list[tuple[str, float, str]] = [
     ("kspace-l2", 0.3, "noise norms"),
     ("kspace-l2", 1.0, "noise norms"),
@@ -59,6 +63,7 @@ def main() -> None:
     parser.add_argument("--clean", type=int, default=300)
     parser.add_argument("--attacked", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/union"))
+    parser.add_argument("--statistic", default=DEFAULT_STATISTIC, choices=("holdout_union", "holdout_shift_union"), help="the deployed statistic")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adaptive", type=int, default=0, help="only the adaptive attacker on N slices per budget, against OUT/calibration.json")
     parser.add_argument("--keyed", type=int, default=0, help="only the site-keyed detector: clean FPR, and the adaptive attacker on N slices per budget")
@@ -75,7 +80,7 @@ def main() -> None:
     calib_scores, protocol = scores_from_simulation(args.clean, model, manifest, seed=101)
     detector = detector_for(model, manifest)
     cals = {(s, f): build_calibration(calib_scores, protocol, manifest, detector, s, f) for s in STATISTICS for f in (0.01, 0.05)}
-    cals[("holdout_union", 0.01)].save(args.out / "calibration.json")
+    cals[(args.statistic, 0.01)].save(args.out / "calibration.json")
 
     def values(cal: Calibration, scores: list[DetectionScores]) -> list[float]:
         return [cal.score_of(s) for s in scores]
@@ -89,8 +94,9 @@ def main() -> None:
         "scales": {f"{s}@{f}": dict(c.scales) for (s, f), c in cals.items() if c.scales},
         "clean_fpr": {f"{s}@{f}": float(np.mean([c.flags(v) for v in values(c, clean_scores)])) for (s, f), c in cals.items()},
         "seconds_detect": float(np.median([o.seconds_detect for o in clean])),
-        "calibration_scores": [{k: getattr(s, k) for k in STATISTICS[:2]} for s in calib_scores],
-        "clean_scores": [{k: o.scores[k] for k in STATISTICS[:2]} | {"psnr": o.psnr} for o in clean],
+        "statistic": args.statistic,
+        "calibration_scores": [{k: getattr(s, k) for k in COMPONENTS} for s in calib_scores],
+        "clean_scores": [{k: o.scores[k] for k in COMPONENTS} | {"psnr": o.psnr} for o in clean],
         "attacks": {},
     }
     roc: dict[str, tuple[list[float], list[float]]] = {}
@@ -98,7 +104,7 @@ def main() -> None:
         label = f"{name} {budget:g} {unit}"
         rows = []
         for i, item in enumerate(tqdm(items[: args.attacked], desc=label)):
-            adv = attack(name, budget, model, item, detector, 0.0, "holdout_union", seed=1000 + i)
+            adv = attack(name, budget, model, item, detector, 0.0, args.statistic, seed=1000 + i)
             rows.append(observe(model, detector, item, y=adv["y"])[0])
         scores = [DetectionScores(**o.scores) for o in rows]
         damage = [clean[i].psnr - o.psnr for i, o in enumerate(rows)]
@@ -111,12 +117,12 @@ def main() -> None:
                 entry["tpr"][f"{s}@{f}"] = float(np.mean(flagged))
                 hits = [fl for fl, d in zip(flagged, damage, strict=True) if d >= 3]
                 entry["tpr_damaging_3db"][f"{s}@{f}"] = float(np.mean(hits)) if hits else None
-        entry["scores"] = [{k: o.scores[k] for k in STATISTICS[:2]} | {"damage_db": d} for o, d in zip(rows, damage, strict=True)]
+        entry["scores"] = [{k: o.scores[k] for k in COMPONENTS} | {"damage_db": d} for o, d in zip(rows, damage, strict=True)]
         results["attacks"][label] = entry
-        roc[label] = (values(cals[("holdout_union", 0.01)], clean_scores), values(cals[("holdout_union", 0.01)], scores))
+        roc[label] = (values(cals[(args.statistic, 0.01)], clean_scores), values(cals[(args.statistic, 0.01)], scores))
         (args.out / "union.json").write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out / "union.md")
-    plot_roc(roc, args.out / "union_roc.png")
+    plot_roc(roc, args.out / "union_roc.png", args.statistic)
 
 
 def adaptive_phase(args: argparse.Namespace) -> None:
@@ -125,14 +131,14 @@ def adaptive_phase(args: argparse.Namespace) -> None:
     model, manifest = load_model(None)
     detector = detector_for(model, manifest)
     protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
-    cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of("holdout_union", detector))
+    cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of(args.statistic, detector))
     victims = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=202)][: args.adaptive]
     clean = [observe(model, detector, it)[0] for it in victims]
     rows = []
     for budget in (0.3, 1.0, 3.0):
         for i, item in enumerate(tqdm(victims, desc=f"adaptive {budget:g} noise norms")):
             g = torch.Generator().manual_seed(5000 + i)
-            y = adaptive_kspace_l2(model, item.op, item.y, budget * item.noise_norm, detector, "holdout_union", cal.threshold, g, noise_sigma=item.sigma, scales=dict(cal.scales))
+            y = adaptive_kspace_l2(model, item.op, item.y, budget * item.noise_norm, detector, args.statistic, cal.threshold, g, noise_sigma=item.sigma, scales=dict(cal.scales))
             obs = observe(model, detector, item, y=y)[0]
             value = cal.score_of(DetectionScores(**obs.scores))
             rows.append({"budget": budget, "damage_db": clean[i].psnr - obs.psnr, "score": value, "flagged": cal.flags(value)})
@@ -154,7 +160,7 @@ def keyed_phase(args: argparse.Namespace) -> None:
     model, manifest = load_model(None)
     keyed = detector_for(model, manifest, direction_key=KEY)
     protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
-    cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of("holdout_union", keyed))
+    cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of(args.statistic, keyed))
     items = [to_item(s) for s in simulated_slices("heldout", args.clean, keyed.family, manifest.coils, seed=202)]
     clean = [observe(model, keyed, it)[0] for it in tqdm(items, desc="clean test, keyed")]  # the victims' clean PSNR too
     clean_scores = [cal.score_of(DetectionScores(**o.scores)) for o in clean]
@@ -164,7 +170,7 @@ def keyed_phase(args: argparse.Namespace) -> None:
         for budget in (0.3, 1.0, 3.0):
             for i, item in enumerate(tqdm(victims, desc=f"adaptive {budget:g} noise norms{', resampled' if resample else ''}")):
                 g = torch.Generator().manual_seed(5000 + i)
-                y = adaptive_kspace_l2(model, item.op, item.y, budget * item.noise_norm, keyed, "holdout_union", cal.threshold, g, noise_sigma=item.sigma, scales=dict(cal.scales), resample_directions=resample)
+                y = adaptive_kspace_l2(model, item.op, item.y, budget * item.noise_norm, keyed, args.statistic, cal.threshold, g, noise_sigma=item.sigma, scales=dict(cal.scales), resample_directions=resample)
                 obs = observe(model, keyed, item, y=y)[0]
                 value = cal.score_of(DetectionScores(**obs.scores))
                 rows.append({"resample": resample, "budget": budget, "damage_db": clean[i].psnr - obs.psnr, "score": value, "flagged": cal.flags(value)})
@@ -176,15 +182,20 @@ def keyed_phase(args: argparse.Namespace) -> None:
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
+    deployed = results.get("statistic", "holdout_union")  # files from before session 6 hold holdout_union
+    names = [s for s in STATISTICS if s in next(iter(results["attacks"].values()))["auc"]]
+    short = " / ".join(s.replace("holdout_", "").replace("prior_", "") for s in names)
     lines = [
-        "| attack (budget) | damage dB | n >= 3 dB | AUC noise / sensitive / union | TPR@1% noise / sensitive / union | TPR@5% noise / sensitive / union | union TPR@1% on >= 3 dB |",
+        f"Deployed: {deployed}.",
+        "",
+        f"| attack (budget) | damage dB | n >= 3 dB | AUC {short} | TPR@1% {short} | TPR@5% {short} | deployed TPR@1% on >= 3 dB |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, e in results["attacks"].items():
-        a = " / ".join(f"{e['auc'][s]:.3f}" for s in STATISTICS)
-        t1 = " / ".join(f"{e['tpr'][f'{s}@0.01']:.2f}" for s in STATISTICS)
-        t5 = " / ".join(f"{e['tpr'][f'{s}@0.05']:.2f}" for s in STATISTICS)
-        hit = e["tpr_damaging_3db"]["holdout_union@0.01"]
+        a = " / ".join(f"{e['auc'][s]:.3f}" for s in names)
+        t1 = " / ".join(f"{e['tpr'][f'{s}@0.01']:.2f}" for s in names)
+        t5 = " / ".join(f"{e['tpr'][f'{s}@0.05']:.2f}" for s in names)
+        hit = e["tpr_damaging_3db"][f"{deployed}@0.01"]
         lines.append(f"| {label} | {e['damage_db']:.2f} | {e['damaging_3db']} | {a} | {t1} | {t5} | {'n/a' if hit is None else f'{hit:.2f}'} |")
     lines += ["", "Clean FPR at the calibrated thresholds: " + ", ".join(f"{k} {v:.3f}" for k, v in results["clean_fpr"].items())]
     lines += ["", "Thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in results["thresholds"].items())]
@@ -212,7 +223,7 @@ def _flagged_and_spread(rows: list[dict[str, Any]]) -> str:
     return f"{sum(r['flagged'] for r in rows)} of {len(rows)} | {spread}"
 
 
-def plot_roc(roc: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
+def plot_roc(roc: dict[str, tuple[list[float], list[float]]], path: Path, statistic: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 5))
     for label, (clean, attacked) in roc.items():
         fpr, tpr, _ = roc_curve([0] * len(clean) + [1] * len(attacked), clean + attacked)
@@ -223,7 +234,7 @@ def plot_roc(roc: dict[str, tuple[list[float], list[float]]], path: Path) -> Non
     ax.set_xlim(1e-3, 1)
     ax.set_xlabel("false-positive rate (clean held-out slices)")
     ax.set_ylabel("true-positive rate")
-    ax.set_title("Detection ROC, statistic: holdout_union")
+    ax.set_title(f"Detection ROC, statistic: {statistic}")
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -65,11 +65,18 @@ class DetectSettings:
 
 @dataclass(frozen=True)
 class MitigateSettings:
-    """``gadgets.mitigate``: training-free k-space cyclic mitigation of flagged images."""
+    """``gadgets.mitigate``: training-free mitigation of flagged images (prior-weighted
+    re-reconstruction, or the k-space cyclic mitigation)."""
 
     weights: str = prop("", "network weights; must be the model that made the images (checked by hash)")
     calibration: str = prop("", "calibration JSON; must be the one the detect gadget used (checked)")
     enabled: bool = prop(True, "rewrite flagged images at all (off: they leave flagged, unchanged)")
+    method: str = prop(
+        "prior", "prior (the network with its prior weighted prior_gain times more, when the image moves like an attacked one; "
+        "needs a calibration with prior_shift) or cyclic (k-space cyclic mitigation; the properties below are its)",
+        choices=("prior", "cyclic"),
+    )
+    prior_gain: float = prop(30.0, "prior method: factor on the network's data-consistency weight mu", low=1.01, high=1e4)
     radius: float = prop(1.0, "correction budget", unit="acquisition-noise norms", low=0.0, high=100.0)
     iterations: int = prop(20, "at most this many optimisation steps", low=1, high=1000)
     fidelity: float = prop(1.0, "weight of the fidelity-to-received-data term", low=0.0, high=1e6)

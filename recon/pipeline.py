@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 
 from recon.detect.calibration import Calibration
-from recon.detect.cyclic import DATA_ONLY_STATISTICS, SENSITIVE_STATISTICS, CyclicDetector, DetectionScores, noise_norm
+from recon.detect.cyclic import (
+    DATA_ONLY_STATISTICS,
+    FOLD_STATISTICS,
+    SENSITIVE_STATISTICS,
+    SHIFT_STATISTICS,
+    CyclicDetector,
+    DetectionScores,
+    noise_norm,
+)
 from recon.models.modl import MoDL
 from recon.physics.coils import estimate_coil_maps
 from recon.physics.sense import SenseOp
@@ -83,12 +91,25 @@ def reconstruct(data: SliceKSpace, model: MoDL, device: torch.device | str = "cp
 VERDICTS = ("clean", "flagged", "mitigated", "unverified")
 
 
+MITIGATION_METHODS = ("prior", "cyclic")
+
+
 @dataclass(frozen=True)
 class MitigationSettings:
-    """How flagged slices are rewritten (see :func:`recon.mitigate.mitigate_kspace`).
+    """How flagged slices are rewritten.
+
+    ``prior`` (the default, :func:`recon.mitigate.prior.mitigate_prior`): the same network
+    with ``prior_gain`` times its data-consistency weight, when the received image's
+    ``prior_shift`` exceeds its calibrated clean threshold (needs a calibration with
+    ``prior_shift``: ``holdout_shift_union`` or ``prior_shift``). ``cyclic``
+    (:func:`recon.mitigate.mitigate_kspace`): the k-space cyclic mitigation behind the
+    cyclic safeguard (:func:`safeguard`); the fields from ``fidelity`` to
+    ``max_dc_increase`` are its.
 
     Attributes:
         enabled: rewrite flagged slices at all.
+        method: ``prior`` or ``cyclic``.
+        prior_gain: the prior method's factor on the network's mu.
         fidelity: weight of the fidelity-to-received-data term.
         radius: correction budget in acquisition-noise norms.
         iterations: at most this many optimisation steps.
@@ -97,10 +118,12 @@ class MitigationSettings:
         max_dc_increase: safeguard: the rewritten image may not move further from the
             received data than this many noise norms beyond the original reconstruction.
         time_budget: seconds the rewrite of one slice may take; past it the original image
-            ships, ``flagged`` (a partial rewrite is never shipped).
+            ships, ``flagged`` (a partial or late rewrite is never shipped; both methods).
     """
 
     enabled: bool = True
+    method: str = "prior"
+    prior_gain: float = 30.0
     fidelity: float = 1.0
     radius: float = 1.0
     iterations: int = 20
@@ -108,6 +131,12 @@ class MitigationSettings:
     patience: int = 5
     max_dc_increase: float = 0.25
     time_budget: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.method not in MITIGATION_METHODS:
+            raise ValueError(f"mitigation method {self.method!r} is not one of {', '.join(MITIGATION_METHODS)}")
+        if not self.prior_gain > 1:
+            raise ValueError(f"prior_gain must be > 1, got {self.prior_gain}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,7 +224,8 @@ def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> Check
     t0 = time.perf_counter()
     scores = defense.detector.score(
         prepared.op, prepared.y, x1, defense.noise_sigma,
-        holdout=defense.statistic in DATA_ONLY_STATISTICS, sensitive=defense.statistic in SENSITIVE_STATISTICS,
+        holdout=defense.statistic in FOLD_STATISTICS, sensitive=defense.statistic in SENSITIVE_STATISTICS,
+        shift=defense.statistic in SHIFT_STATISTICS,
     )
     seconds = time.perf_counter() - t0
     calibration = defense.calibration
@@ -227,10 +257,20 @@ def safeguard_statistic(statistic: str) -> str:
     return "cyclic_noise" if statistic in DATA_ONLY_STATISTICS else statistic
 
 
-def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
-    """Rewrite a flagged image by the k-space cyclic mitigation, behind the safeguard.
+def prior_gate(calibration: Calibration) -> float | None:
+    """The clean threshold of ``prior_shift`` a calibration holds (``None``: it has none)."""
+    if calibration.detector.statistic == "prior_shift":
+        return calibration.threshold
+    return dict(calibration.scales).get("prior_shift")
 
-    The rewrite ships only when its statistic against the received data is lower than the
+
+def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
+    """Rewrite a flagged image by the configured mitigation, behind its safeguard.
+
+    ``prior`` (default): :func:`recon.mitigate.prior.mitigate_prior`, which rewrites only
+    when the received image's ``prior_shift`` exceeds its calibrated clean threshold. With a
+    calibration that holds no such threshold the original ships, ``flagged``, and the reason
+    says why. ``cyclic``: the rewrite ships only when its statistic against the received data is lower than the
     original's and it stays within ``max_dc_increase`` noise norms of the original's data
     residual; otherwise the original image ships with verdict ``flagged``. Images that
     passed the check are returned untouched. The statistic is the calibrated one when it
@@ -242,6 +282,8 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
     settings = defense.mitigation
     if not settings.enabled:
         return MitigationOutcome(image, "flagged", None, checked.reason + "; mitigation off", 0.0, 0)
+    if settings.method == "prior":
+        return _mitigate_prior(prepared, image, checked, defense)
     from recon.mitigate.cyclic import mitigate_kspace
 
     x1 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(prepared.y.device)
@@ -277,6 +319,42 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
         f"data residual +{verdict.dc_increase:.2f} noise norms)"
     )
     return MitigationOutcome(image, "flagged", verdict.after, reason, seconds, passes)
+
+
+def _mitigate_prior(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
+    from recon.mitigate.prior import mitigate_prior
+
+    gate = prior_gate(defense.calibration)
+    if gate is None:
+        reason = (
+            f"{checked.reason}; prior mitigation needs a calibration with prior_shift "
+            f"(this one is {defense.calibration.detector.statistic}; cycguard calibrate --statistic holdout_shift_union): "
+            "the original image ships"
+        )
+        return MitigationOutcome(image, "flagged", None, reason, 0.0, 0)
+    x1 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(prepared.y.device)
+    known = checked.scores.prior_shift if checked.scores is not None else None
+    t0 = time.perf_counter()
+    result = mitigate_prior(
+        defense.model, prepared.op, prepared.y, x1, defense.noise_sigma, gate, defense.detector.prior_gain,
+        defense.mitigation.prior_gain, known,
+    )
+    seconds = time.perf_counter() - t0
+    budget = defense.mitigation.time_budget
+    if seconds > budget:  # a latency bound: a late rewrite is not shipped either
+        reason = f"{checked.reason}; mitigation took {seconds:.3g} s, past its time budget ({budget:g} s): the original image ships"
+        return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes)
+    evidence = f"prior_shift {result.shift:.4g} {'>' if result.shift > gate else '<='} clean threshold {gate:.4g} noise norms"
+    if result.image is None:
+        why = "rewrite not finite" if result.shift > gate else "the image does not move like an attacked one"
+        reason = f"{checked.reason}; rewrite refused ({evidence}: {why}): the original image ships"
+        return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes)
+    reason = (
+        f"mitigated: {evidence}; re-reconstructed with {result.gain:g}x prior weight "
+        f"(data residual {result.residual_before:.3g} -> {result.residual_after:.3g} noise norms) ({checked.reason})"
+    )
+    rewritten = result.image[0].cpu().numpy().astype(np.complex64)
+    return MitigationOutcome(rewritten, "mitigated", None, reason, seconds, result.network_passes)
 
 
 @dataclass(frozen=True)

@@ -337,3 +337,101 @@ def test_mitigations_stay_in_their_budgets(setup: tuple) -> None:
     ours = mitigate_kspace(model, op, y, cycle, noise_sigma=0.01, iterations=4)
     assert ours.loss_best <= ours.loss_start and ours.iterations <= 4
     assert ours.image.shape == x1.shape
+
+
+def test_prior_gain_reruns_the_same_weights_with_a_heavier_prior(setup: tuple) -> None:
+    model, op, y, x_zf = setup
+    x1 = model(x_zf, op)
+    assert torch.equal(model(x_zf, op, prior_gain=1.0), x1)  # the trained network, bit for bit
+    heavy = model(x_zf, op, prior_gain=100.0)
+    residual = [float(torch.linalg.vector_norm(y - op.forward(x))) for x in (x1, heavy)]
+    assert residual[1] > residual[0]  # the data pull the image less
+    with pytest.raises(ValueError, match="prior_gain must be > 0"):
+        model(x_zf, op, prior_gain=0.0)
+
+
+def test_prior_shift_measures_how_far_the_image_moves(setup: tuple) -> None:
+    from recon.detect.cyclic import noise_norm
+
+    model, op, y, x_zf = setup
+    detector = CyclicDetector(model, FAMILY, folds=3, directions=2, power_iterations=1, prior_gain=4.0)
+    x1 = model(x_zf, op)
+    only = detector.score(op, y, x1, 0.01, shift=True)
+    assert only.holdout_noise is None and only.holdout_sensitive is None  # no folds were needed
+    expected = torch.linalg.vector_norm(model(x_zf, op, prior_gain=4.0) - x1) / noise_norm(op, y, 0.01)
+    assert only.get("prior_shift") == pytest.approx(float(expected), rel=1e-5)
+    assert detector.score(op, y, x1, 0.01, holdout=True).prior_shift == pytest.approx(only.prior_shift, rel=1e-5)  # with holdout by default
+    assert detector.score(op, y, x1, 0.01, holdout=True, shift=False).prior_shift is None
+    tampered = detector.score(op, y, x1 + 0.5 * x1.abs().max(), 0.01, shift=True).get("prior_shift")
+    assert tampered > 10 * only.get("prior_shift")  # an image that is not f(y) moves (fail closed)
+    assert detector.passes("prior_shift") == 3 + 1
+    assert detector.passes("holdout_shift_union") == detector.passes("holdout_union") + 1
+    key = DetectorKey.of("prior_shift", detector)
+    assert (key.prior_gain, key.folds, key.directions) == (4.0, None, None)
+    assert DetectorKey.of("holdout_union", detector).prior_gain is None  # files of holdout_union unchanged
+    with pytest.raises(ValueError, match="needs the network's image"):
+        detector.holdout_statistics(op, y, 0.01, folds=False, shift=True)
+
+
+def test_shift_union_calibration_has_three_components(tmp_path: Path, setup: tuple) -> None:
+    detector = CyclicDetector(setup[0], FAMILY, folds=3, directions=2, power_iterations=1)
+    key = DetectorKey.of("holdout_shift_union", detector)
+    rng = np.random.default_rng(1)
+    parts = {"holdout_noise": rng.gamma(4.0, 0.3, 199), "holdout_sensitive": rng.gamma(2.0, 1.5, 199), "prior_shift": rng.gamma(3.0, 0.2, 199)}
+    cal = calibrate_combined(parts, 0.05, "ab" * 32, PROTOCOL, key)
+    scales = dict(cal.scales)
+    assert list(scales) == ["holdout_noise", "holdout_sensitive", "prior_shift"]
+    shifted = DetectionScores(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3 * scales["prior_shift"])
+    assert cal.score_of(shifted) == pytest.approx(3.0) and cal.flags(cal.score_of(shifted))
+    path = cal.save(tmp_path / "shift.json")
+    assert json.loads(path.read_text())["detector"]["prior_gain"] == 4.0
+    assert Calibration.load(path, "ab" * 32, PROTOCOL, key) == cal
+    other = DetectorKey.of("holdout_shift_union", replace(detector, prior_gain=10.0))
+    with pytest.raises(CalibrationError, match="made with detector"):
+        Calibration.load(path, "ab" * 32, PROTOCOL, other)
+    with pytest.raises(ValueError, match="is not combined from"):
+        calibrate_combined({k: parts[k] for k in ("holdout_noise", "holdout_sensitive")}, 0.05, "ab" * 32, PROTOCOL, key)
+
+
+def test_adaptive_attack_against_the_shift_union_stays_in_budget(setup: tuple) -> None:
+    model, op, y, _ = setup
+    detector = CyclicDetector(model, FAMILY, folds=3, directions=2, power_iterations=1)
+    eps = 0.05 * float(torch.linalg.vector_norm(y))
+    scales = {"holdout_noise": 1.0, "holdout_sensitive": 1.0, "prior_shift": 1.0}
+    for statistic, extra in (("holdout_shift_union", {"scales": scales}), ("prior_shift", {})):
+        attacked = adaptive_kspace_l2(model, op, y, eps, detector, statistic, 1e9, _gen(5), steps=2, noise_sigma=0.01, **extra)
+        delta = attacked - y
+        assert 0.5 * eps < float(torch.linalg.vector_norm(delta)) <= eps * (1 + 1e-4)
+        assert float(_off_mask(op, delta).abs().max()) == 0.0
+
+
+def test_prior_mitigation_rewrites_only_behind_its_gate(setup: tuple) -> None:
+    from recon.mitigate.prior import mitigate_prior
+
+    model, op, y, x_zf = setup
+    x1 = model(x_zf, op)
+    refused = mitigate_prior(model, op, y, x1, 0.01, gate=1e9, gate_gain=4.0)
+    assert not refused.accepted and refused.network_passes == 1 and refused.shift > 0
+    rewritten = mitigate_prior(model, op, y, x1, 0.01, gate=1e-9, gate_gain=4.0, gain=30.0)
+    assert rewritten.accepted and rewritten.network_passes == 2
+    assert rewritten.image is not None and torch.equal(rewritten.image, model(x_zf, op, prior_gain=30.0))
+    assert rewritten.residual_after > rewritten.residual_before
+    known = mitigate_prior(model, op, y, x1, 0.01, gate=1e-9, gate_gain=4.0, shift=5.0)
+    assert known.network_passes == 1 and known.shift == 5.0  # the detector's shift saves the gate's pass
+    assert not mitigate_prior(model, op, y, x1, 0.01, gate=1.0, gate_gain=4.0, shift=float("nan")).accepted  # fail closed
+    with pytest.raises(ValueError, match="prior gain must be > 1"):
+        mitigate_prior(model, op, y, x1, 0.01, gate=1.0, gate_gain=4.0, gain=1.0)
+    with pytest.raises(ValueError, match="positive clean threshold"):
+        mitigate_prior(model, op, y, x1, 0.01, gate=0.0, gate_gain=4.0)
+
+
+def test_the_calibrate_command_offers_every_statistic_and_defaults_to_the_deployed_one() -> None:
+    from gadgets.cli import build_parser
+    from recon.calibrate import DEFAULT_STATISTIC
+    from recon.detect.cyclic import COMBINED_STATISTICS, STATISTICS
+
+    parser = build_parser()
+    args = parser.parse_args(["calibrate", "--simulate", "1"])
+    assert args.statistic == DEFAULT_STATISTIC
+    action = next(a for a in parser._subparsers._group_actions[0].choices["calibrate"]._actions if a.dest == "statistic")  # type: ignore[union-attr]
+    assert set(action.choices) == set(STATISTICS) | set(COMBINED_STATISTICS)

@@ -31,7 +31,16 @@ def _defense(model: MoDL, threshold_scores: list[float], mitigation: MitigationS
     detector = CyclicDetector(model, MaskFamily("equispaced", 2, 8), alternatives=1)
     key = DetectorKey("cyclic", 1, detector.jitter_scale, detector.seed)
     calibration = calibrate(threshold_scores, 0.05, "00" * 32, PROTOCOL, key)
-    return Defense(model, detector, calibration, "cyclic", noise_sigma=1.0, mitigation=mitigation or MitigationSettings(iterations=3))
+    return Defense(model, detector, calibration, "cyclic", noise_sigma=1.0, mitigation=mitigation or MitigationSettings(method="cyclic", iterations=3))
+
+
+def _prior_defense(model: MoDL, gate_scores: list[float], statistic: str = "prior_shift") -> Defense:
+    """A defense calibrated on ``prior_shift`` (or, with another ``statistic``, one that holds no
+    prior_shift threshold), with the default (prior) mitigation."""
+    detector = CyclicDetector(model, MaskFamily("equispaced", 2, 8), alternatives=1)
+    key = DetectorKey.of(statistic, detector)
+    calibration = calibrate(gate_scores, 0.05, "00" * 32, PROTOCOL, key)
+    return Defense(model, detector, calibration, statistic, noise_sigma=1.0)
 
 
 def test_clean_slice_passes_bit_identical(tiny: MoDL, small_raw: tuple) -> None:
@@ -68,10 +77,54 @@ def test_flagged_without_mitigation_ships_the_original_tagged(tiny: MoDL, small_
 def test_mitigation_past_its_time_budget_ships_the_original_flagged(tiny: MoDL, small_raw: tuple) -> None:
     data = read_raw(small_raw[0]).slices[0]
     original = reconstruct(data, tiny).image
-    result = defend(data, _defense(tiny, [1e-9] * 20, MitigationSettings(iterations=50, patience=50, time_budget=1e-4)))
+    result = defend(data, _defense(tiny, [1e-9] * 20, MitigationSettings(method="cyclic", iterations=50, patience=50, time_budget=1e-4)))
     assert result.verdict == "flagged" and "time budget (0.0001 s)" in result.reason
     np.testing.assert_array_equal(result.image, original)  # a partial rewrite never ships
     assert dict(result.network_passes)["mitigate"] < 50  # it stopped
+
+
+def test_a_flagged_slice_that_moves_like_an_attacked_one_is_re_reconstructed(tiny: MoDL, small_raw: tuple) -> None:
+    """The default mitigation: ``prior_shift`` over its clean threshold, so the network runs
+    again with 30x its prior weight; the image says so."""
+    from recon.pipeline import prepare
+
+    data = read_raw(small_raw[0]).slices[0]
+    result = defend(data, _prior_defense(tiny, [1e-9] * 20))
+    assert result.verdict == "mitigated" and "re-reconstructed with 30x prior weight" in result.reason
+    prepared = prepare(data)
+    with torch.no_grad():
+        expected = tiny(prepared.x_zf, prepared.op, prior_gain=30.0)[0].numpy()
+    np.testing.assert_allclose(result.image, expected, rtol=1e-5, atol=1e-6)
+    assert dict(result.network_passes) == {"recon": 1, "detect": 2, "mitigate": 1}  # the detector's shift is reused
+
+
+def test_a_flagged_slice_that_does_not_move_ships_unchanged(tiny: MoDL, small_raw: tuple) -> None:
+    """Flagged by another component of the union, but its ``prior_shift`` is under its clean
+    threshold (the gate): the original ships, flagged, and the comment says why."""
+    from recon.detect.calibration import calibrate_combined
+
+    data = read_raw(small_raw[0]).slices[0]
+    detector = CyclicDetector(tiny, MaskFamily("equispaced", 2, 8), alternatives=1, folds=2, directions=1, power_iterations=1)
+    key = DetectorKey.of("holdout_shift_union", detector)
+    parts = {"holdout_noise": [1e-9] * 20, "holdout_sensitive": [1e-9] * 20, "prior_shift": [1e6] * 20}
+    union = calibrate_combined(parts, 0.05, "00" * 32, PROTOCOL, key)
+    result = defend(data, Defense(tiny, detector, union, "holdout_shift_union", noise_sigma=1.0))
+    assert result.verdict == "flagged" and "does not move like an attacked one" in result.reason
+    np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)
+
+
+def test_prior_mitigation_without_a_prior_shift_calibration_ships_the_original(tiny: MoDL, small_raw: tuple) -> None:
+    data = read_raw(small_raw[0]).slices[0]
+    result = defend(data, _prior_defense(tiny, [1e-9] * 20, statistic="cyclic"))
+    assert result.verdict == "flagged" and "needs a calibration with prior_shift" in result.reason
+    np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)
+
+
+def test_mitigation_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="is not one of prior, cyclic"):
+        MitigationSettings(method="magic")
+    with pytest.raises(ValueError, match="prior_gain must be > 1"):
+        MitigationSettings(prior_gain=0.5)
 
 
 def test_non_finite_score_is_flagged(tiny: MoDL) -> None:
@@ -159,3 +212,13 @@ def test_the_site_key_reaches_the_deployed_detector(monkeypatch: pytest.MonkeyPa
     public = load_defense(model, manifest, protocol, None)
     assert public is not None and public.detector.direction_key is None
     assert public.calibration == keyed.calibration
+
+
+def test_a_late_prior_rewrite_is_not_shipped(tiny: MoDL, small_raw: tuple) -> None:
+    from dataclasses import replace
+
+    data = read_raw(small_raw[0]).slices[0]
+    defense = replace(_prior_defense(tiny, [1e-9] * 20), mitigation=MitigationSettings(time_budget=1e-9))
+    result = defend(data, defense)
+    assert result.verdict == "flagged" and "past its time budget (1e-09 s): the original image ships" in result.reason
+    np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)

@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recon.detect.cyclic import COMBINED_STATISTICS, DATA_ONLY_STATISTICS, SENSITIVE_STATISTICS, scaled_maximum
+from recon.detect.cyclic import (
+    COMBINED_STATISTICS,
+    FOLD_STATISTICS,
+    SENSITIVE_STATISTICS,
+    SHIFT_STATISTICS,
+    scaled_maximum,
+)
 
 if TYPE_CHECKING:
     from recon.detect.cyclic import CyclicDetector, DetectionScores
@@ -51,17 +57,22 @@ class DetectorKey:
     alternatives: int
     jitter_scale: float
     seed: int
-    folds: int | None = None  # the data-only statistics only; absent from files of the others
-    directions: int | None = None  # holdout_sensitive and holdout_union only
+    folds: int | None = None  # the statistics with folds only; absent from files of the others
+    directions: int | None = None  # those with sensitive directions only
     power_iterations: int | None = None  # likewise
+    prior_gain: float | None = None  # prior_shift and the unions with it only
 
     @classmethod
     def of(cls, statistic: str, detector: CyclicDetector) -> DetectorKey:
         """The key of a detector scoring ``statistic``."""
-        folds = detector.folds if statistic in DATA_ONLY_STATISTICS else None
-        if statistic in SENSITIVE_STATISTICS:
-            return cls(statistic, detector.alternatives, detector.jitter_scale, detector.seed, folds, detector.directions, detector.power_iterations)
-        return cls(statistic, detector.alternatives, detector.jitter_scale, detector.seed, folds)
+        sensitive = statistic in SENSITIVE_STATISTICS
+        return cls(
+            statistic, detector.alternatives, detector.jitter_scale, detector.seed,
+            folds=detector.folds if statistic in FOLD_STATISTICS else None,
+            directions=detector.directions if sensitive else None,
+            power_iterations=detector.power_iterations if sensitive else None,
+            prior_gain=float(detector.prior_gain) if statistic in SHIFT_STATISTICS else None,
+        )
 
 
 @dataclass(frozen=True)

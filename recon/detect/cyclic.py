@@ -42,11 +42,22 @@ reconstruction the recon stage already made):
   start with a secret (:func:`start_seed`; ``CYCGUARD_DETECTOR_KEY``, read by
   :func:`recon.calibrate.detector_key_from_env`): the directions are
   then reproducible there and unknown to an attacker who has everything but the key.
-* ``holdout_union`` (the deployed default): the larger of ``holdout_noise`` and
+* ``holdout_union`` (the deployed default in sessions 4-5): the larger of ``holdout_noise`` and
   ``holdout_sensitive``, each over its own clean threshold at the target rate (scales kept in
   the calibration). The two fail in opposite places: a large or spiky perturbation raises
   the residual everywhere and dilutes the sensitive share, a small damaging one hides in the
   noise but not in the sensitive directions.
+* ``prior_shift`` (ours): how far the image moves when the same network trusts its prior
+  ``prior_gain`` times more, ``||f(y; g mu) - f(y; mu)|| / (sigma sqrt(n))`` (one extra
+  network pass; :class:`recon.models.modl.MoDL`, ``prior_gain``). Raising the weight mu of
+  the denoiser against the data shrinks the data's pull ``s / (s^2 + mu)`` along every
+  direction; a clean slice loses a little detail (about 1.8 dB at g = 4), but an image
+  that an attacker pulled somewhere with a small perturbation of the data snaps back
+  (RESULTS section 2, session 6): the shift is then far larger than any clean slice's. It
+  does not react to noise of the acquisition's level, and it is what the mitigation
+  (:mod:`recon.mitigate.prior`) acts on.
+* ``holdout_shift_union`` (the deployed default from session 6): ``holdout_union`` with
+  ``prior_shift`` as a third component, on the same scaled-maximum rule.
 * ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
   ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
   paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
@@ -69,15 +80,22 @@ from recon.physics.masks import MaskFamily
 from recon.physics.noise import complex_randn
 from recon.physics.sense import SenseOp
 
-STATISTICS = ("cyclic", "cycle_image", "dc", "cyclic_noise", "dc_noise", "holdout_noise", "holdout_sensitive")
+STATISTICS = ("cyclic", "cycle_image", "dc", "cyclic_noise", "dc_noise", "holdout_noise", "holdout_sensitive", "prior_shift")
 CYCLE_STATISTICS = STATISTICS[:5]
 # combinations of per-slice statistics, scaled by a calibration (recon/detect/calibration.py)
-COMBINED_STATISTICS = {"holdout_union": ("holdout_noise", "holdout_sensitive")}
-# statistics of the received data alone: the same for any image, extra network passes,
-# computed only when asked (``score(..., holdout=True)``)
-DATA_ONLY_STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union")
+COMBINED_STATISTICS = {
+    "holdout_union": ("holdout_noise", "holdout_sensitive"),
+    "holdout_shift_union": ("holdout_noise", "holdout_sensitive", "prior_shift"),
+}
+# those that need the held-out folds (``score(..., holdout=True)``)
+FOLD_STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union", "holdout_shift_union")
 # those that need the sensitive directions (``score(..., sensitive=True)``)
-SENSITIVE_STATISTICS = ("holdout_sensitive", "holdout_union")
+SENSITIVE_STATISTICS = ("holdout_sensitive", "holdout_union", "holdout_shift_union")
+# those that need the pass with a raised prior weight (``score(..., shift=True)``)
+SHIFT_STATISTICS = ("prior_shift", "holdout_shift_union")
+# statistics of the received data alone (given x1 = f(y)): the same for any rewrite of the
+# image, extra network passes, computed only when asked
+DATA_ONLY_STATISTICS = (*FOLD_STATISTICS, "prior_shift")
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,7 @@ class DetectionScores:
     dc_noise: float
     holdout_noise: float | None = None  # computed only when asked (F extra network passes)
     holdout_sensitive: float | None = None  # likewise, and 2 K iterations more
+    prior_shift: float | None = None  # computed only when asked (1 extra network pass)
 
     def get(self, statistic: str) -> float:
         """The named statistic (one of :data:`STATISTICS`)."""
@@ -100,7 +119,7 @@ class DetectionScores:
             raise ValueError(f"statistic {statistic!r} is not one of {', '.join(STATISTICS)}")
         value = getattr(self, statistic)
         if value is None:
-            raise ValueError(f"statistic {statistic!r} was not computed (score(..., holdout=True))")
+            raise ValueError(f"statistic {statistic!r} was not computed (score(..., holdout=True, shift=True))")
         return float(value)
 
 
@@ -182,6 +201,13 @@ class Holdout:
 def scaled_maximum(scores: DetectionScores, scales: Sequence[tuple[str, float]]) -> float:
     """A combined statistic: the largest component over its scale."""
     return max(scores.get(name) / scale for name, scale in scales)
+
+
+def prior_shift(model: MoDL, op: SenseOp, y: Tensor, x1: Tensor, prior_gain: float, noise_sigma: float) -> Tensor:
+    """``||f(E^H y; prior_gain mu) - x1|| / (sigma sqrt(n))`` with ``x1 = f(E^H y; mu)``;
+    differentiable in ``y`` and ``x1``."""
+    shifted = model(op.adjoint(y), op, prior_gain=prior_gain)
+    return torch.linalg.vector_norm(shifted - x1) / noise_norm(op, y, noise_sigma)
 
 
 def noise_residual(residual: Tensor, entries: int, noise_sigma: float) -> Tensor:
@@ -288,6 +314,7 @@ class CyclicDetector:
         folds: F, the folds of ``holdout_noise`` and ``holdout_sensitive``.
         directions: K, the sensitive directions of ``holdout_sensitive``.
         power_iterations: block power iterations that find them.
+        prior_gain: the factor on mu of ``prior_shift``'s second pass.
         direction_key: a site's secret that keys the directions' start to the data
             (:func:`start_seed`); ``None``: the public ``seed``. Kept out of ``repr`` and
             out of calibration files (a calibration made without it holds with it: the
@@ -302,6 +329,7 @@ class CyclicDetector:
     folds: int = 8
     directions: int = 4
     power_iterations: int = 2
+    prior_gain: float = 4.0
     direction_key: bytes | None = field(default=None, repr=False)
 
     def holdout(self, op: SenseOp) -> Holdout:
@@ -341,30 +369,46 @@ class CyclicDetector:
         generator = torch.Generator(device="cpu").manual_seed(start_seed(self.seed, self.direction_key, y))
         return sensitive_directions(self.model, op, y, holdout.support.to(y.device), self.directions, self.power_iterations, generator, x1)
 
-    def holdout_statistics(self, op: SenseOp, y: Tensor, noise_sigma: float, sensitive: bool = True, x1: Tensor | None = None) -> dict[str, Tensor | None]:
-        """``holdout_noise`` and (with ``sensitive``) ``holdout_sensitive``, from one set of
-        fold predictions; differentiable in ``y`` (the directions are held fixed). ``x1``,
-        the network's image of ``y``, saves the directions a pass."""
-        holdout = self.holdout(op)
-        residual = holdout.residual(self.model, y)
-        entries = holdout.entries(y)
-        values: dict[str, Tensor | None] = {"holdout_noise": noise_residual(residual, entries, noise_sigma), "holdout_sensitive": None}
-        if sensitive:
-            values["holdout_sensitive"] = sensitive_share(residual, self.sensitive(op, y, holdout, x1), entries)
+    def holdout_statistics(
+        self, op: SenseOp, y: Tensor, noise_sigma: float, sensitive: bool = True, x1: Tensor | None = None,
+        folds: bool = True, shift: bool = False,
+    ) -> dict[str, Tensor | None]:
+        """The data-only statistics: ``holdout_noise`` and (with ``sensitive``)
+        ``holdout_sensitive`` from one set of fold predictions (with ``folds``), and
+        ``prior_shift`` (with ``shift``; needs ``x1``). Differentiable in ``y`` and ``x1``
+        (the directions are held fixed). ``x1``, the network's image of ``y``, saves the
+        directions a pass."""
+        values: dict[str, Tensor | None] = {"holdout_noise": None, "holdout_sensitive": None, "prior_shift": None}
+        if folds:
+            holdout = self.holdout(op)
+            residual = holdout.residual(self.model, y)
+            entries = holdout.entries(y)
+            values["holdout_noise"] = noise_residual(residual, entries, noise_sigma)
+            if sensitive:
+                values["holdout_sensitive"] = sensitive_share(residual, self.sensitive(op, y, holdout, x1), entries)
+        if shift:
+            if x1 is None:
+                raise ValueError("prior_shift needs the network's image x1 of y")
+            values["prior_shift"] = prior_shift(self.model, op, y, x1, self.prior_gain, noise_sigma)
         return values
 
     def passes(self, statistic: str) -> int:
         """Single-slice network evaluations (forward and backward alike) to score ``statistic``."""
         count = self.alternatives
-        if statistic in DATA_ONLY_STATISTICS:
+        if statistic in FOLD_STATISTICS:
             count += self.folds
         if statistic in SENSITIVE_STATISTICS:
             count += 2 * self.directions * self.power_iterations
+        if statistic in SHIFT_STATISTICS:
+            count += 1
         return count
 
     @torch.no_grad()
-    def score(self, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float = 1.0, holdout: bool = False, sensitive: bool = True) -> DetectionScores:
-        """All statistics for one slice (the data-only ones only with ``holdout``).
+    def score(
+        self, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float = 1.0, holdout: bool = False, sensitive: bool = True,
+        shift: bool | None = None,
+    ) -> DetectionScores:
+        """All statistics for one slice (the data-only ones only when asked).
 
         Args:
             op: the acquisition operator (batch 1).
@@ -373,11 +417,13 @@ class CyclicDetector:
             noise_sigma: acquisition noise standard deviation per sample (1 when prewhitened).
             holdout: also compute ``holdout_noise`` (F more network passes) and, unless
                 ``sensitive`` is false, ``holdout_sensitive`` (2 K iterations more).
+            shift: also compute ``prior_shift`` (1 more pass); by default with ``holdout``.
         """
         cycle = self.cycle(op, y, x1)
         x2, r = cycle.run(self.model, x1)
         values: dict[str, float | None] = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in CYCLE_STATISTICS}
-        if holdout:
-            for name, value in self.holdout_statistics(op, y, noise_sigma, sensitive, x1).items():
+        shift = holdout if shift is None else shift
+        if holdout or shift:
+            for name, value in self.holdout_statistics(op, y, noise_sigma, sensitive, x1, folds=holdout, shift=shift).items():
                 values[name] = None if value is None else float(value)
         return DetectionScores(**values)  # type: ignore[arg-type]

@@ -7,7 +7,12 @@ mitigators reuse exactly the operator the network used (the deepinv contract).
 Each of ``unrolls`` iterations applies a shared residual CNN denoiser ``z = D(x)`` and then
 the data-consistency step ``x = argmin ||E x - y||^2 + mu ||x - z||^2``, i.e.
 ``(E^H E + mu I) x = x_zf + mu z``, solved by ``cg_iterations`` of conjugate gradient.
-``mu > 0`` is learned (softplus parameterisation).
+``mu > 0`` is learned (softplus parameterisation). ``model(x_zf, op, prior_gain=g)`` runs the
+same weights with ``g mu``: the denoiser's prior weighs ``g`` times more against the data,
+the data's pull on each direction falls from ``s / (s^2 + mu)`` to ``s / (s^2 + g mu)``
+(``s`` a singular value of E). No retraining; the defense uses it to ask how much an image
+owes to the data (:mod:`recon.detect.cyclic`, ``prior_shift``) and to rewrite a flagged one
+(:mod:`recon.mitigate.prior`).
 
 The network is scale-equivariant by construction: it divides the input by
 ``max |x_zf|`` per slice (the paper's normalisation) and multiplies the output back.
@@ -86,12 +91,14 @@ class MoDL(nn.Module):
         """The learned data-consistency weight (positive)."""
         return F.softplus(self.mu_raw)
 
-    def forward(self, x_zf: Tensor, op: SenseOp) -> Tensor:
+    def forward(self, x_zf: Tensor, op: SenseOp, prior_gain: float = 1.0) -> Tensor:
         """Reconstruct.
 
         Args:
             x_zf: zero-filled image ``E^H y``, ``(B, y, x)`` complex64.
             op: the SENSE operator whose adjoint produced ``x_zf``.
+            prior_gain: multiplies the learned ``mu`` (1: the trained network; larger
+                trusts the denoiser more and the data less).
 
         Returns:
             ``(B, y, x)`` complex64 reconstruction, in the units of ``x_zf``.
@@ -99,8 +106,10 @@ class MoDL(nn.Module):
         if x_zf.ndim != 3 or not x_zf.is_complex():
             raise ValueError(f"x_zf must be complex (B, y, x), got {tuple(x_zf.shape)} {x_zf.dtype}")
         scale = torch.amax(torch.abs(x_zf), dim=(1, 2), keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        if not prior_gain > 0:
+            raise ValueError(f"prior_gain must be > 0, got {prior_gain}")
         rhs0 = x_zf / scale
-        mu = self.mu
+        mu = self.mu if prior_gain == 1.0 else self.mu * prior_gain
         x = rhs0
         for _ in range(self.config.unrolls):
             z = self.denoiser(x)
