@@ -44,7 +44,7 @@ from recon.mitigate import k_from_image, mitigate_faithful, mitigate_kspace, ran
 from recon.models.weights import load_model  # noqa: E402
 from recon.physics.masks import MaskFamily  # noqa: E402
 from recon.physics.sense import SenseOp  # noqa: E402
-from recon.report import montage  # noqa: E402
+from recon.report import before_after  # noqa: E402
 
 
 @dataclass(frozen=True, eq=False)
@@ -264,6 +264,7 @@ def mitigation_only(args: argparse.Namespace) -> None:
     detector = CyclicDetector(model, family)
     victims = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=202)][: args.mitigated]
     clean = [observe(model, detector, it)[0] for it in victims]
+    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "defense.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, {})
@@ -364,7 +365,7 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
         "kspace-fgsm 1 noise norms": ("kspace-fgsm", 1.0), "image-linf 0.01 max|x_zf|": ("image-linf", 0.01), "clean": ("none", 0.0),
     }
     out: dict[str, Any] = {}
-    montage_panels: list[tuple[str, np.ndarray]] = []
+    montage_rows: list[tuple[str, np.ndarray, np.ndarray]] = []
     for case, (name, budget) in cases.items():
         rows = []
         for i, item in enumerate(tqdm(victims[: args.mitigated], desc=f"mitigate {case}")):
@@ -403,7 +404,7 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
             rows.append(row)
             if i == 0:
                 shipped = prior.image if prior.image is not None else x1
-                montage_panels += [(f"{case}: received", x1[0].numpy()), (f"{case}: prior, shipped", shipped[0].numpy())]
+                montage_rows.append((case, x1[0].numpy(), shipped[0].numpy()))
         summary = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if not k.endswith("_passes")}
         summary["faithful_passes"] = float(np.mean([r["faithful_passes"] for r in rows if "faithful_passes" in r])) if any("faithful_passes" in r for r in rows) else None
         summary["ours_passes"] = float(np.mean([r["ours_passes"] for r in rows]))
@@ -418,7 +419,7 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
                 summary[f"{method}_recovered_3db"] = float(np.mean([(r[method] - r["attacked"]) / (r["clean"] - r["attacked"]) for r in damaging]))
             summary["damaging_3db"] = len(damaging)
         out[case] = {"summary": summary, "rows": rows}
-    montage(args.out / "defense_montage.png", montage_panels + [("reference", victims[0].reference)])
+    before_after(args.out / "defense_montage.png", montage_rows, victims[0].reference, ("received", "shipped (prior mitigation)"))
     return out
 
 

@@ -68,6 +68,31 @@ def montage(path: Path, panels: Sequence[tuple[str, np.ndarray]], error_gain: fl
     return path
 
 
+def before_after(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray]], reference: np.ndarray, labels: tuple[str, str] = ("received", "mitigated"), error_gain: float = 5.0) -> Path:
+    """A before/after grid: one row per case ``(name, before, after)`` with both magnitudes
+    and their ``|error| x gain`` against ``reference``, PSNR in the titles; the reference
+    heads the grid."""
+    from recon.metrics import quality
+
+    vmax = float(np.percentile(np.abs(reference), 99.5)) or 1.0
+    fig, axes = plt.subplots(len(rows) + 1, 4, figsize=(8.8, 2.3 * (len(rows) + 1)), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0][0].imshow(np.abs(reference), cmap="gray", vmin=0, vmax=vmax)
+    axes[0][0].set_title("reference (fully sampled)", fontsize=8)
+    for r, (name, before, after) in enumerate(rows, start=1):
+        for c, (label, image) in enumerate(((labels[0], before), (labels[1], after))):
+            psnr = quality(image, reference).psnr
+            axes[r][c].imshow(np.abs(image), cmap="gray", vmin=0, vmax=vmax)
+            axes[r][c].set_title(f"{name}: {label}\n{psnr:.1f} dB", fontsize=7)
+            axes[r][c + 2].imshow(np.abs(image - reference) * error_gain, cmap="gray", vmin=0, vmax=vmax)
+            axes[r][c + 2].set_title(f"|{label} - ref| x{error_gain:g}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def write_report(folder: Path, title: str, source: str, rows: Sequence[SliceReport]) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.html`` into ``folder``; returns both paths."""
     folder.mkdir(parents=True, exist_ok=True)

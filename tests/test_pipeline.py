@@ -154,10 +154,9 @@ def test_offline_without_calibration_tags_unverified(small_raw: tuple, tmp_path:
 
 
 @pytest.mark.slow
-def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse() -> None:
-    """Shipped model and calibration: a k-space PGD of 3 noise norms (the benchmark's
-    detectable budget) is flagged; whatever ships is no worse than the attacked
-    reconstruction by the image's own evidence, and carries a non-clean verdict."""
+def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_mitigated() -> None:
+    """Shipped model and calibration: a k-space PGD of 3 noise norms is flagged, and the
+    default (prior) mitigation rewrites it into a better image that says it was rewritten."""
     from dataclasses import replace
 
     from recon.attacks import pgd_kspace_l2
@@ -167,7 +166,7 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse
     from recon.io.mrd_write import read_images
     from recon.metrics import quality
     from recon.models.weights import load_model
-    from recon.pipeline import prepare, safeguard_statistic
+    from recon.pipeline import prepare
 
     model, manifest = load_model()
     scan = read_raw(DEMO_RAW)
@@ -177,7 +176,7 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse
     detector = detector_for(model, manifest)
     path = default_calibration_path(manifest)
     statistic = calibration_statistic(path)
-    assert statistic == "holdout_union"  # the deployed statistic (benchmarks/RESULTS.md section 2)
+    assert statistic == "holdout_shift_union"  # the deployed statistic (benchmarks/RESULTS.md section 2)
     calibration = Calibration.load(path, manifest.sha256, protocol, DetectorKey.of(statistic, detector))
     prepared = prepare(data)
     n = float(prepared.op.mask.sum()) * data.coils * data.shape[1]
@@ -186,11 +185,9 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_never_shipped_worse
     before = quality(reconstruct(attacked, model).image, reference).psnr
     assert before < quality(reconstruct(data, model).image, reference).psnr - 3  # the attack does damage
     result = defend(attacked, Defense(model, detector, calibration, statistic, noise_sigma=1.0))
-    assert result.verdict in ("flagged", "mitigated")
     assert result.score > calibration.threshold and result.p_value < 0.01
-    if result.verdict == "mitigated":  # judged by the image statistic: the holdout statistics ignore the image
-        assert result.mitigated_score is not None and result.mitigated_score < result.scores.get(safeguard_statistic(statistic))
-    assert quality(result.image, reference).psnr >= before - 0.5
+    assert result.verdict == "mitigated" and "prior weight" in result.reason
+    assert quality(result.image, reference).psnr > before + 3
 
 
 def test_the_site_key_reaches_the_deployed_detector(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
