@@ -200,18 +200,15 @@ def main() -> None:
     victims = test_items[: args.attacked]
     per_attack: dict[str, Any] = {}
     roc_data: dict[str, tuple[list[float], list[float]]] = {}
-    examples: dict[str, Any] = {}
     for name, budgets, unit in ATTACKS:
         for budget in budgets:
             label = f"{name} {budget:g} {unit}"
             rows = []
             for i, item in enumerate(tqdm(victims, desc=label)):
                 adv = attack(name, budget, model, item, detector, 0.0, args.statistic, seed=1000 + i)
-                obs, x1, y_seen = observe(model, detector, item, y=adv.get("y"), x=adv.get("x"))
+                obs = observe(model, detector, item, y=adv.get("y"), x=adv.get("x"))[0]
                 base = clean[i]
                 rows.append((obs, base))
-                if i == 0:
-                    examples[label] = (item, adv, x1, y_seen)
             entry = {
                 "damage_db": float(np.mean([b.psnr - o.psnr for o, b in rows])),
                 "damage_db_max": float(np.max([b.psnr - o.psnr for o, b in rows])),
@@ -250,7 +247,7 @@ def main() -> None:
     (args.out / "defense.json").write_text(json.dumps(results, indent=1))
 
     # 4. mitigation on damaging attacks and on clean slices
-    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, examples)
+    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, prior_gate_of(detector, manifest, args))
     (args.out / "defense.json").write_text(json.dumps(results, indent=1))
     plot_roc(roc_data, args.out / "defense_roc.png", args.statistic)
     plot_damage(results, args.out / "defense_damage.png")
@@ -262,20 +259,22 @@ def mitigation_only(args: argparse.Namespace) -> None:
     model, manifest = load_model(args.weights)
     family = MaskFamily(manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
     detector = CyclicDetector(model, family)
-    victims = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=202)][: args.mitigated]
+    test_items = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=202)]
+    victims = test_items[: args.mitigated]
     clean = [observe(model, detector, it)[0] for it in victims]
+    gate = prior_gate_of(detector, manifest, args)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "defense.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, {})
-    results["prior_on_clean"] = prior_on_clean(model, detector, manifest, args)
+    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, gate)
+    results["prior_on_clean"] = prior_on_clean(model, detector, test_items, gate)
     path.write_text(json.dumps(results, indent=1))
     (args.out / "mitigation.md").write_text("\n".join(mitigation_markdown(results)) + "\n")
     if "attacks" in results:  # a full run's figures are there: the tables again, with this mitigation
         write_markdown(results, args.out / "defense.md", args.statistic)
 
 
-def prior_gate_of(model: Any, detector: CyclicDetector, manifest: Any, args: argparse.Namespace) -> float:
+def prior_gate_of(detector: CyclicDetector, manifest: Any, args: argparse.Namespace) -> float:
     """The clean threshold of ``prior_shift`` in the calibration (checked against this model)."""
     from recon.calibrate import calibration_statistic, default_calibration_path
     from recon.detect.calibration import Calibration
@@ -290,14 +289,13 @@ def prior_gate_of(model: Any, detector: CyclicDetector, manifest: Any, args: arg
     return gate
 
 
-def prior_on_clean(model: Any, detector: CyclicDetector, manifest: Any, args: argparse.Namespace) -> dict[str, Any]:
+def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], gate: float) -> dict[str, Any]:
     """Every clean test slice pushed through the gated prior mitigation (a false positive's
     fate): how many the gate lets through and the PSNR change of what ships."""
     from recon.mitigate.prior import mitigate_prior
     from recon.pipeline import MitigationSettings
 
-    gate, gain = prior_gate_of(model, detector, manifest, args), MitigationSettings().prior_gain
-    items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, 8, seed=202)]
+    gain = MitigationSettings().prior_gain
     changes, accepted, raw = [], 0, []
     for item in tqdm(items, desc="clean through the prior mitigation"):
         with torch.no_grad():
@@ -353,13 +351,14 @@ def image_domain_phase(args: argparse.Namespace) -> None:
     write_markdown(results, args.out / "defense.md", args.statistic)
 
 
-def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, examples: dict[str, Any]) -> dict[str, Any]:
+def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, gate: float) -> dict[str, Any]:
+    """Every mitigation and baseline on attacked and clean victims; ``gate``: the prior
+    mitigation's clean threshold of ``prior_shift`` (:func:`prior_gate_of`)."""
     from recon.mitigate.prior import mitigate_prior
     from recon.pipeline import MitigationSettings, safeguard, safeguard_statistic
 
     settings = MitigationSettings()
     judge = safeguard_statistic(args.statistic)
-    gate = prior_gate_of(model, detector, load_model(args.weights)[1], args)
     cases = {
         "kspace-l2 0.3 noise norms": ("kspace-l2", 0.3), "kspace-l2 1 noise norms": ("kspace-l2", 1.0), "kspace-l2 3 noise norms": ("kspace-l2", 3.0),
         "kspace-fgsm 1 noise norms": ("kspace-fgsm", 1.0), "image-linf 0.01 max|x_zf|": ("image-linf", 0.01), "clean": ("none", 0.0),
@@ -388,8 +387,11 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
             t0 = time.perf_counter()
             prior = mitigate_prior(model, item.op, y_in, x1, item.sigma, gate, detector.prior_gain, settings.prior_gain)
             row["prior_seconds"], row["prior_passes"] = time.perf_counter() - t0, prior.network_passes
-            with torch.no_grad():
-                row["prior"] = psnr(model(item.op.adjoint(y_in), item.op, prior_gain=settings.prior_gain), item)
+            if prior.image is None:  # refused at the gate: the rewrite it would have shipped, for the "raw" column
+                with torch.no_grad():
+                    row["prior"] = psnr(model(item.op.adjoint(y_in), item.op, prior_gain=settings.prior_gain), item)
+            else:
+                row["prior"] = psnr(prior.image, item)
             row["prior_accepted"] = float(prior.accepted)
             row["prior_shipped"] = psnr(prior.image if prior.image is not None else x1, item)
             if i < args.faithful:

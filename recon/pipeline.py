@@ -19,9 +19,6 @@ from torch import Tensor
 from recon.detect.calibration import Calibration
 from recon.detect.cyclic import (
     DATA_ONLY_STATISTICS,
-    FOLD_STATISTICS,
-    SENSITIVE_STATISTICS,
-    SHIFT_STATISTICS,
     CyclicDetector,
     DetectionScores,
     noise_norm,
@@ -45,6 +42,11 @@ class PreparedSlice:
     op: SenseOp
     y: Tensor
     x_zf: Tensor
+
+    def image_tensor(self, image: np.ndarray) -> Tensor:
+        """An image ``(y, x)`` of this slice (e.g. from the wire) as a ``(1, y, x)`` complex64
+        tensor on the slice's device (a copy: wire arrays are read-only)."""
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(self.y.device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,13 +222,9 @@ def prepare_with_maps(data: SliceKSpace, maps: np.ndarray, device: torch.device 
 @torch.no_grad()
 def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> CheckResult:
     """Score a reconstruction against the received data and compare with the calibrated threshold."""
-    x1 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(prepared.y.device)
+    x1 = prepared.image_tensor(image)
     t0 = time.perf_counter()
-    scores = defense.detector.score(
-        prepared.op, prepared.y, x1, defense.noise_sigma,
-        holdout=defense.statistic in FOLD_STATISTICS, sensitive=defense.statistic in SENSITIVE_STATISTICS,
-        shift=defense.statistic in SHIFT_STATISTICS,
-    )
+    scores = defense.detector.score_for(defense.statistic, prepared.op, prepared.y, x1, defense.noise_sigma)
     seconds = time.perf_counter() - t0
     calibration = defense.calibration
     score = calibration.score_of(scores)
@@ -286,7 +284,7 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
         return _mitigate_prior(prepared, image, checked, defense)
     from recon.mitigate.cyclic import mitigate_kspace
 
-    x1 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(prepared.y.device)
+    x1 = prepared.image_tensor(image)
     t0 = time.perf_counter()
     with torch.no_grad():
         cycle = defense.detector.cycle(prepared.op, prepared.y, x1)
@@ -332,7 +330,7 @@ def _mitigate_prior(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
             "the original image ships"
         )
         return MitigationOutcome(image, "flagged", None, reason, 0.0, 0)
-    x1 = torch.from_numpy(np.ascontiguousarray(image, dtype=np.complex64))[None].to(prepared.y.device)
+    x1 = prepared.image_tensor(image)
     known = checked.scores.prior_shift if checked.scores is not None else None
     t0 = time.perf_counter()
     result = mitigate_prior(

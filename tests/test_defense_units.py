@@ -370,7 +370,7 @@ def test_prior_shift_measures_how_far_the_image_moves(setup: tuple) -> None:
     assert (key.prior_gain, key.folds, key.directions) == (4.0, None, None)
     assert DetectorKey.of("holdout_union", detector).prior_gain is None  # files of holdout_union unchanged
     with pytest.raises(ValueError, match="needs the network's image"):
-        detector.holdout_statistics(op, y, 0.01, folds=False, shift=True)
+        detector.data_statistics(op, y, 0.01, folds=False, shift=True)
 
 
 def test_shift_union_calibration_has_three_components(tmp_path: Path, setup: tuple) -> None:

@@ -13,7 +13,6 @@ from recon.detect.cyclic import (
     COMBINED_STATISTICS,
     DATA_ONLY_STATISTICS,
     FOLD_STATISTICS,
-    SENSITIVE_STATISTICS,
     SHIFT_STATISTICS,
     CyclicDetector,
     scaled_maximum,
@@ -27,7 +26,7 @@ def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, sta
     if statistic in ("dc", "dc_noise"):
         return statistic_tensor(statistic, op, y, x1, None, None, noise_sigma)
     if statistic in COMBINED_STATISTICS:  # the largest component over its scale
-        values = detector.holdout_statistics(op, y, noise_sigma, x1=x1, shift=statistic in SHIFT_STATISTICS)
+        values = detector.data_statistics(op, y, noise_sigma, x1=x1, shift=statistic in SHIFT_STATISTICS)
         parts = []
         for name in COMBINED_STATISTICS[statistic]:
             part = values[name]
@@ -35,7 +34,7 @@ def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, sta
             parts.append(part / scales[name])
         return torch.stack(parts).max()
     if statistic in DATA_ONLY_STATISTICS:  # the sensitive directions held fixed at this iterate
-        value = detector.holdout_statistics(
+        value = detector.data_statistics(
             op, y, noise_sigma, sensitive=statistic == "holdout_sensitive", x1=x1,
             folds=statistic in FOLD_STATISTICS, shift=statistic in SHIFT_STATISTICS,
         )[statistic]
@@ -50,10 +49,7 @@ def _passes(
     detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, statistic: str, noise_sigma: float, components: list[tuple[str, float]], threshold: float
 ) -> bool:
     """Whether the detector passes ``y`` (a combined statistic: its ``components`` and scales)."""
-    scores = detector.score(
-        op, y, x1, noise_sigma, holdout=statistic in FOLD_STATISTICS, sensitive=statistic in SENSITIVE_STATISTICS,
-        shift=statistic in SHIFT_STATISTICS,
-    )
+    scores = detector.score_for(statistic, op, y, x1, noise_sigma)
     return (scaled_maximum(scores, components) if components else scores.get(statistic)) <= threshold
 
 

@@ -369,7 +369,7 @@ class CyclicDetector:
         generator = torch.Generator(device="cpu").manual_seed(start_seed(self.seed, self.direction_key, y))
         return sensitive_directions(self.model, op, y, holdout.support.to(y.device), self.directions, self.power_iterations, generator, x1)
 
-    def holdout_statistics(
+    def data_statistics(
         self, op: SenseOp, y: Tensor, noise_sigma: float, sensitive: bool = True, x1: Tensor | None = None,
         folds: bool = True, shift: bool = False,
     ) -> dict[str, Tensor | None]:
@@ -424,6 +424,13 @@ class CyclicDetector:
         values: dict[str, float | None] = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in CYCLE_STATISTICS}
         shift = holdout if shift is None else shift
         if holdout or shift:
-            for name, value in self.holdout_statistics(op, y, noise_sigma, sensitive, x1, folds=holdout, shift=shift).items():
+            for name, value in self.data_statistics(op, y, noise_sigma, sensitive, x1, folds=holdout, shift=shift).items():
                 values[name] = None if value is None else float(value)
         return DetectionScores(**values)  # type: ignore[arg-type]
+
+    def score_for(self, statistic: str, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float = 1.0) -> DetectionScores:
+        """:meth:`score` with exactly the extra passes ``statistic`` (or a combination) needs."""
+        return self.score(
+            op, y, x1, noise_sigma, holdout=statistic in FOLD_STATISTICS, sensitive=statistic in SENSITIVE_STATISTICS,
+            shift=statistic in SHIFT_STATISTICS,
+        )

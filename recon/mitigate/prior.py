@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from recon.detect.cyclic import noise_norm, prior_shift
+from recon.detect.cyclic import prior_shift, statistic_tensor
 from recon.models.modl import MoDL
 from recon.physics.sense import SenseOp
 
@@ -94,13 +94,12 @@ def mitigate_prior(
     if shift is None:
         shift = float(prior_shift(model, op, y, x1, gate_gain, noise_sigma))
         passes += 1
-    floor = noise_norm(op, y, noise_sigma)
-    before = float(torch.linalg.vector_norm(y - op.forward(x1))) / floor
+    before = float(statistic_tensor("dc_noise", op, y, x1, None, None, noise_sigma))
     if not shift > gate:  # also refuses a non-finite shift
         return PriorRewrite(None, shift, gate, gain, before, math.nan, passes)
     rewrite = model(op.adjoint(y), op, prior_gain=gain)
     passes += 1
-    after = float(torch.linalg.vector_norm(y - op.forward(rewrite))) / floor
+    after = float(statistic_tensor("dc_noise", op, y, rewrite, None, None, noise_sigma))
     if not bool(torch.isfinite(rewrite).all()) or not bool(rewrite.abs().amax() > 0):
         return PriorRewrite(None, shift, gate, gain, before, after, passes)
     return PriorRewrite(rewrite, shift, gate, gain, before, after, passes)
