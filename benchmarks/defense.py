@@ -292,12 +292,13 @@ def prior_gate_of(detector: CyclicDetector, manifest: Any, args: argparse.Namesp
 def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], gate: float) -> dict[str, Any]:
     """Every clean test slice pushed through the gated prior mitigation (a false positive's
     fate): how many the gate lets through and the PSNR change of what ships."""
-    from recon.mitigate.prior import mitigate_prior
+    from recon.mitigate.prior import mitigate_correct, mitigate_prior
     from recon.pipeline import MitigationSettings
 
-    gain = MitigationSettings().prior_gain
-    changes, accepted, raw = [], 0, []
-    for item in tqdm(items, desc="clean through the prior mitigation"):
+    settings = MitigationSettings()
+    gain = settings.prior_gain
+    changes, accepted, raw, corrected, corrected_accepted = [], 0, [], [], 0
+    for item in tqdm(items, desc="clean through the gated mitigations"):
         with torch.no_grad():
             x1 = model(item.x_zf, item.op)
         result = mitigate_prior(model, item.op, item.y, x1, item.sigma, gate, detector.prior_gain, gain)
@@ -306,10 +307,18 @@ def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], gate
             raw.append(psnr(model(item.x_zf, item.op, prior_gain=gain), item) - base)
         accepted += result.accepted
         changes.append((psnr(result.image, item) if result.image is not None else base) - base)
+        correct = mitigate_correct(
+            model, item.op, item.y, x1, item.sigma, gate, detector.prior_gain, settings.correct_stop * gate,
+            settings.correct_radius, settings.correct_steps, shift=result.shift,
+        )
+        corrected_accepted += correct.accepted
+        corrected.append((psnr(correct.image, item) if correct.image is not None else base) - base)
     return {
         "slices": len(items), "gate": gate, "gain": gain, "accepted": accepted,
         "shipped_change_db_mean": float(np.mean(changes)), "shipped_change_db_min": float(np.min(changes)),
         "raw_change_db_mean": float(np.mean(raw)),
+        "correct_accepted": corrected_accepted, "correct_change_db_mean": float(np.mean(corrected)),
+        "correct_change_db_min": float(np.min(corrected)),
     }
 
 
@@ -354,7 +363,7 @@ def image_domain_phase(args: argparse.Namespace) -> None:
 def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, gate: float) -> dict[str, Any]:
     """Every mitigation and baseline on attacked and clean victims; ``gate``: the prior
     mitigation's clean threshold of ``prior_shift`` (:func:`prior_gate_of`)."""
-    from recon.mitigate.prior import mitigate_prior
+    from recon.mitigate.prior import correct_data, mitigate_correct, mitigate_prior
     from recon.pipeline import MitigationSettings, safeguard, safeguard_statistic
 
     settings = MitigationSettings()
@@ -394,6 +403,18 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
                 row["prior"] = psnr(prior.image, item)
             row["prior_accepted"] = float(prior.accepted)
             row["prior_shipped"] = psnr(prior.image if prior.image is not None else x1, item)
+            # the data correction (the product's default), behind the same gate; "raw": the descent ungated
+            stop = settings.correct_stop * gate
+            t0 = time.perf_counter()
+            correct = mitigate_correct(model, item.op, y_in, x1, item.sigma, gate, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps)
+            row["correct_seconds"], row["correct_passes"] = time.perf_counter() - t0, correct.network_passes
+            if correct.image is None:
+                raw_image = correct_data(model, item.op, y_in, item.sigma, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps)[2]
+                row["correct"] = psnr(raw_image, item)
+            else:
+                row["correct"] = psnr(correct.image, item)
+            row["correct_accepted"] = float(correct.accepted)
+            row["correct_shipped"] = psnr(correct.image if correct.image is not None else x1, item)
             if i < args.faithful:
                 x_rx = item.op.adjoint(y_in) if x_in is None else x_in
                 t0 = time.perf_counter()
@@ -405,23 +426,24 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
                 row["cg_sense"] = psnr(cg_sense(item.op, y_in), item)
             rows.append(row)
             if i == 0:
-                shipped = prior.image if prior.image is not None else x1
+                shipped = correct.image if correct.image is not None else x1
                 montage_rows.append((case, x1[0].numpy(), shipped[0].numpy()))
         summary = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if not k.endswith("_passes")}
         summary["faithful_passes"] = float(np.mean([r["faithful_passes"] for r in rows if "faithful_passes" in r])) if any("faithful_passes" in r for r in rows) else None
         summary["ours_passes"] = float(np.mean([r["ours_passes"] for r in rows]))
         summary["prior_passes"] = float(np.mean([r["prior_passes"] for r in rows]))
+        summary["correct_passes"] = float(np.mean([r["correct_passes"] for r in rows]))
         loss = summary["clean"] - summary["attacked"]
-        for method in ("ours", "ours_shipped", "prior", "prior_shipped", "faithful", "range_projection", "smoothing", "cg_sense"):
+        for method in ("ours", "ours_shipped", "prior", "prior_shipped", "correct", "correct_shipped", "faithful", "range_projection", "smoothing", "cg_sense"):
             if method in summary and loss > 0.5:
                 summary[f"{method}_recovered"] = (summary[method] - summary["attacked"]) / loss
         damaging = [r for r in rows if r["clean"] - r["attacked"] >= 3]  # the target's cases: attacks costing >= 3 dB
         if damaging and name != "none":
-            for method in ("prior", "prior_shipped", "ours_shipped"):
+            for method in ("correct", "correct_shipped", "prior", "prior_shipped", "ours_shipped"):
                 summary[f"{method}_recovered_3db"] = float(np.mean([(r[method] - r["attacked"]) / (r["clean"] - r["attacked"]) for r in damaging]))
             summary["damaging_3db"] = len(damaging)
         out[case] = {"summary": summary, "rows": rows}
-    before_after(args.out / "defense_montage.png", montage_rows, victims[0].reference, ("received", "shipped (prior mitigation)"))
+    before_after(args.out / "defense_montage.png", montage_rows, victims[0].reference, ("received", "shipped (data correction)"))
     return out
 
 
@@ -489,26 +511,26 @@ def _formatter(summary: dict[str, Any]) -> Any:
 def mitigation_markdown(results: dict[str, Any]) -> list[str]:
     """The mitigation tables (PSNR dB means; recovered = share of the attack's loss)."""
     lines = [
-        "| mitigation case | clean | attacked | prior | prior shipped (gate) | accepted | cyclic (ours) | cyclic shipped (safeguard) | accepted | faithful | range proj. | smoothing | CG-SENSE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mitigation case | clean | attacked | correct | correct shipped (gate) | accepted | prior | prior shipped (gate) | accepted | cyclic (ours) | cyclic shipped (safeguard) | accepted | faithful | range proj. | smoothing | CG-SENSE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mitigation = results.get("mitigation", {})
     for case, m in mitigation.items():
         f = _formatter(m["summary"])
         lines.append(
-            f"| {case} | {f('clean')} | {f('attacked')} | {f('prior')} | {f('prior_shipped')} | {f('prior_accepted')} | {f('ours')} | {f('ours_shipped')} | "
+            f"| {case} | {f('clean')} | {f('attacked')} | {f('correct')} | {f('correct_shipped')} | {f('correct_accepted')} | {f('prior')} | {f('prior_shipped')} | {f('prior_accepted')} | {f('ours')} | {f('ours_shipped')} | "
             f"{f('ours_accepted')} | {f('faithful')} | {f('range_projection')} | {f('smoothing')} | {f('cg_sense')} |"
         )
     lines += [
         "",
-        "| mitigation case | recovered: prior / prior shipped / cyclic / cyclic shipped / faithful / range proj. / smoothing / CG-SENSE | on slices losing >= 3 dB: prior / prior shipped / cyclic shipped (n) | passes prior / cyclic / faithful |",
+        "| mitigation case | recovered: correct / correct shipped / prior / prior shipped / cyclic / cyclic shipped / faithful / range proj. / smoothing / CG-SENSE | on slices losing >= 3 dB: correct / correct shipped / prior / prior shipped / cyclic shipped (n) | passes correct / prior / cyclic / faithful |",
         "|---|---|---|---|",
     ]
     for case, m in mitigation.items():
         f = _formatter(m["summary"])
-        shares = " / ".join(f(f"{k}_recovered") for k in ("prior", "prior_shipped", "ours", "ours_shipped", "faithful", "range_projection", "smoothing", "cg_sense"))
-        damaging = " / ".join(f(f"{k}_recovered_3db") for k in ("prior", "prior_shipped", "ours_shipped")) + f" ({m['summary'].get('damaging_3db', 0)})"
-        lines.append(f"| {case} | {shares} | {damaging} | {f('prior_passes')} / {f('ours_passes')} / {f('faithful_passes')} |")
+        shares = " / ".join(f(f"{k}_recovered") for k in ("correct", "correct_shipped", "prior", "prior_shipped", "ours", "ours_shipped", "faithful", "range_projection", "smoothing", "cg_sense"))
+        damaging = " / ".join(f(f"{k}_recovered_3db") for k in ("correct", "correct_shipped", "prior", "prior_shipped", "ours_shipped")) + f" ({m['summary'].get('damaging_3db', 0)})"
+        lines.append(f"| {case} | {shares} | {damaging} | {f('correct_passes')} / {f('prior_passes')} / {f('ours_passes')} / {f('faithful_passes')} |")
     c = results.get("prior_on_clean")
     if c:
         lines += [
@@ -517,6 +539,11 @@ def mitigation_markdown(results: dict[str, Any]) -> list[str]:
             f"PSNR change of what ships mean {c['shipped_change_db_mean']:+.3f} dB, worst {c['shipped_change_db_min']:+.2f} dB "
             f"(ungated rewrite at {c['gain']:g}x: {c['raw_change_db_mean']:+.2f} dB).",
         ]
+        if "correct_accepted" in c:
+            lines.append(
+                f"Through the gated data correction: {c['correct_accepted']} of {c['slices']} rewritten; PSNR change of what ships mean "
+                f"{c['correct_change_db_mean']:+.3f} dB, worst {c['correct_change_db_min']:+.2f} dB."
+            )
     return lines
 
 

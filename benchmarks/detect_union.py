@@ -1,5 +1,5 @@
-"""Detection benchmark of the combined statistics (``holdout_union``, ``holdout_shift_union``)
-and their components (``holdout_noise``, ``holdout_sensitive``, ``prior_shift``).
+"""Detection benchmark of the combined statistics (``holdout_union``, ``holdout_shift_union``, ``holdout_shift_spike_union``)
+and their components (``holdout_noise``, ``holdout_sensitive``, ``prior_shift``, ``dc_spike``).
 
 Usage: ``python -m benchmarks.detect_union [--clean 300] [--attacked 24] [--statistic S] [--out benchmarks/results/union]``
 (``--statistic``: the deployed one, whose calibration file the run writes and which the
@@ -44,8 +44,8 @@ from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey  # no
 from recon.detect.cyclic import DetectionScores  # noqa: E402
 from recon.models.weights import load_model  # noqa: E402
 
-COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift")
-STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union")
+COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike")
+STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union", "holdout_shift_spike_union")
 ATTACKS: list[tuple[str, float, str]] = [
     ("kspace-l2", 0.3, "noise norms"),
     ("kspace-l2", 1.0, "noise norms"),
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--clean", type=int, default=300)
     parser.add_argument("--attacked", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/union"))
-    parser.add_argument("--statistic", default=DEFAULT_STATISTIC, choices=("holdout_union", "holdout_shift_union"), help="the deployed statistic")
+    parser.add_argument("--statistic", default=DEFAULT_STATISTIC, choices=("holdout_union", "holdout_shift_union", "holdout_shift_spike_union"), help="the deployed statistic")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adaptive", type=int, default=0, help="only the adaptive attacker on N slices per budget, against OUT/calibration.json")
     parser.add_argument("--keyed", type=int, default=0, help="only the site-keyed detector: clean FPR, and the adaptive attacker on N slices per budget")

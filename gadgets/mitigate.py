@@ -1,5 +1,6 @@
-"""Mitigation gadget: rewrites flagged images (by default the prior-weighted re-reconstruction,
-:mod:`recon.mitigate.prior`; ``method=cyclic``: the k-space cyclic mitigation).
+"""Mitigation gadget: rewrites flagged images (by default the data correction behind the prior
+gate, :func:`recon.mitigate.prior.mitigate_correct`; ``method=prior``: the prior-weighted
+re-reconstruction; ``method=cyclic``: the k-space cyclic mitigation).
 
 ``<external><execute name="gadgets.mitigate" target="mitigate" type="python"/>``, after a
 detect gadget with ``forward_internal=true``. Images whose verdict is not ``flagged`` pass
@@ -34,7 +35,8 @@ class MitigateStage(CheckedImageStage):
         super().__init__(settings.forward_internal, settings.weights, settings.calibration, settings.device, resources)
         self.settings = settings
         self.mitigation = MitigationSettings(
-            enabled=settings.enabled, method=settings.method, prior_gain=settings.prior_gain, fidelity=settings.fidelity, radius=settings.radius, iterations=settings.iterations,
+            enabled=settings.enabled, method=settings.method, correct_radius=settings.correct_radius, correct_steps=settings.correct_steps,
+            correct_stop=settings.correct_stop, prior_gain=settings.prior_gain, fidelity=settings.fidelity, radius=settings.radius, iterations=settings.iterations,
             lr=settings.lr, patience=settings.patience, max_dc_increase=settings.max_dc_increase, time_budget=settings.time_budget,
         )
 

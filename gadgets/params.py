@@ -72,10 +72,14 @@ class MitigateSettings:
     calibration: str = prop("", "calibration JSON; must be the one the detect gadget used (checked)")
     enabled: bool = prop(True, "rewrite flagged images at all (off: they leave flagged, unchanged)")
     method: str = prop(
-        "prior", "prior (the network with its prior weighted prior_gain times more, when the image moves like an attacked one; "
-        "needs a calibration with prior_shift) or cyclic (k-space cyclic mitigation; the properties below are its)",
-        choices=("prior", "cyclic"),
+        "correct", "correct (when the image moves like an attacked one, correct the measured lines until the network's prior "
+        "agrees, and reconstruct them; needs a calibration with prior_shift), prior (the network with its prior weighted "
+        "prior_gain times more, behind the same gate) or cyclic (k-space cyclic mitigation; the properties from radius on are its)",
+        choices=("correct", "prior", "cyclic"),
     )
+    correct_radius: float = prop(3.0, "correct method: budget of the data correction", unit="acquisition-noise norms", low=0.01, high=100.0)
+    correct_steps: int = prop(30, "correct method: descent steps at most (4 network passes each)", low=0, high=1000)
+    correct_stop: float = prop(0.7, "correct method: stop when prior_shift falls to this fraction of its clean threshold", low=0.0, high=0.99)
     prior_gain: float = prop(30.0, "prior method: factor on the network's data-consistency weight mu", low=1.01, high=1e4)
     radius: float = prop(1.0, "correction budget", unit="acquisition-noise norms", low=0.0, high=100.0)
     iterations: int = prop(20, "at most this many optimisation steps", low=1, high=1000)

@@ -93,24 +93,31 @@ def reconstruct(data: SliceKSpace, model: MoDL, device: torch.device | str = "cp
 VERDICTS = ("clean", "flagged", "mitigated", "unverified")
 
 
-MITIGATION_METHODS = ("prior", "cyclic")
+MITIGATION_METHODS = ("correct", "prior", "cyclic")
 
 
 @dataclass(frozen=True)
 class MitigationSettings:
     """How flagged slices are rewritten.
 
-    ``prior`` (the default, :func:`recon.mitigate.prior.mitigate_prior`): the same network
-    with ``prior_gain`` times its data-consistency weight, when the received image's
-    ``prior_shift`` exceeds its calibrated clean threshold (needs a calibration with
-    ``prior_shift``: ``holdout_shift_union`` or ``prior_shift``). ``cyclic``
+    ``correct`` (the default, :func:`recon.mitigate.prior.mitigate_correct`): when the
+    received image's ``prior_shift`` exceeds its calibrated clean threshold (the gate; needs
+    a calibration with ``prior_shift``: ``holdout_shift_union`` or ``prior_shift``), correct
+    the measured lines by at most ``correct_radius`` noise norms until the shift falls to
+    ``correct_stop`` times the gate, in at most ``correct_steps`` descent steps, and ship the
+    corrected data's image at the detector's prior weight; refused when the shift stays
+    above the gate. ``prior`` (:func:`recon.mitigate.prior.mitigate_prior`): behind the same
+    gate, the same network with ``prior_gain`` times its data-consistency weight. ``cyclic``
     (:func:`recon.mitigate.mitigate_kspace`): the k-space cyclic mitigation behind the
     cyclic safeguard (:func:`safeguard`); the fields from ``fidelity`` to
     ``max_dc_increase`` are its.
 
     Attributes:
         enabled: rewrite flagged slices at all.
-        method: ``prior`` or ``cyclic``.
+        method: ``correct``, ``prior`` or ``cyclic``.
+        correct_radius: the correct method's budget for the data correction (noise norms).
+        correct_steps: the correct method's descent steps at most.
+        correct_stop: the correct method stops at this fraction of the gate.
         prior_gain: the prior method's factor on the network's mu.
         fidelity: weight of the fidelity-to-received-data term.
         radius: correction budget in acquisition-noise norms.
@@ -124,7 +131,10 @@ class MitigationSettings:
     """
 
     enabled: bool = True
-    method: str = "prior"
+    method: str = "correct"
+    correct_radius: float = 3.0
+    correct_steps: int = 30
+    correct_stop: float = 0.7
     prior_gain: float = 30.0
     fidelity: float = 1.0
     radius: float = 1.0
@@ -139,6 +149,11 @@ class MitigationSettings:
             raise ValueError(f"mitigation method {self.method!r} is not one of {', '.join(MITIGATION_METHODS)}")
         if not self.prior_gain > 1:
             raise ValueError(f"prior_gain must be > 1, got {self.prior_gain}")
+        if not (self.correct_radius > 0 and self.correct_steps >= 0 and 0 <= self.correct_stop < 1):
+            raise ValueError(
+                f"correct_radius must be > 0, correct_steps >= 0 and correct_stop in [0, 1), got "
+                f"{self.correct_radius}, {self.correct_steps}, {self.correct_stop}"
+            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,7 +295,7 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
     settings = defense.mitigation
     if not settings.enabled:
         return MitigationOutcome(image, "flagged", None, checked.reason + "; mitigation off", 0.0, 0)
-    if settings.method == "prior":
+    if settings.method in ("correct", "prior"):
         return _mitigate_prior(prepared, image, checked, defense)
     from recon.mitigate.cyclic import mitigate_kspace
 
@@ -320,12 +335,13 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
 
 
 def _mitigate_prior(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
-    from recon.mitigate.prior import mitigate_prior
+    from recon.mitigate.prior import mitigate_correct, mitigate_prior
 
+    settings = defense.mitigation
     gate = prior_gate(defense.calibration)
     if gate is None:
         reason = (
-            f"{checked.reason}; prior mitigation needs a calibration with prior_shift "
+            f"{checked.reason}; {settings.method} mitigation needs a calibration with prior_shift "
             f"(this one is {defense.calibration.detector.statistic}; cycguard calibrate --statistic holdout_shift_union): "
             "the original image ships"
         )
@@ -333,22 +349,39 @@ def _mitigate_prior(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
     x1 = prepared.image_tensor(image)
     known = checked.scores.prior_shift if checked.scores is not None else None
     t0 = time.perf_counter()
-    result = mitigate_prior(
-        defense.model, prepared.op, prepared.y, x1, defense.noise_sigma, gate, defense.detector.prior_gain,
-        defense.mitigation.prior_gain, known,
-    )
+    if settings.method == "correct":
+        result = mitigate_correct(
+            defense.model, prepared.op, prepared.y, x1, defense.noise_sigma, gate, defense.detector.prior_gain,
+            settings.correct_stop * gate, settings.correct_radius, settings.correct_steps, known,
+        )
+    else:
+        result = mitigate_prior(
+            defense.model, prepared.op, prepared.y, x1, defense.noise_sigma, gate, defense.detector.prior_gain, settings.prior_gain, known,
+        )
     seconds = time.perf_counter() - t0
-    budget = defense.mitigation.time_budget
+    budget = settings.time_budget
     if seconds > budget:  # a latency bound: a late rewrite is not shipped either
         reason = f"{checked.reason}; mitigation took {seconds:.3g} s, past its time budget ({budget:g} s): the original image ships"
         return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes)
     evidence = f"prior_shift {result.shift:.4g} {'>' if result.shift > gate else '<='} clean threshold {gate:.4g} noise norms"
     if result.image is None:
-        why = "rewrite not finite" if result.shift > gate else "the image does not move like an attacked one"
+        if not result.shift > gate:
+            why = "the image does not move like an attacked one"
+        elif result.shift_after >= gate:
+            why = f"a data correction of {result.correction:.3g} noise norms left prior_shift at {result.shift_after:.4g}"
+        else:
+            why = "rewrite not finite"
         reason = f"{checked.reason}; rewrite refused ({evidence}: {why}): the original image ships"
         return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes)
+    if settings.method == "correct":
+        how = (
+            f"data corrected by {result.correction:.3g} noise norms (prior_shift -> {result.shift_after:.4g}), "
+            f"re-reconstructed with {result.gain:g}x prior weight"
+        )
+    else:
+        how = f"re-reconstructed with {result.gain:g}x prior weight"
     reason = (
-        f"mitigated: {evidence}; re-reconstructed with {result.gain:g}x prior weight "
+        f"mitigated: {evidence}; {how} "
         f"(data residual {result.residual_before:.3g} -> {result.residual_after:.3g} noise norms) ({checked.reason})"
     )
     rewritten = result.image[0].cpu().numpy().astype(np.complex64)

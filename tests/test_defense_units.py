@@ -373,6 +373,27 @@ def test_prior_shift_measures_how_far_the_image_moves(setup: tuple) -> None:
         detector.data_statistics(op, y, 0.01, folds=False, shift=True)
 
 
+def test_dc_spike_sees_an_impulse_not_noise(setup: tuple) -> None:
+    """``dc_spike``: one corrupted sample stands far above its neighbours' residual; noise
+    of the acquisition's level spread over every sample does not; no network pass."""
+    from recon.detect.cyclic import spike_ratio
+
+    model, op, y, x_zf = setup
+    detector = CyclicDetector(model, FAMILY)
+    x1 = model(x_zf, op)
+    clean = detector.score(op, y, x1, 0.01).get("dc_spike")
+    assert clean == pytest.approx(float(spike_ratio(op, y, x1, 0.01)))
+    spikes = impulse_spikes(op, y, 1, 0.2 * float(y.abs().max()), _gen(4))
+    assert float(spike_ratio(op, spikes, model(op.adjoint(spikes), op), 0.01)) > 1.5 * clean
+    noisy = benign_noise(op, y, 0.01, _gen(5))
+    assert float(spike_ratio(op, noisy, model(op.adjoint(noisy), op), 0.01)) < 2 * clean
+    assert detector.passes("holdout_shift_spike_union") == detector.passes("holdout_shift_union")  # no extra pass
+    # differentiable (the adaptive attacker descends it)
+    y_var = y.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(spike_ratio(op, y_var, x1, 0.01), y_var)
+    assert torch.isfinite(grad).all() and float(grad.abs().max()) > 0
+
+
 def test_shift_union_calibration_has_three_components(tmp_path: Path, setup: tuple) -> None:
     detector = CyclicDetector(setup[0], FAMILY, folds=3, directions=2, power_iterations=1)
     key = DetectorKey.of("holdout_shift_union", detector)
@@ -423,6 +444,34 @@ def test_prior_mitigation_rewrites_only_behind_its_gate(setup: tuple) -> None:
         mitigate_prior(model, op, y, x1, 0.01, gate=1.0, gate_gain=4.0, gain=1.0)
     with pytest.raises(ValueError, match="positive clean threshold"):
         mitigate_prior(model, op, y, x1, 0.01, gate=0.0, gate_gain=4.0)
+
+
+def test_data_correction_rewrites_only_behind_its_gate_and_within_its_budget(setup: tuple) -> None:
+    from recon.detect.cyclic import prior_shift
+    from recon.mitigate.prior import correct_data, mitigate_correct
+
+    model, op, y, x_zf = setup
+    x1 = model(x_zf, op)
+    shift = float(prior_shift(model, op, y, x1, 4.0, 0.01))
+    refused = mitigate_correct(model, op, y, x1, 0.01, gate=1e9, gate_gain=4.0, stop=0.0)
+    assert not refused.accepted and refused.network_passes == 1 and refused.shift == pytest.approx(shift)
+    # a stop the received data already meet: no step, the image at the detector's gain
+    correction, value, image, passes = correct_data(model, op, y, 0.01, 4.0, stop=2 * shift, radius=3.0, steps=5)
+    assert correction == 0.0 and passes == 4 and value == pytest.approx(shift, rel=1e-4)
+    assert torch.allclose(image, model(x_zf, op, prior_gain=4.0))
+    # the descent lowers the shift below the gate, within its radius
+    gated = mitigate_correct(model, op, y, x1, 0.01, gate=0.9 * shift, gate_gain=4.0, stop=0.5 * shift, radius=3.0, steps=30, shift=shift)
+    assert gated.accepted and gated.image is not None and torch.isfinite(gated.image).all()
+    assert gated.shift_after < 0.9 * shift and 0 < gated.correction <= 3.0 * (1 + 1e-4)
+    assert gated.network_passes % 4 == 0 and gated.network_passes <= 4 * 31
+    # a budget too small to reach the gate: refused, though the shift went down
+    tight = mitigate_correct(model, op, y, x1, 0.01, gate=0.5 * shift, gate_gain=4.0, stop=0.0, radius=1e-6, steps=3, shift=shift)
+    assert not tight.accepted and tight.shift_after >= 0.5 * shift and tight.network_passes == 16
+    assert not mitigate_correct(model, op, y, x1, 0.01, gate=1.0, gate_gain=4.0, stop=0.5, shift=float("nan")).accepted  # fail closed
+    with pytest.raises(ValueError, match="stop must be a finite shift"):
+        mitigate_correct(model, op, y, x1, 0.01, gate=1.0, gate_gain=4.0, stop=float("nan"))
+    with pytest.raises(ValueError, match="positive clean threshold"):
+        mitigate_correct(model, op, y, x1, 0.01, gate=0.0, gate_gain=4.0, stop=0.0)
 
 
 def test_the_calibrate_command_offers_every_statistic_and_defaults_to_the_deployed_one() -> None:

@@ -34,13 +34,22 @@ def _defense(model: MoDL, threshold_scores: list[float], mitigation: MitigationS
     return Defense(model, detector, calibration, "cyclic", noise_sigma=1.0, mitigation=mitigation or MitigationSettings(method="cyclic", iterations=3))
 
 
-def _prior_defense(model: MoDL, gate_scores: list[float], statistic: str = "prior_shift") -> Defense:
+def _prior_defense(model: MoDL, gate_scores: list[float], statistic: str = "prior_shift", method: str = "correct") -> Defense:
     """A defense calibrated on ``prior_shift`` (or, with another ``statistic``, one that holds no
-    prior_shift threshold), with the default (prior) mitigation."""
+    prior_shift threshold), with a gated mitigation (by default the product's default)."""
     detector = CyclicDetector(model, MaskFamily("equispaced", 2, 8), alternatives=1)
     key = DetectorKey.of(statistic, detector)
     calibration = calibrate(gate_scores, 0.05, "00" * 32, PROTOCOL, key)
-    return Defense(model, detector, calibration, statistic, noise_sigma=1.0)
+    return Defense(model, detector, calibration, statistic, noise_sigma=1.0, mitigation=MitigationSettings(method=method))
+
+
+def _received_shift(model: MoDL, data: object) -> float:
+    from recon.detect.cyclic import prior_shift
+    from recon.pipeline import prepare
+
+    prepared = prepare(data)  # type: ignore[arg-type]
+    with torch.no_grad():
+        return float(prior_shift(model, prepared.op, prepared.y, model(prepared.x_zf, prepared.op), 4.0, 1.0))
 
 
 def test_clean_slice_passes_bit_identical(tiny: MoDL, small_raw: tuple) -> None:
@@ -83,13 +92,39 @@ def test_mitigation_past_its_time_budget_ships_the_original_flagged(tiny: MoDL, 
     assert dict(result.network_passes)["mitigate"] < 50  # it stopped
 
 
+def test_the_default_mitigation_corrects_the_data_until_the_prior_agrees(tiny: MoDL, small_raw: tuple) -> None:
+    """``prior_shift`` over its clean threshold (the gate): the measured lines are corrected
+    until the shift falls to ``correct_stop`` of the gate, and the corrected data's image
+    ships, ``mitigated``, with the evidence in its comment."""
+    data = read_raw(small_raw[0]).slices[0]
+    shift = _received_shift(tiny, data)
+    result = defend(data, _prior_defense(tiny, [0.8 * shift] * 20))  # gate 0.8 x this slice's shift
+    assert result.verdict == "mitigated" and "data corrected by" in result.reason, result.reason
+    assert f"prior_shift {shift:.4g} > clean threshold {0.8 * shift:.4g}" in result.reason
+    settings = MitigationSettings()
+    after = float(result.reason.split("prior_shift -> ")[1].split(")")[0])
+    assert after <= settings.correct_stop * 0.8 * shift * (1 + 1e-3)  # it went down to the stop
+    passes = dict(result.network_passes)["mitigate"]
+    assert passes % 4 == 0 and 8 <= passes <= 4 * (settings.correct_steps + 1)  # the detector's shift is reused
+    assert np.isfinite(result.image).all() and not np.array_equal(result.image, reconstruct(data, tiny).image)
+
+
+def test_a_correction_that_cannot_reach_the_gate_ships_the_original(tiny: MoDL, small_raw: tuple) -> None:
+    """A gate no correction within the budget reaches: the evidence still says attacked, so
+    nothing is rewritten; the original ships, flagged, and the comment says why."""
+    data = read_raw(small_raw[0]).slices[0]
+    result = defend(data, _prior_defense(tiny, [1e-9] * 20))
+    assert result.verdict == "flagged" and "noise norms left prior_shift at" in result.reason, result.reason
+    np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)
+
+
 def test_a_flagged_slice_that_moves_like_an_attacked_one_is_re_reconstructed(tiny: MoDL, small_raw: tuple) -> None:
-    """The default mitigation: ``prior_shift`` over its clean threshold, so the network runs
-    again with 30x its prior weight; the image says so."""
+    """``method=prior``: ``prior_shift`` over its clean threshold, so the network runs again
+    with 30x its prior weight; the image says so."""
     from recon.pipeline import prepare
 
     data = read_raw(small_raw[0]).slices[0]
-    result = defend(data, _prior_defense(tiny, [1e-9] * 20))
+    result = defend(data, _prior_defense(tiny, [1e-9] * 20, method="prior"))
     assert result.verdict == "mitigated" and "re-reconstructed with 30x prior weight" in result.reason
     prepared = prepare(data)
     with torch.no_grad():
@@ -121,10 +156,13 @@ def test_prior_mitigation_without_a_prior_shift_calibration_ships_the_original(t
 
 
 def test_mitigation_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="is not one of prior, cyclic"):
+    with pytest.raises(ValueError, match="is not one of correct, prior, cyclic"):
         MitigationSettings(method="magic")
     with pytest.raises(ValueError, match="prior_gain must be > 1"):
         MitigationSettings(prior_gain=0.5)
+    for bad in ({"correct_stop": 1.0}, {"correct_radius": 0.0}, {"correct_steps": -1}):
+        with pytest.raises(ValueError, match="correct_radius must be > 0"):
+            MitigationSettings(**bad)  # type: ignore[arg-type]
 
 
 def test_non_finite_score_is_flagged(tiny: MoDL) -> None:
@@ -156,7 +194,8 @@ def test_offline_without_calibration_tags_unverified(small_raw: tuple, tmp_path:
 @pytest.mark.slow
 def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_mitigated() -> None:
     """Shipped model and calibration: a k-space PGD of 3 noise norms is flagged, and the
-    default (prior) mitigation rewrites it into a better image that says it was rewritten."""
+    default mitigation (the data correction) rewrites it into a better image that says it was
+    rewritten."""
     from dataclasses import replace
 
     from recon.attacks import pgd_kspace_l2
@@ -186,7 +225,7 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_mitigated() -> None
     assert before < quality(reconstruct(data, model).image, reference).psnr - 3  # the attack does damage
     result = defend(attacked, Defense(model, detector, calibration, statistic, noise_sigma=1.0))
     assert result.score > calibration.threshold and result.p_value < 0.01
-    assert result.verdict == "mitigated" and "prior weight" in result.reason
+    assert result.verdict == "mitigated" and "data corrected by" in result.reason
     assert quality(result.image, reference).psnr > before + 3
 
 

@@ -13,6 +13,7 @@ from recon.detect.cyclic import (
     COMBINED_STATISTICS,
     DATA_ONLY_STATISTICS,
     FOLD_STATISTICS,
+    RESIDUAL_STATISTICS,
     SHIFT_STATISTICS,
     CyclicDetector,
     scaled_maximum,
@@ -23,13 +24,13 @@ from recon.physics.sense import SenseOp
 
 def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, statistic: str, noise_sigma: float, scales: Mapping[str, float]) -> Tensor:
     """The detector's statistic, differentiable in ``y`` and ``x1``."""
-    if statistic in ("dc", "dc_noise"):
+    if statistic in RESIDUAL_STATISTICS:
         return statistic_tensor(statistic, op, y, x1, None, None, noise_sigma)
     if statistic in COMBINED_STATISTICS:  # the largest component over its scale
         values = detector.data_statistics(op, y, noise_sigma, x1=x1, shift=statistic in SHIFT_STATISTICS)
         parts = []
         for name in COMBINED_STATISTICS[statistic]:
-            part = values[name]
+            part = statistic_tensor(name, op, y, x1, None, None, noise_sigma) if name in RESIDUAL_STATISTICS else values[name]
             assert part is not None
             parts.append(part / scales[name])
         return torch.stack(parts).max()

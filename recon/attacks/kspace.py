@@ -9,13 +9,7 @@ from torch import Tensor
 
 from recon.attacks.common import box, complex_randn, damage
 from recon.models.modl import MoDL
-from recon.physics.sense import SenseOp
-
-
-def l2_project(delta: Tensor, eps: float) -> Tensor:
-    """Scale ``delta`` into the l2 ball of radius ``eps``."""
-    norm = torch.linalg.vector_norm(delta)
-    return delta * torch.clamp(eps / norm.clamp(min=1e-30), max=1.0)
+from recon.physics.sense import SenseOp, l2_project
 
 
 def l2_start(op: SenseOp, y: Tensor, eps: float, generator: torch.Generator) -> Tensor:

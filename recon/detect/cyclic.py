@@ -58,6 +58,14 @@ reconstruction the recon stage already made):
   (:mod:`recon.mitigate.prior`) acts on.
 * ``holdout_shift_union`` (the deployed default from session 6): ``holdout_union`` with
   ``prior_shift`` as a third component, on the same scaled-maximum rule.
+* ``dc_spike`` (ours, session 7): the largest single-sample data residual ``|y - E x1|``
+  over the median of its neighbours on the same line and coil (a window of
+  :data:`SPIKE_WINDOW` samples along the readout). An impulse in the raw data (a spike:
+  herringbone artifacts, or a perturbation concentrated on a few samples) is far larger
+  than its neighbours' residual, which the network's misfit and the noise set; a
+  perturbation spread over many samples is not (the other statistics see those). No
+  extra network pass; with ``holdout_shift_union``'s three components it makes
+  ``holdout_shift_spike_union``.
 * ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
   ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
   paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
@@ -80,19 +88,24 @@ from recon.physics.masks import MaskFamily
 from recon.physics.noise import complex_randn
 from recon.physics.sense import SenseOp
 
-STATISTICS = ("cyclic", "cycle_image", "dc", "cyclic_noise", "dc_noise", "holdout_noise", "holdout_sensitive", "prior_shift")
+STATISTICS = ("cyclic", "cycle_image", "dc", "cyclic_noise", "dc_noise", "holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike")
 CYCLE_STATISTICS = STATISTICS[:5]
+# statistics of the received data and the network's image alone (no extra network pass)
+RESIDUAL_STATISTICS = ("dc", "dc_noise", "dc_spike")
 # combinations of per-slice statistics, scaled by a calibration (recon/detect/calibration.py)
 COMBINED_STATISTICS = {
     "holdout_union": ("holdout_noise", "holdout_sensitive"),
     "holdout_shift_union": ("holdout_noise", "holdout_sensitive", "prior_shift"),
+    "holdout_shift_spike_union": ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike"),
 }
 # those that need the held-out folds (``score(..., holdout=True)``)
-FOLD_STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union", "holdout_shift_union")
+FOLD_STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union", "holdout_shift_union", "holdout_shift_spike_union")
 # those that need the sensitive directions (``score(..., sensitive=True)``)
-SENSITIVE_STATISTICS = ("holdout_sensitive", "holdout_union", "holdout_shift_union")
+SENSITIVE_STATISTICS = ("holdout_sensitive", "holdout_union", "holdout_shift_union", "holdout_shift_spike_union")
 # those that need the pass with a raised prior weight (``score(..., shift=True)``)
-SHIFT_STATISTICS = ("prior_shift", "holdout_shift_union")
+SHIFT_STATISTICS = ("prior_shift", "holdout_shift_union", "holdout_shift_spike_union")
+# the local window (samples along the readout) of ``dc_spike``'s robust scale
+SPIKE_WINDOW = 9
 # statistics of the received data alone (given x1 = f(y)): the same for any rewrite of the
 # image, extra network passes, computed only when asked
 DATA_ONLY_STATISTICS = (*FOLD_STATISTICS, "prior_shift")
@@ -110,6 +123,7 @@ class DetectionScores:
     holdout_noise: float | None = None  # computed only when asked (F extra network passes)
     holdout_sensitive: float | None = None  # likewise, and 2 K iterations more
     prior_shift: float | None = None  # computed only when asked (1 extra network pass)
+    dc_spike: float | None = None  # no extra pass; None only in records from before session 7
 
     def get(self, statistic: str) -> float:
         """The named statistic (one of :data:`STATISTICS`)."""
@@ -210,6 +224,16 @@ def prior_shift(model: MoDL, op: SenseOp, y: Tensor, x1: Tensor, prior_gain: flo
     return torch.linalg.vector_norm(shifted - x1) / noise_norm(op, y, noise_sigma)
 
 
+def spike_ratio(op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float) -> Tensor:
+    """``max |r| / median_window |r|`` over the sampled entries of ``r = y - E x1`` (one
+    slice), the median over :data:`SPIKE_WINDOW` samples along the readout of the same line
+    and coil, floored at a tenth of the noise level; differentiable in ``y`` and ``x1``."""
+    lines = (y - op.forward(x1))[0][:, op.mask[0].bool(), :].abs()
+    pad = SPIKE_WINDOW // 2
+    local = torch.nn.functional.pad(lines, (pad, pad), mode="reflect").unfold(-1, SPIKE_WINDOW, 1).median(dim=-1).values
+    return (lines / local.clamp(min=0.1 * noise_sigma)).amax()
+
+
 def noise_residual(residual: Tensor, entries: int, noise_sigma: float) -> Tensor:
     """``||residual|| / (sigma sqrt(entries))``."""
     return torch.linalg.vector_norm(residual) / (noise_sigma * entries**0.5)
@@ -286,6 +310,8 @@ def noise_norm(op: SenseOp, y: Tensor, noise_sigma: float) -> float:
 
 def statistic_tensor(name: str, op: SenseOp, y: Tensor, x1: Tensor, x2: Tensor | None, r: Tensor | None, noise_sigma: float) -> Tensor:
     """One statistic as a differentiable tensor (``x2``, ``r`` needed for the cyclic ones)."""
+    if name == "dc_spike":
+        return spike_ratio(op, y, x1, noise_sigma)
     if name in ("dc", "dc_noise"):
         residual = _norm(y - op.forward(x1))[0]
         return residual / (_norm(y)[0].clamp(min=1e-30) if name == "dc" else noise_norm(op, y, noise_sigma))
@@ -421,7 +447,7 @@ class CyclicDetector:
         """
         cycle = self.cycle(op, y, x1)
         x2, r = cycle.run(self.model, x1)
-        values: dict[str, float | None] = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in CYCLE_STATISTICS}
+        values: dict[str, float | None] = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in (*CYCLE_STATISTICS, "dc_spike")}
         shift = holdout if shift is None else shift
         if holdout or shift:
             for name, value in self.data_statistics(op, y, noise_sigma, sensitive, x1, folds=holdout, shift=shift).items():

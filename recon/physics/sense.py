@@ -98,3 +98,9 @@ class SenseOp:
         """The same coil maps with every line sampled (``F S``)."""
         ones = torch.ones((self.batch, self.image_shape[0]), dtype=torch.bool, device=self.maps.device)
         return SenseOp(self.maps, ones)
+
+
+def l2_project(delta: Tensor, eps: float) -> Tensor:
+    """Scale ``delta`` into the l2 ball of radius ``eps`` (one ball for the whole tensor)."""
+    norm = torch.linalg.vector_norm(delta)
+    return delta * torch.clamp(eps / norm.clamp(min=1e-30), max=1.0)
