@@ -65,8 +65,9 @@ class DetectSettings:
 
 @dataclass(frozen=True)
 class MitigateSettings:
-    """``gadgets.mitigate``: training-free mitigation of flagged images (prior-weighted
-    re-reconstruction, or the k-space cyclic mitigation)."""
+    """``gadgets.mitigate``: training-free mitigation of flagged images (the data correction
+    behind the prior gate, the prior-weighted re-reconstruction, or the k-space cyclic
+    mitigation)."""
 
     weights: str = prop("", "network weights; must be the model that made the images (checked by hash)")
     calibration: str = prop("", "calibration JSON; must be the one the detect gadget used (checked)")

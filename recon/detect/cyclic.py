@@ -56,8 +56,8 @@ reconstruction the recon stage already made):
   (RESULTS section 2, session 6): the shift is then far larger than any clean slice's. It
   does not react to noise of the acquisition's level, and it is what the mitigation
   (:mod:`recon.mitigate.prior`) acts on.
-* ``holdout_shift_union`` (the deployed default from session 6): ``holdout_union`` with
-  ``prior_shift`` as a third component, on the same scaled-maximum rule.
+* ``holdout_shift_union`` (deployed in session 6): ``holdout_union`` with ``prior_shift`` as
+  a third component, on the same scaled-maximum rule.
 * ``dc_spike`` (ours, session 7): the largest single-sample data residual ``|y - E x1|``
   over the median of its neighbours on the same line and coil (a window of
   :data:`SPIKE_WINDOW` samples along the readout). An impulse in the raw data (a spike:
@@ -65,7 +65,7 @@ reconstruction the recon stage already made):
   than its neighbours' residual, which the network's misfit and the noise set; a
   perturbation spread over many samples is not (the other statistics see those). No
   extra network pass; with ``holdout_shift_union``'s three components it makes
-  ``holdout_shift_spike_union``.
+  ``holdout_shift_spike_union``, the deployed default from session 7.
 * ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
   ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
   paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
