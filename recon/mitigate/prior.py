@@ -78,9 +78,19 @@ class PriorRewrite:
         return self.image is not None
 
 
-def _check_gate(gate: float) -> None:
+@torch.no_grad()
+def _gate(
+    model: MoDL, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float, gate: float, gate_gain: float, shift: float | None
+) -> tuple[float, float, int]:
+    """The gate's evidence: ``(received prior_shift, its data residual in noise norms,
+    network passes spent)``; a ``shift`` the detector computed saves the pass."""
     if not (math.isfinite(gate) and gate > 0):
         raise ValueError(f"the gate must be a positive clean threshold, got {gate}")
+    passes = 0
+    if shift is None:
+        shift = float(prior_shift(model, op, y, x1, gate_gain, noise_sigma))
+        passes += 1
+    return shift, float(statistic_tensor("dc_noise", op, y, x1, None, None, noise_sigma)), passes
 
 
 @torch.no_grad()
@@ -109,12 +119,7 @@ def mitigate_prior(
     """
     if not gain > 1:
         raise ValueError(f"the rewrite's prior gain must be > 1, got {gain}")
-    _check_gate(gate)
-    passes = 0
-    if shift is None:
-        shift = float(prior_shift(model, op, y, x1, gate_gain, noise_sigma))
-        passes += 1
-    before = float(statistic_tensor("dc_noise", op, y, x1, None, None, noise_sigma))
+    shift, before, passes = _gate(model, op, y, x1, noise_sigma, gate, gate_gain, shift)
     if not shift > gate:  # also refuses a non-finite shift
         return PriorRewrite(None, shift, gate, gain, before, math.nan, passes)
     rewrite = model(op.adjoint(y), op, prior_gain=gain)
@@ -157,18 +162,11 @@ def mitigate_correct(
     bring the shift below ``gate`` within the budget (its own evidence would still call the
     image attacked), or when the result is not finite.
     """
-    _check_gate(gate)
     if not (math.isfinite(stop) and 0 <= stop):
         raise ValueError(f"the correction's stop must be a finite shift >= 0, got {stop}")
     if not radius > 0 or steps < 0:
         raise ValueError(f"the correction needs radius > 0 and steps >= 0, got {radius}, {steps}")
-    passes = 0
-    if shift is None:
-        with torch.no_grad():
-            shift = float(prior_shift(model, op, y, x1, gate_gain, noise_sigma))
-        passes += 1
-    with torch.no_grad():
-        before = float(statistic_tensor("dc_noise", op, y, x1, None, None, noise_sigma))
+    shift, before, passes = _gate(model, op, y, x1, noise_sigma, gate, gate_gain, shift)
     if not shift > gate:
         return PriorRewrite(None, shift, gate, gate_gain, before, math.nan, passes)
     correction, value, image, steps_passes = correct_data(model, op, y, noise_sigma, gate_gain, stop, radius, steps)
