@@ -45,7 +45,7 @@ from recon.detect.cyclic import DetectionScores  # noqa: E402
 from recon.models.weights import load_model  # noqa: E402
 
 COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike")
-STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union", "holdout_shift_spike_union")
+STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union")
 ATTACKS: list[tuple[str, float, str]] = [
     ("kspace-l2", 0.3, "noise norms"),
     ("kspace-l2", 1.0, "noise norms"),
@@ -67,8 +67,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adaptive", type=int, default=0, help="only the adaptive attacker on N slices per budget, against OUT/calibration.json")
     parser.add_argument("--keyed", type=int, default=0, help="only the site-keyed detector: clean FPR, and the adaptive attacker on N slices per budget")
+    parser.add_argument("--rescore", action="store_true", help="only the tables again, every statistic, from OUT/union.json's per-slice scores (no network)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.rescore:
+        rescore(args)
+        return
     if args.adaptive:
         adaptive_phase(args)
         return
@@ -81,18 +85,14 @@ def main() -> None:
     detector = detector_for(model, manifest)
     cals = {(s, f): build_calibration(calib_scores, protocol, manifest, detector, s, f) for s in STATISTICS for f in (0.01, 0.05)}
     cals[(args.statistic, 0.01)].save(args.out / "calibration.json")
-
-    def values(cal: Calibration, scores: list[DetectionScores]) -> list[float]:
-        return [cal.score_of(s) for s in scores]
+    values = _values
 
     items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=202)]
     clean = [observe(model, detector, it)[0] for it in tqdm(items, desc="clean test")]
     clean_scores = [DetectionScores(**o.scores) for o in clean]
     results: dict[str, Any] = {
         "args": {k: str(v) for k, v in vars(args).items()},
-        "thresholds": {f"{s}@{f}": c.threshold for (s, f), c in cals.items()},
-        "scales": {f"{s}@{f}": dict(c.scales) for (s, f), c in cals.items() if c.scales},
-        "clean_fpr": {f"{s}@{f}": float(np.mean([c.flags(v) for v in values(c, clean_scores)])) for (s, f), c in cals.items()},
+        **calibration_summary(cals, clean_scores),
         "seconds_detect": float(np.median([o.seconds_detect for o in clean])),
         "statistic": args.statistic,
         "calibration_scores": [{k: getattr(s, k) for k in COMPONENTS} for s in calib_scores],
@@ -108,21 +108,69 @@ def main() -> None:
             rows.append(observe(model, detector, item, y=adv["y"])[0])
         scores = [DetectionScores(**o.scores) for o in rows]
         damage = [clean[i].psnr - o.psnr for i, o in enumerate(rows)]
-        entry: dict[str, Any] = {"damage_db": float(np.mean(damage)), "damaging_3db": int(sum(d >= 3 for d in damage)), "auc": {}, "tpr": {}, "tpr_damaging_3db": {}}
-        for s in STATISTICS:
-            cal = cals[(s, 0.01)]
-            entry["auc"][s] = auc(values(cal, clean_scores), values(cal, scores))
-            for f in (0.01, 0.05):
-                flagged = [cals[(s, f)].flags(v) for v in values(cals[(s, f)], scores)]
-                entry["tpr"][f"{s}@{f}"] = float(np.mean(flagged))
-                hits = [fl for fl, d in zip(flagged, damage, strict=True) if d >= 3]
-                entry["tpr_damaging_3db"][f"{s}@{f}"] = float(np.mean(hits)) if hits else None
+        entry = attack_entry(cals, clean_scores, scores, damage)
         entry["scores"] = [{k: o.scores[k] for k in COMPONENTS} | {"damage_db": d} for o, d in zip(rows, damage, strict=True)]
         results["attacks"][label] = entry
         roc[label] = (values(cals[(args.statistic, 0.01)], clean_scores), values(cals[(args.statistic, 0.01)], scores))
         (args.out / "union.json").write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out / "union.md")
     plot_roc(roc, args.out / "union_roc.png", args.statistic)
+
+
+def _values(cal: Calibration, scores: list[DetectionScores]) -> list[float]:
+    return [cal.score_of(s) for s in scores]
+
+
+def calibration_summary(cals: dict[tuple[str, float], Calibration], clean_scores: list[DetectionScores]) -> dict[str, Any]:
+    """Thresholds, scales and clean false-positive rates of every calibration."""
+    return {
+        "thresholds": {f"{s}@{f}": c.threshold for (s, f), c in cals.items()},
+        "scales": {f"{s}@{f}": dict(c.scales) for (s, f), c in cals.items() if c.scales},
+        "clean_fpr": {f"{s}@{f}": float(np.mean([c.flags(v) for v in _values(c, clean_scores)])) for (s, f), c in cals.items()},
+    }
+
+
+def attack_entry(cals: dict[tuple[str, float], Calibration], clean_scores: list[DetectionScores], scores: list[DetectionScores], damage: list[float]) -> dict[str, Any]:
+    """One attack's row: mean damage, AUC and TPR at 1 % and 5 % FPR of every statistic,
+    overall and on the slices that lose >= 3 dB."""
+    entry: dict[str, Any] = {"damage_db": float(np.mean(damage)), "damaging_3db": int(sum(d >= 3 for d in damage)), "auc": {}, "tpr": {}, "tpr_damaging_3db": {}}
+    for s in STATISTICS:
+        cal = cals[(s, 0.01)]
+        entry["auc"][s] = auc(_values(cal, clean_scores), _values(cal, scores))
+        for f in (0.01, 0.05):
+            flagged = [cals[(s, f)].flags(v) for v in _values(cals[(s, f)], scores)]
+            entry["tpr"][f"{s}@{f}"] = float(np.mean(flagged))
+            hits = [fl for fl, d in zip(flagged, damage, strict=True) if d >= 3]
+            entry["tpr_damaging_3db"][f"{s}@{f}"] = float(np.mean(hits)) if hits else None
+    return entry
+
+
+def _stored(record: dict[str, Any]) -> DetectionScores:
+    """A slice's component scores as ``union.json`` keeps them (the cycle statistics, not
+    kept, are NaN so that nothing can use them unseen)."""
+    nan = float("nan")
+    return DetectionScores(nan, nan, nan, nan, nan, **{k: record.get(k) for k in COMPONENTS})
+
+
+def rescore(args: argparse.Namespace) -> None:
+    """Every statistic's tables from the per-slice component scores a run stored (for a
+    combination added after it): the product's calibration code on the stored calibration
+    scores, the clean test and attacked slices as they were scored. No network pass; the
+    adaptive and keyed phases are kept as they are."""
+    results = json.loads((args.out / "union.json").read_text())
+    model, manifest = load_model(None)
+    detector = detector_for(model, manifest)
+    stored = json.loads((args.out / "calibration.json").read_text())["protocol"]
+    protocol = ProtocolKey(tuple(stored["matrix"]), stored["coils"], stored["mask_kind"], stored["acceleration"], stored["acs_lines"])
+    calib = [_stored(r) for r in results["calibration_scores"]]
+    clean_scores = [_stored(r) for r in results["clean_scores"]]
+    cals = {(s, f): build_calibration(calib, protocol, manifest, detector, s, f) for s in STATISTICS for f in (0.01, 0.05)}
+    results.update(calibration_summary(cals, clean_scores))
+    for label, old in results["attacks"].items():
+        damage = [r["damage_db"] for r in old["scores"]]
+        results["attacks"][label] = attack_entry(cals, clean_scores, [_stored(r) for r in old["scores"]], damage) | {"scores": old["scores"]}
+    (args.out / "union.json").write_text(json.dumps(results, indent=1))
+    write_markdown(results, args.out / "union.md")
 
 
 def adaptive_phase(args: argparse.Namespace) -> None:
@@ -184,7 +232,7 @@ def keyed_phase(args: argparse.Namespace) -> None:
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     deployed = results.get("statistic", "holdout_union")  # files from before session 6 hold holdout_union
     names = [s for s in STATISTICS if s in next(iter(results["attacks"].values()))["auc"]]
-    short = " / ".join(s.replace("holdout_", "").replace("prior_", "") for s in names)
+    short = " / ".join("prior+spike" if s == "shift_spike_union" else s.replace("holdout_", "").replace("prior_", "") for s in names)
     lines = [
         f"Deployed: {deployed}.",
         "",

@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--statistic",
         default="holdout_shift_spike_union",
         choices=[
-            "holdout_shift_spike_union", "holdout_shift_union", "holdout_union", "holdout_noise", "holdout_sensitive", "prior_shift",
+            "holdout_shift_spike_union", "shift_spike_union", "holdout_shift_union", "holdout_union", "holdout_noise", "holdout_sensitive", "prior_shift",
             "dc_spike", "cyclic_noise", "cyclic", "cycle_image", "dc", "dc_noise",
         ],
         help="detection statistic (default holdout_shift_spike_union; see recon/detect/cyclic.py)",

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from recon.detect.calibration import Calibration
 from recon.detect.cyclic import (
+    COMBINED_STATISTICS,
     DATA_ONLY_STATISTICS,
     CyclicDetector,
     DetectionScores,
@@ -267,7 +268,7 @@ class MitigationOutcome:
 
 def safeguard_statistic(statistic: str) -> str:
     """The statistic that judges a rewrite: the calibrated one unless it ignores the image."""
-    return "cyclic_noise" if statistic in DATA_ONLY_STATISTICS else statistic
+    return "cyclic_noise" if statistic in DATA_ONLY_STATISTICS or statistic in COMBINED_STATISTICS else statistic
 
 
 def prior_gate(calibration: Calibration) -> float | None:

@@ -388,6 +388,10 @@ def test_dc_spike_sees_an_impulse_not_noise(setup: tuple) -> None:
     noisy = benign_noise(op, y, 0.01, _gen(5))
     assert float(spike_ratio(op, noisy, model(op.adjoint(noisy), op), 0.01)) < 2 * clean
     assert detector.passes("holdout_shift_spike_union") == detector.passes("holdout_shift_union")  # no extra pass
+    assert detector.passes("shift_spike_union") == detector.passes("prior_shift")
+    from recon.pipeline import safeguard_statistic
+
+    assert safeguard_statistic("shift_spike_union") == "cyclic_noise"  # a combination cannot judge a rewrite
     # differentiable (the adaptive attacker descends it)
     y_var = y.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(spike_ratio(op, y_var, x1, 0.01), y_var)

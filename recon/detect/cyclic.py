@@ -65,7 +65,9 @@ reconstruction the recon stage already made):
   than its neighbours' residual, which the network's misfit and the noise set; a
   perturbation spread over many samples is not (the other statistics see those). No
   extra network pass; with ``holdout_shift_union``'s three components it makes
-  ``holdout_shift_spike_union``, the deployed default from session 7.
+  ``holdout_shift_spike_union``, the deployed default from session 7; with ``prior_shift``
+  alone, ``shift_spike_union`` (one pass beyond the cycle's, for sites whose CPU cannot
+  afford the folds).
 * ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
   ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
   paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
@@ -97,13 +99,14 @@ COMBINED_STATISTICS = {
     "holdout_union": ("holdout_noise", "holdout_sensitive"),
     "holdout_shift_union": ("holdout_noise", "holdout_sensitive", "prior_shift"),
     "holdout_shift_spike_union": ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike"),
+    "shift_spike_union": ("prior_shift", "dc_spike"),
 }
 # those that need the held-out folds (``score(..., holdout=True)``)
 FOLD_STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union", "holdout_shift_union", "holdout_shift_spike_union")
 # those that need the sensitive directions (``score(..., sensitive=True)``)
 SENSITIVE_STATISTICS = ("holdout_sensitive", "holdout_union", "holdout_shift_union", "holdout_shift_spike_union")
 # those that need the pass with a raised prior weight (``score(..., shift=True)``)
-SHIFT_STATISTICS = ("prior_shift", "holdout_shift_union", "holdout_shift_spike_union")
+SHIFT_STATISTICS = ("prior_shift", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union")
 # the local window (samples along the readout) of ``dc_spike``'s robust scale
 SPIKE_WINDOW = 9
 # statistics of the received data alone (given x1 = f(y)): the same for any rewrite of the
