@@ -85,7 +85,6 @@ def main() -> None:
     detector = detector_for(model, manifest)
     cals = {(s, f): build_calibration(calib_scores, protocol, manifest, detector, s, f) for s in STATISTICS for f in (0.01, 0.05)}
     cals[(args.statistic, 0.01)].save(args.out / "calibration.json")
-    values = _values
 
     items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=202)]
     clean = [observe(model, detector, it)[0] for it in tqdm(items, desc="clean test")]
@@ -111,7 +110,7 @@ def main() -> None:
         entry = attack_entry(cals, clean_scores, scores, damage)
         entry["scores"] = [{k: o.scores[k] for k in COMPONENTS} | {"damage_db": d} for o, d in zip(rows, damage, strict=True)]
         results["attacks"][label] = entry
-        roc[label] = (values(cals[(args.statistic, 0.01)], clean_scores), values(cals[(args.statistic, 0.01)], scores))
+        roc[label] = (_values(cals[(args.statistic, 0.01)], clean_scores), _values(cals[(args.statistic, 0.01)], scores))
         (args.out / "union.json").write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out / "union.md")
     plot_roc(roc, args.out / "union_roc.png", args.statistic)

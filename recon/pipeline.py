@@ -267,7 +267,8 @@ class MitigationOutcome:
 
 
 def safeguard_statistic(statistic: str) -> str:
-    """The statistic that judges a rewrite: the calibrated one unless it ignores the image."""
+    """The statistic that judges a rewrite: the calibrated one, unless it ignores the image or
+    is a combination (scaled components, not one statistic of an image)."""
     return "cyclic_noise" if statistic in DATA_ONLY_STATISTICS or statistic in COMBINED_STATISTICS else statistic
 
 
@@ -297,7 +298,7 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
     if not settings.enabled:
         return MitigationOutcome(image, "flagged", None, checked.reason + "; mitigation off", 0.0, 0)
     if settings.method in ("correct", "prior"):
-        return _mitigate_prior(prepared, image, checked, defense)
+        return _mitigate_gated(prepared, image, checked, defense)
     from recon.mitigate.cyclic import mitigate_kspace
 
     x1 = prepared.image_tensor(image)
@@ -335,7 +336,8 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
     return MitigationOutcome(image, "flagged", verdict.after, reason, seconds, passes)
 
 
-def _mitigate_prior(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
+def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
+    """The methods behind the prior gate (``correct``, ``prior``)."""
     from recon.mitigate.prior import mitigate_correct, mitigate_prior
 
     settings = defense.mitigation

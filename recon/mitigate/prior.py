@@ -93,6 +93,11 @@ def _gate(
     return shift, float(statistic_tensor("dc_noise", op, y, x1, None, None, noise_sigma)), passes
 
 
+def _shippable(image: Tensor) -> bool:
+    """A rewrite that may ship: finite and not all zero."""
+    return bool(torch.isfinite(image).all()) and bool(image.abs().amax() > 0)
+
+
 @torch.no_grad()
 def mitigate_prior(
     model: MoDL,
@@ -125,7 +130,7 @@ def mitigate_prior(
     rewrite = model(op.adjoint(y), op, prior_gain=gain)
     passes += 1
     after = float(statistic_tensor("dc_noise", op, y, rewrite, None, None, noise_sigma))
-    if not bool(torch.isfinite(rewrite).all()) or not bool(rewrite.abs().amax() > 0):
+    if not _shippable(rewrite):
         return PriorRewrite(None, shift, gate, gain, before, after, passes)
     return PriorRewrite(rewrite, shift, gate, gain, before, after, passes)
 
@@ -173,7 +178,7 @@ def mitigate_correct(
     passes += steps_passes
     with torch.no_grad():
         after = float(statistic_tensor("dc_noise", op, y, image, None, None, noise_sigma))
-    accepted = value < gate and bool(torch.isfinite(image).all()) and bool(image.abs().amax() > 0)
+    accepted = value < gate and _shippable(image)
     return PriorRewrite(image if accepted else None, shift, gate, gate_gain, before, after, passes, value, correction)
 
 
