@@ -1,14 +1,17 @@
-"""Detection benchmark of the combined statistics (``holdout_union``, ``holdout_shift_union``, ``holdout_shift_spike_union``)
-and their components (``holdout_noise``, ``holdout_sensitive``, ``prior_shift``, ``dc_spike``).
+"""Detection benchmark of the combined statistics (``holdout_union``, ``holdout_shift_union``, ``holdout_shift_spike_union``,
+``shift_spike_union``, ``shift_null_spike_union``) and their components (``holdout_noise``, ``holdout_sensitive``,
+``prior_shift``, ``dc_spike``, ``null_shift``).
 
-Usage: ``python -m benchmarks.detect_union [--clean 300] [--attacked 24] [--statistic S] [--out benchmarks/results/union]``
+Usage: ``python -m benchmarks.detect_union [--clean 300] [--attacked 24] [--statistic S] [--test-seed 202] [--out benchmarks/results/union]``
 (``--statistic``: the deployed one, whose calibration file the run writes and which the
 adaptive attacker targets; default the product's, ``recon.calibrate.DEFAULT_STATISTIC``),
 then ``python -m benchmarks.detect_union --adaptive 6`` (the adaptive attacker against the
 calibration the first run made) and ``python -m benchmarks.detect_union --keyed 3`` (a
 site-keyed detector, ``CYCGUARD_DETECTOR_KEY``, at the same calibration: its clean
 false-positive rate on the clean test slices, and the adaptive attacker without the key,
-plain and averaging over random starts).
+plain and averaging over random starts), and ``python -m benchmarks.detect_union --confirm 303``
+(the deployed statistic alone on fresh clean and attacked slices of that seed, at the same
+calibration).
 
 The same data, seeds and attacks as ``benchmarks.defense`` (k-space attacks, impulse
 spikes, benign noise; image-domain attacks are in that benchmark): the calibration set is
@@ -36,16 +39,17 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.defense import attack, auc, observe, to_item  # noqa: E402
+from benchmarks.defense import attack, auc, observe, psnr, to_item  # noqa: E402
 from recon.attacks.adaptive import adaptive_kspace_l2  # noqa: E402
 from recon.calibrate import DEFAULT_STATISTIC, build_calibration, detector_for, scores_from_simulation  # noqa: E402
 from recon.data.samples import simulated_slices  # noqa: E402
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey  # noqa: E402
-from recon.detect.cyclic import DetectionScores  # noqa: E402
+from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores  # noqa: E402
 from recon.models.weights import load_model  # noqa: E402
 
-COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike")
-STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union")
+COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift")
+STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union", "shift_null_spike_union")
+DEPLOYABLE = ("shift_null_spike_union", "holdout_shift_spike_union", "holdout_shift_union", "holdout_union")
 ATTACKS: list[tuple[str, float, str]] = [
     ("kspace-l2", 0.3, "noise norms"),
     ("kspace-l2", 1.0, "noise norms"),
@@ -63,10 +67,12 @@ def main() -> None:
     parser.add_argument("--clean", type=int, default=300)
     parser.add_argument("--attacked", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/union"))
-    parser.add_argument("--statistic", default=DEFAULT_STATISTIC, choices=("holdout_union", "holdout_shift_union", "holdout_shift_spike_union"), help="the deployed statistic")
+    parser.add_argument("--statistic", default=DEFAULT_STATISTIC, choices=DEPLOYABLE, help="the deployed statistic")
+    parser.add_argument("--test-seed", type=int, default=202, help="seed of the clean test slices (and so of the attacked ones); 202 in every table so far")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adaptive", type=int, default=0, help="only the adaptive attacker on N slices per budget, against OUT/calibration.json")
     parser.add_argument("--keyed", type=int, default=0, help="only the site-keyed detector: clean FPR, and the adaptive attacker on N slices per budget")
+    parser.add_argument("--confirm", type=int, default=0, help="only the deployed statistic on fresh slices of this seed, at OUT/calibration.json")
     parser.add_argument("--rescore", action="store_true", help="only the tables again, every statistic, from OUT/union.json's per-slice scores (no network)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,6 +85,9 @@ def main() -> None:
     if args.keyed:
         keyed_phase(args)
         return
+    if args.confirm:
+        confirm_phase(args)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     model, manifest = load_model(None)
     calib_scores, protocol = scores_from_simulation(args.clean, model, manifest, seed=101)
@@ -86,7 +95,7 @@ def main() -> None:
     cals = {(s, f): build_calibration(calib_scores, protocol, manifest, detector, s, f) for s in STATISTICS for f in (0.01, 0.05)}
     cals[(args.statistic, 0.01)].save(args.out / "calibration.json")
 
-    items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=202)]
+    items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=args.test_seed)]
     clean = [observe(model, detector, it)[0] for it in tqdm(items, desc="clean test")]
     clean_scores = [DetectionScores(**o.scores) for o in clean]
     results: dict[str, Any] = {
@@ -130,10 +139,10 @@ def calibration_summary(cals: dict[tuple[str, float], Calibration], clean_scores
 
 
 def attack_entry(cals: dict[tuple[str, float], Calibration], clean_scores: list[DetectionScores], scores: list[DetectionScores], damage: list[float]) -> dict[str, Any]:
-    """One attack's row: mean damage, AUC and TPR at 1 % and 5 % FPR of every statistic,
-    overall and on the slices that lose >= 3 dB."""
+    """One attack's row: mean damage, AUC and TPR at 1 % and 5 % FPR of every calibrated
+    statistic, overall and on the slices that lose >= 3 dB."""
     entry: dict[str, Any] = {"damage_db": float(np.mean(damage)), "damaging_3db": int(sum(d >= 3 for d in damage)), "auc": {}, "tpr": {}, "tpr_damaging_3db": {}}
-    for s in STATISTICS:
+    for s in dict.fromkeys(s for s, _ in cals):
         cal = cals[(s, 0.01)]
         entry["auc"][s] = auc(_values(cal, clean_scores), _values(cal, scores))
         for f in (0.01, 0.05):
@@ -151,6 +160,11 @@ def _stored(record: dict[str, Any]) -> DetectionScores:
     return DetectionScores(nan, nan, nan, nan, nan, **{k: record.get(k) for k in COMPONENTS})
 
 
+def _stored_statistics(record: dict[str, Any]) -> list[str]:
+    """The statistics whose components a stored record holds (``null_shift`` from session 8 on)."""
+    return [s for s in STATISTICS if all(k in record for k in COMBINED_STATISTICS.get(s, (s,)))]
+
+
 def rescore(args: argparse.Namespace) -> None:
     """Every statistic's tables from the per-slice component scores a run stored (for a
     combination added after it): the product's calibration code on the stored calibration
@@ -163,7 +177,8 @@ def rescore(args: argparse.Namespace) -> None:
     protocol = ProtocolKey(tuple(stored["matrix"]), stored["coils"], stored["mask_kind"], stored["acceleration"], stored["acs_lines"])
     calib = [_stored(r) for r in results["calibration_scores"]]
     clean_scores = [_stored(r) for r in results["clean_scores"]]
-    cals = {(s, f): build_calibration(calib, protocol, manifest, detector, s, f) for s in STATISTICS for f in (0.01, 0.05)}
+    names = _stored_statistics(results["calibration_scores"][0])
+    cals = {(s, f): build_calibration(calib, protocol, manifest, detector, s, f) for s in names for f in (0.01, 0.05)}
     results.update(calibration_summary(cals, clean_scores))
     for label, old in results["attacks"].items():
         damage = [r["damage_db"] for r in old["scores"]]
@@ -195,6 +210,52 @@ def adaptive_phase(args: argparse.Namespace) -> None:
     results["adaptive"] = {"rows": rows, "max_unflagged_damage_db": max(unflagged) if unflagged else None, "flagged_rate": float(np.mean([r["flagged"] for r in rows]))}
     path.write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out / "union.md")
+
+
+def confirm_phase(args: argparse.Namespace) -> None:
+    """The deployed statistic alone on fresh slices: a clean test set and attacked copies of
+    its first slices drawn with another seed (``--confirm SEED``), scored with only the
+    passes the statistic needs at the calibration this benchmark made. A check that the
+    tables' figures are not an accident of the slices a statistic was chosen on."""
+    model, manifest = load_model(None)
+    detector = detector_for(model, manifest)
+    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of(args.statistic, detector))
+    items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=args.confirm)]
+
+    def scored(item: Any, y: torch.Tensor) -> tuple[float, float]:
+        with torch.no_grad():
+            x1 = model(item.op.adjoint(y), item.op)
+        return cal.score_of(detector.score_for(args.statistic, item.op, y, x1, item.sigma)), psnr(x1, item)
+
+    clean = [scored(it, it.y) for it in tqdm(items, desc=f"clean (seed {args.confirm})")]
+    clean_values = [v for v, _ in clean]
+    results: dict[str, Any] = {
+        "statistic": args.statistic, "seed": args.confirm, "threshold": cal.threshold, "clean_slices": len(clean),
+        "clean_fpr": float(np.mean([cal.flags(v) for v in clean_values])), "attacks": {},
+    }
+    for name, budget, unit in ATTACKS:
+        label = f"{name} {budget:g} {unit}"
+        rows = []
+        for i, item in enumerate(tqdm(items[: args.attacked], desc=label)):
+            value, attacked_psnr = scored(item, attack(name, budget, model, item, detector, 0.0, args.statistic, seed=1000 + i)["y"])
+            rows.append({"damage_db": clean[i][1] - attacked_psnr, "score": value, "flagged": cal.flags(value)})
+        hits = [r["flagged"] for r in rows if r["damage_db"] >= 3]
+        results["attacks"][label] = {
+            "damage_db": float(np.mean([r["damage_db"] for r in rows])), "auc": auc(clean_values, [r["score"] for r in rows]),
+            "tpr": float(np.mean([r["flagged"] for r in rows])), "damaging_3db": len(hits), "tpr_damaging_3db": float(np.mean(hits)) if hits else None, "rows": rows,
+        }
+    stem = args.out / f"confirm_{args.confirm}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    lines = [
+        f"{args.statistic} at the calibration of {args.out / 'calibration.json'} (threshold {cal.threshold:.4g}), fresh slices (seed {args.confirm}): "
+        f"clean FPR {results['clean_fpr']:.3f} on {len(clean)} slices.", "",
+        "| attack (budget) | damage dB | AUC | TPR | n >= 3 dB | TPR on >= 3 dB |", "|---|---|---|---|---|---|",
+    ]
+    for label, e in results["attacks"].items():
+        hit = e["tpr_damaging_3db"]
+        lines.append(f"| {label} | {e['damage_db']:.2f} | {e['auc']:.3f} | {e['tpr']:.2f} | {e['damaging_3db']} | {'n/a' if hit is None else f'{hit:.2f}'} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 KEY = b"benchmark site key"  # any secret the attacker does not have

@@ -182,9 +182,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if bool(args.raw) == bool(args.simulate):
         raise ValueError("give clean raw files or --simulate N (not both)")
     if args.raw:
-        scores, protocol = scores_from_raw([Path(p) for p in args.raw], model, manifest)
+        scores, protocol = scores_from_raw([Path(p) for p in args.raw], model, manifest, statistic=args.statistic)
     else:
-        scores, protocol = scores_from_simulation(args.simulate, model, manifest, seed=args.seed)
+        scores, protocol = scores_from_simulation(args.simulate, model, manifest, seed=args.seed, statistic=args.statistic)
     detector = detector_for(model, manifest, protocol.acs_lines)
     calibration = build_calibration(scores, protocol, manifest, detector, args.statistic, args.fpr)
     out = Path(args.output) if args.output else default_calibration_path(manifest)
@@ -289,12 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     cal.add_argument(
         "--statistic",
-        default="holdout_shift_spike_union",
+        default="shift_null_spike_union",
         choices=[
-            "holdout_shift_spike_union", "shift_spike_union", "holdout_shift_union", "holdout_union", "holdout_noise", "holdout_sensitive", "prior_shift",
-            "dc_spike", "cyclic_noise", "cyclic", "cycle_image", "dc", "dc_noise",
+            "shift_null_spike_union", "holdout_shift_spike_union", "shift_spike_union", "holdout_shift_union", "holdout_union", "holdout_noise", "holdout_sensitive", "prior_shift",
+            "null_shift", "dc_spike", "cyclic_noise", "cyclic", "cycle_image", "dc", "dc_noise",
         ],
-        help="detection statistic (default holdout_shift_spike_union; see recon/detect/cyclic.py)",
+        help="detection statistic (default shift_null_spike_union; see recon/detect/cyclic.py)",
     )
     cal.add_argument("--weights", type=Path, default=None)
     cal.add_argument("-o", "--output", help="calibration JSON (default: beside the weights)")

@@ -103,7 +103,8 @@ class MitigationSettings:
 
     ``correct`` (the default, :func:`recon.mitigate.prior.mitigate_correct`): when the
     received image's ``prior_shift`` exceeds its calibrated clean threshold (the gate; needs
-    a calibration with ``prior_shift``: ``holdout_shift_spike_union``, ``holdout_shift_union`` or ``prior_shift``), correct
+    a calibration with ``prior_shift``: the deployed ``shift_null_spike_union``, any other combination holding it,
+    or ``prior_shift``), correct
     the measured lines by at most ``correct_radius`` noise norms until the shift falls to
     ``correct_stop`` times the gate, in at most ``correct_steps`` descent steps, and ship the
     corrected data's image at the detector's prior weight; refused when the shift stays
@@ -345,7 +346,7 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
     if gate is None:
         reason = (
             f"{checked.reason}; {settings.method} mitigation needs a calibration with prior_shift "
-            f"(this one is {defense.calibration.detector.statistic}; cycguard calibrate --statistic holdout_shift_spike_union): "
+            f"(this one is {defense.calibration.detector.statistic}; cycguard calibrate --statistic shift_null_spike_union): "
             "the original image ships"
         )
         return MitigationOutcome(image, "flagged", None, reason, 0.0, 0)

@@ -60,6 +60,24 @@ def test_calibrate_from_clean_raw_files_and_use_it(tmp_path: Path) -> None:
     assert len(verdicts) == 4 and set(verdicts) <= {"clean", "flagged", "mitigated"}
 
 
+def test_calibrating_one_statistic_scores_only_what_it_needs() -> None:
+    """``cycguard calibrate --statistic S`` scores the clean slices with S's passes only (the
+    deployed statistic: no folds), and the components come out as the full scoring's."""
+    from recon.calibrate import DEFAULT_STATISTIC, scores_from_raw
+    from recon.data.demo import DEMO_RAW
+    from recon.detect.cyclic import COMBINED_STATISTICS
+    from recon.models.weights import load_model
+
+    model, manifest = load_model()
+    full, protocol = scores_from_raw([DEMO_RAW], model, manifest, progress=False)
+    only, same = scores_from_raw([DEMO_RAW], model, manifest, progress=False, statistic=DEFAULT_STATISTIC)
+    assert same == protocol and len(only) == len(full) == 4
+    assert all(s.holdout_noise is None for s in only) and all(s.holdout_noise is not None for s in full)
+    for a, b in zip(only, full, strict=True):
+        for name in COMBINED_STATISTICS[DEFAULT_STATISTIC]:
+            assert a.get(name) == pytest.approx(b.get(name), rel=1e-5)
+
+
 def test_a_calibration_for_another_protocol_is_refused(small_raw: tuple, tmp_path: Path) -> None:
     from recon.models.weights import DEFAULT_WEIGHTS
 

@@ -398,6 +398,47 @@ def test_dc_spike_sees_an_impulse_not_noise(setup: tuple) -> None:
     assert torch.isfinite(grad).all() and float(grad.abs().max()) > 0
 
 
+def test_null_shift_is_where_the_prior_shift_lies_in_k_space(setup: tuple) -> None:
+    """``null_shift``: the shift's coil k-space on the lines not acquired over its norm on the
+    acquired lines outside the ACS block; from ``prior_shift``'s pass (no extra one),
+    independent of the shift's size, differentiable."""
+    from recon.detect.cyclic import null_share, shift_of
+    from recon.physics.fft import fft2c, ifft2c
+
+    model, op, y, x_zf = setup
+    detector = CyclicDetector(model, FAMILY, prior_gain=4.0)
+    x1 = model(x_zf, op)
+    scores = detector.score_for("shift_null_spike_union", op, y, x1, 0.01)
+    assert scores.holdout_noise is None  # no folds
+    moved = model(x_zf, op, prior_gain=4.0) - x1
+    k = op.fully_sampled().forward(moved)[0]  # type: ignore[attr-defined]
+    acquired = op.mask[0].bool()  # type: ignore[attr-defined]
+    outer = acquired & ~torch.from_numpy(FAMILY.acs_mask(acquired.shape[0]))
+    expected = torch.linalg.vector_norm(k[:, ~acquired]) / torch.linalg.vector_norm(k[:, outer])
+    assert scores.get("null_shift") == pytest.approx(float(expected), rel=1e-5)
+    assert detector.passes("shift_null_spike_union") == detector.passes("prior_shift") == detector.passes("null_shift")
+    assert float(null_share(op, 7.0 * moved, torch.from_numpy(FAMILY.acs_mask(acquired.shape[0])))) == pytest.approx(scores.null_shift, rel=1e-5)
+    # a move made only of unacquired lines is almost all "null"; one made of acquired ones is not
+    spectrum = fft2c(x1)
+    rows = torch.zeros_like(acquired)
+    rows[~acquired] = True
+    acs = torch.from_numpy(FAMILY.acs_mask(acquired.shape[0]))
+    in_null = ifft2c(spectrum * rows[None, :, None])
+    on_lines = ifft2c(spectrum * (acquired & ~acs)[None, :, None])
+    assert float(null_share(op, in_null, acs)) > 5 * float(null_share(op, on_lines, acs))  # coil maps spread a line a little
+    y_var = y.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(null_share(op, shift_of(model, op, y_var, model(op.adjoint(y_var), op), 4.0), acs), y_var)
+    assert torch.isfinite(grad).all() and float(grad.abs().max()) > 0
+    from recon.pipeline import prior_gate
+
+    key = DetectorKey.of("shift_null_spike_union", detector)
+    rng = np.random.default_rng(2)
+    parts = {"prior_shift": rng.gamma(3.0, 0.2, 199), "null_shift": rng.gamma(9.0, 0.3, 199), "dc_spike": rng.gamma(5.0, 1.5, 199)}
+    cal = calibrate_combined(parts, 0.05, "ab" * 32, PROTOCOL, key)
+    assert [name for name, _ in cal.scales] == ["prior_shift", "null_shift", "dc_spike"]
+    assert prior_gate(cal) == dict(cal.scales)["prior_shift"]  # the mitigation's gate stays prior_shift's clean threshold
+
+
 def test_shift_union_calibration_has_three_components(tmp_path: Path, setup: tuple) -> None:
     detector = CyclicDetector(setup[0], FAMILY, folds=3, directions=2, power_iterations=1)
     key = DetectorKey.of("holdout_shift_union", detector)
@@ -423,7 +464,8 @@ def test_adaptive_attack_against_the_shift_union_stays_in_budget(setup: tuple) -
     detector = CyclicDetector(model, FAMILY, folds=3, directions=2, power_iterations=1)
     eps = 0.05 * float(torch.linalg.vector_norm(y))
     scales = {"holdout_noise": 1.0, "holdout_sensitive": 1.0, "prior_shift": 1.0}
-    for statistic, extra in (("holdout_shift_union", {"scales": scales}), ("prior_shift", {})):
+    null = {"prior_shift": 1.0, "null_shift": 1.0, "dc_spike": 1.0}
+    for statistic, extra in (("holdout_shift_union", {"scales": scales}), ("shift_null_spike_union", {"scales": null}), ("prior_shift", {})):
         attacked = adaptive_kspace_l2(model, op, y, eps, detector, statistic, 1e9, _gen(5), steps=2, noise_sigma=0.01, **extra)
         delta = attacked - y
         assert 0.5 * eps < float(torch.linalg.vector_norm(delta)) <= eps * (1 + 1e-4)

@@ -14,6 +14,7 @@ from recon.detect.cyclic import (
     DATA_ONLY_STATISTICS,
     FOLD_STATISTICS,
     RESIDUAL_STATISTICS,
+    SENSITIVE_STATISTICS,
     SHIFT_STATISTICS,
     CyclicDetector,
     scaled_maximum,
@@ -27,7 +28,9 @@ def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, sta
     if statistic in RESIDUAL_STATISTICS:
         return statistic_tensor(statistic, op, y, x1, None, None, noise_sigma)
     if statistic in COMBINED_STATISTICS:  # the largest component over its scale
-        values = detector.data_statistics(op, y, noise_sigma, x1=x1, shift=statistic in SHIFT_STATISTICS)
+        values = detector.data_statistics(
+            op, y, noise_sigma, sensitive=statistic in SENSITIVE_STATISTICS, x1=x1, folds=statistic in FOLD_STATISTICS, shift=statistic in SHIFT_STATISTICS,
+        )
         parts = []
         for name in COMBINED_STATISTICS[statistic]:
             part = statistic_tensor(name, op, y, x1, None, None, noise_sigma) if name in RESIDUAL_STATISTICS else values[name]
