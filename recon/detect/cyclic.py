@@ -437,7 +437,7 @@ class CyclicDetector:
     ) -> dict[str, Tensor | None]:
         """The data-only statistics: ``holdout_noise`` and (with ``sensitive``)
         ``holdout_sensitive`` from one set of fold predictions (with ``folds``), and
-        ``prior_shift`` (with ``shift``; needs ``x1``). Differentiable in ``y`` and ``x1``
+        ``prior_shift`` and ``null_shift`` from one pass (with ``shift``; needs ``x1``). Differentiable in ``y`` and ``x1``
         (the directions are held fixed). ``x1``, the network's image of ``y``, saves the
         directions a pass."""
         values: dict[str, Tensor | None] = {"holdout_noise": None, "holdout_sensitive": None, "prior_shift": None, "null_shift": None}
