@@ -187,13 +187,20 @@ def rescore(args: argparse.Namespace) -> None:
     write_markdown(results, args.out / "union.md")
 
 
+def _run_calibration(args: argparse.Namespace, direction_key: bytes | None = None) -> tuple[Any, Any, Any, Calibration]:
+    """The model, its manifest, the detector (keyed when asked) and the calibration the
+    benchmark's first run wrote to OUT/calibration.json, checked against them."""
+    model, manifest = load_model(None)
+    detector = detector_for(model, manifest, direction_key=direction_key)
+    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of(args.statistic, detector))
+    return model, manifest, detector, cal
+
+
 def adaptive_phase(args: argparse.Namespace) -> None:
     """The adaptive attacker (PGD that keeps the union under 0.9x its threshold, gradients
     through both components) against the calibration this benchmark made."""
-    model, manifest = load_model(None)
-    detector = detector_for(model, manifest)
-    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
-    cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of(args.statistic, detector))
+    model, manifest, detector, cal = _run_calibration(args)
     victims = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=202)][: args.adaptive]
     clean = [observe(model, detector, it)[0] for it in victims]
     rows = []
@@ -217,10 +224,7 @@ def confirm_phase(args: argparse.Namespace) -> None:
     its first slices drawn with another seed (``--confirm SEED``), scored with only the
     passes the statistic needs at the calibration this benchmark made. A check that the
     tables' figures are not an accident of the slices a statistic was chosen on."""
-    model, manifest = load_model(None)
-    detector = detector_for(model, manifest)
-    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
-    cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of(args.statistic, detector))
+    model, manifest, detector, cal = _run_calibration(args)
     items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=args.confirm)]
 
     def scored(item: Any, y: torch.Tensor) -> tuple[float, float]:
@@ -265,10 +269,7 @@ def keyed_phase(args: argparse.Namespace) -> None:
     """A detector keyed by a site secret against the calibration this benchmark made (with
     the public seed): clean FPR on the same clean test slices, and the adaptive attacker who
     has everything but the key, plain (public seed) and with fresh random starts per step."""
-    model, manifest = load_model(None)
-    keyed = detector_for(model, manifest, direction_key=KEY)
-    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
-    cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of(args.statistic, keyed))
+    model, manifest, keyed, cal = _run_calibration(args, KEY)
     items = [to_item(s) for s in simulated_slices("heldout", args.clean, keyed.family, manifest.coils, seed=202)]
     clean = [observe(model, keyed, it)[0] for it in tqdm(items, desc="clean test, keyed")]  # the victims' clean PSNR too
     clean_scores = [cal.score_of(DetectionScores(**o.scores)) for o in clean]

@@ -12,10 +12,7 @@ from recon.attacks.kspace import l2_start, l2_step
 from recon.detect.cyclic import (
     COMBINED_STATISTICS,
     DATA_ONLY_STATISTICS,
-    FOLD_STATISTICS,
     RESIDUAL_STATISTICS,
-    SENSITIVE_STATISTICS,
-    SHIFT_STATISTICS,
     CyclicDetector,
     scaled_maximum,
     statistic_tensor,
@@ -28,9 +25,7 @@ def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, sta
     if statistic in RESIDUAL_STATISTICS:
         return statistic_tensor(statistic, op, y, x1, None, None, noise_sigma)
     if statistic in COMBINED_STATISTICS:  # the largest component over its scale
-        values = detector.data_statistics(
-            op, y, noise_sigma, sensitive=statistic in SENSITIVE_STATISTICS, x1=x1, folds=statistic in FOLD_STATISTICS, shift=statistic in SHIFT_STATISTICS,
-        )
+        values = detector.data_statistics_for(statistic, op, y, x1, noise_sigma)
         parts = []
         for name in COMBINED_STATISTICS[statistic]:
             part = statistic_tensor(name, op, y, x1, None, None, noise_sigma) if name in RESIDUAL_STATISTICS else values[name]
@@ -38,10 +33,7 @@ def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, sta
             parts.append(part / scales[name])
         return torch.stack(parts).max()
     if statistic in DATA_ONLY_STATISTICS:  # the sensitive directions held fixed at this iterate
-        value = detector.data_statistics(
-            op, y, noise_sigma, sensitive=statistic == "holdout_sensitive", x1=x1,
-            folds=statistic in FOLD_STATISTICS, shift=statistic in SHIFT_STATISTICS,
-        )[statistic]
+        value = detector.data_statistics_for(statistic, op, y, x1, noise_sigma)[statistic]
         assert value is not None
         return value
     cycle = detector.cycle(op, y.detach(), x1.detach())

@@ -457,6 +457,14 @@ class CyclicDetector:
             values["null_shift"] = null_share(op, moved, acs)
         return values
 
+    def data_statistics_for(self, statistic: str, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float) -> dict[str, Tensor | None]:
+        """:meth:`data_statistics` with exactly the folds, directions and shift pass that
+        ``statistic`` (or a combination) needs; differentiable (the adaptive attacker's)."""
+        return self.data_statistics(
+            op, y, noise_sigma, sensitive=statistic in SENSITIVE_STATISTICS, x1=x1, folds=statistic in FOLD_STATISTICS,
+            shift=statistic in SHIFT_STATISTICS,
+        )
+
     def passes(self, statistic: str) -> int:
         """Single-slice network evaluations (forward and backward alike) to score ``statistic``."""
         count = self.alternatives
