@@ -247,7 +247,7 @@ def main() -> None:
     (args.out / "defense.json").write_text(json.dumps(results, indent=1))
 
     # 4. mitigation on damaging attacks and on clean slices
-    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, prior_gate_of(detector, manifest, args))
+    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, *prior_gate_of(detector, manifest, args))
     (args.out / "defense.json").write_text(json.dumps(results, indent=1))
     plot_roc(roc_data, args.out / "defense_roc.png", args.statistic)
     plot_damage(results, args.out / "defense_damage.png")
@@ -262,20 +262,21 @@ def mitigation_only(args: argparse.Namespace) -> None:
     test_items = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=202)]
     victims = test_items[: args.mitigated]
     clean = [observe(model, detector, it)[0] for it in victims]
-    gate = prior_gate_of(detector, manifest, args)
+    gate, null_gate = prior_gate_of(detector, manifest, args)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "defense.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, gate)
-    results["prior_on_clean"] = prior_on_clean(model, detector, test_items, gate)
+    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, gate, null_gate)
+    results["prior_on_clean"] = prior_on_clean(model, detector, test_items, gate, null_gate)
     path.write_text(json.dumps(results, indent=1))
     (args.out / "mitigation.md").write_text("\n".join(mitigation_markdown(results)) + "\n")
     if "attacks" in results:  # a full run's figures are there: the tables again, with this mitigation
         write_markdown(results, args.out / "defense.md", args.statistic)
 
 
-def prior_gate_of(detector: CyclicDetector, manifest: Any, args: argparse.Namespace) -> float:
-    """The clean threshold of ``prior_shift`` in the calibration (checked against this model)."""
+def prior_gate_of(detector: CyclicDetector, manifest: Any, args: argparse.Namespace) -> tuple[float, float | None]:
+    """The clean thresholds of ``prior_shift`` and (``None`` when it holds none) ``null_shift``
+    in the calibration (checked against this model)."""
     from recon.calibrate import calibration_statistic, default_calibration_path
     from recon.detect.calibration import Calibration
     from recon.pipeline import prior_gate
@@ -286,18 +287,26 @@ def prior_gate_of(detector: CyclicDetector, manifest: Any, args: argparse.Namesp
     gate = prior_gate(cal)
     if gate is None:
         raise SystemExit(f"{path}: calibration of {cal.detector.statistic} holds no prior_shift threshold; the prior mitigation needs one")
-    return gate
+    return gate, dict(cal.scales).get("null_shift")
 
 
-def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], gate: float) -> dict[str, Any]:
+def _null_gate(detector: CyclicDetector, item: Item, null_gate: float | None) -> Any:
+    """The data correction's ``null_shift`` gate for one slice (``None`` without a threshold)."""
+    from recon.mitigate.prior import NullGate
+
+    return None if null_gate is None else NullGate(null_gate, torch.from_numpy(detector.family.acs_mask(item.op.mask.shape[-1])))
+
+
+def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], gate: float, null_gate: float | None = None) -> dict[str, Any]:
     """Every clean test slice pushed through the gated prior mitigation (a false positive's
-    fate): how many the gate lets through and the PSNR change of what ships."""
+    fate): how many the gate lets through and the PSNR change of what ships; likewise the
+    data correction, and with ``null_gate`` the correction that also weighs ``null_shift``."""
     from recon.mitigate.prior import mitigate_correct, mitigate_prior
     from recon.pipeline import MitigationSettings
 
     settings = MitigationSettings()
     gain = settings.prior_gain
-    changes, accepted, raw, corrected, corrected_accepted = [], 0, [], [], 0
+    changes, accepted, raw, corrected, corrected_accepted, nulled, nulled_accepted = [], 0, [], [], 0, [], 0
     for item in tqdm(items, desc="clean through the gated mitigations"):
         with torch.no_grad():
             x1 = model(item.x_zf, item.op)
@@ -313,7 +322,20 @@ def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], gate
         )
         corrected_accepted += correct.accepted
         corrected.append((psnr(correct.image, item) if correct.image is not None else base) - base)
-    return {
+        if null_gate is not None:
+            null = mitigate_correct(
+                model, item.op, item.y, x1, item.sigma, gate, detector.prior_gain, settings.correct_stop * gate,
+                settings.correct_radius, settings.correct_steps, null=_null_gate(detector, item, null_gate),
+            )
+            nulled_accepted += null.accepted
+            nulled.append((psnr(null.image, item) if null.image is not None else base) - base)
+    extra = {}
+    if nulled:
+        extra = {
+            "null_gate": null_gate, "null_accepted": nulled_accepted, "null_change_db_mean": float(np.mean(nulled)), "null_change_db_min": float(np.min(nulled)),
+            "null_rewritten_change_db": [c for c in nulled if c != 0.0],
+        }
+    return extra | {
         "slices": len(items), "gate": gate, "gain": gain, "accepted": accepted,
         "shipped_change_db_mean": float(np.mean(changes)), "shipped_change_db_min": float(np.min(changes)),
         "raw_change_db_mean": float(np.mean(raw)),
@@ -360,9 +382,13 @@ def image_domain_phase(args: argparse.Namespace) -> None:
     write_markdown(results, args.out / "defense.md", args.statistic)
 
 
-def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, gate: float) -> dict[str, Any]:
+def mitigation_phase(
+    model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, gate: float, null_gate: float | None = None
+) -> dict[str, Any]:
     """Every mitigation and baseline on attacked and clean victims; ``gate``: the prior
-    mitigation's clean threshold of ``prior_shift`` (:func:`prior_gate_of`)."""
+    mitigation's clean threshold of ``prior_shift``, ``null_gate`` ``null_shift``'s
+    (:func:`prior_gate_of`; the ``null`` columns, the product's default data correction,
+    only with it)."""
     from recon.mitigate.prior import correct_data, mitigate_correct, mitigate_prior
     from recon.pipeline import MitigationSettings, safeguard, safeguard_statistic
 
@@ -409,12 +435,26 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
             correct = mitigate_correct(model, item.op, y_in, x1, item.sigma, gate, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps)
             row["correct_seconds"], row["correct_passes"] = time.perf_counter() - t0, correct.network_passes
             if correct.image is None:
-                raw_image = correct_data(model, item.op, y_in, item.sigma, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps)[2]
+                raw_image = correct_data(model, item.op, y_in, item.sigma, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps).image
                 row["correct"] = psnr(raw_image, item)
             else:
                 row["correct"] = psnr(correct.image, item)
             row["correct_accepted"] = float(correct.accepted)
             row["correct_shipped"] = psnr(correct.image if correct.image is not None else x1, item)
+            shipped = correct.image if correct.image is not None else x1
+            if null_gate is not None:  # the correction that also weighs null_shift (the product's default with such a calibration)
+                null = _null_gate(detector, item, null_gate)
+                t0 = time.perf_counter()
+                nulled = mitigate_correct(model, item.op, y_in, x1, item.sigma, gate, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps, null=null)
+                row["null_seconds"], row["null_passes"] = time.perf_counter() - t0, nulled.network_passes
+                if nulled.image is None:
+                    raw_image = correct_data(model, item.op, y_in, item.sigma, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps, null).image
+                    row["null"] = psnr(raw_image, item)
+                else:
+                    row["null"] = psnr(nulled.image, item)
+                row["null_accepted"] = float(nulled.accepted)
+                row["null_shipped"] = psnr(nulled.image if nulled.image is not None else x1, item)
+                shipped = nulled.image if nulled.image is not None else x1
             if i < args.faithful:
                 x_rx = item.op.adjoint(y_in) if x_in is None else x_in
                 t0 = time.perf_counter()
@@ -426,20 +466,23 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
                 row["cg_sense"] = psnr(cg_sense(item.op, y_in), item)
             rows.append(row)
             if i == 0:
-                shipped = correct.image if correct.image is not None else x1
                 montage_rows.append((case, x1[0].numpy(), shipped[0].numpy()))
         summary = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if not k.endswith("_passes")}
         summary["faithful_passes"] = float(np.mean([r["faithful_passes"] for r in rows if "faithful_passes" in r])) if any("faithful_passes" in r for r in rows) else None
         summary["ours_passes"] = float(np.mean([r["ours_passes"] for r in rows]))
         summary["prior_passes"] = float(np.mean([r["prior_passes"] for r in rows]))
         summary["correct_passes"] = float(np.mean([r["correct_passes"] for r in rows]))
+        if "null_passes" in rows[0]:
+            summary["null_passes"] = float(np.mean([r["null_passes"] for r in rows]))
         loss = summary["clean"] - summary["attacked"]
-        for method in ("ours", "ours_shipped", "prior", "prior_shipped", "correct", "correct_shipped", "faithful", "range_projection", "smoothing", "cg_sense"):
+        for method in ("ours", "ours_shipped", "prior", "prior_shipped", "correct", "correct_shipped", "null", "null_shipped", "faithful", "range_projection", "smoothing", "cg_sense"):
             if method in summary and loss > 0.5:
                 summary[f"{method}_recovered"] = (summary[method] - summary["attacked"]) / loss
         damaging = [r for r in rows if r["clean"] - r["attacked"] >= 3]  # the target's cases: attacks costing >= 3 dB
         if damaging and name != "none":
-            for method in ("correct", "correct_shipped", "prior", "prior_shipped", "ours_shipped"):
+            for method in ("correct", "correct_shipped", "null", "null_shipped", "prior", "prior_shipped", "ours_shipped"):
+                if method not in damaging[0]:
+                    continue
                 summary[f"{method}_recovered_3db"] = float(np.mean([(r[method] - r["attacked"]) / (r["clean"] - r["attacked"]) for r in damaging]))
             summary["damaging_3db"] = len(damaging)
         out[case] = {"summary": summary, "rows": rows}
@@ -511,26 +554,26 @@ def _formatter(summary: dict[str, Any]) -> Any:
 def mitigation_markdown(results: dict[str, Any]) -> list[str]:
     """The mitigation tables (PSNR dB means; recovered = share of the attack's loss)."""
     lines = [
-        "| mitigation case | clean | attacked | correct | correct shipped (gate) | accepted | prior | prior shipped (gate) | accepted | cyclic (ours) | cyclic shipped (safeguard) | accepted | faithful | range proj. | smoothing | CG-SENSE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mitigation case | clean | attacked | correct + null | correct + null shipped (gates) | accepted | correct | correct shipped (gate) | accepted | prior | prior shipped (gate) | accepted | cyclic (ours) | cyclic shipped (safeguard) | accepted | faithful | range proj. | smoothing | CG-SENSE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mitigation = results.get("mitigation", {})
     for case, m in mitigation.items():
         f = _formatter(m["summary"])
         lines.append(
-            f"| {case} | {f('clean')} | {f('attacked')} | {f('correct')} | {f('correct_shipped')} | {f('correct_accepted')} | {f('prior')} | {f('prior_shipped')} | {f('prior_accepted')} | {f('ours')} | {f('ours_shipped')} | "
+            f"| {case} | {f('clean')} | {f('attacked')} | {f('null')} | {f('null_shipped')} | {f('null_accepted')} | {f('correct')} | {f('correct_shipped')} | {f('correct_accepted')} | {f('prior')} | {f('prior_shipped')} | {f('prior_accepted')} | {f('ours')} | {f('ours_shipped')} | "
             f"{f('ours_accepted')} | {f('faithful')} | {f('range_projection')} | {f('smoothing')} | {f('cg_sense')} |"
         )
     lines += [
         "",
-        "| mitigation case | recovered: correct / correct shipped / prior / prior shipped / cyclic / cyclic shipped / faithful / range proj. / smoothing / CG-SENSE | on slices losing >= 3 dB: correct / correct shipped / prior / prior shipped / cyclic shipped (n) | passes correct / prior / cyclic / faithful |",
+        "| mitigation case | recovered: correct + null / shipped / correct / correct shipped / prior / prior shipped / cyclic / cyclic shipped / faithful / range proj. / smoothing / CG-SENSE | on slices losing >= 3 dB: correct + null / shipped / correct / correct shipped / prior / prior shipped / cyclic shipped (n) | passes correct + null / correct / prior / cyclic / faithful |",
         "|---|---|---|---|",
     ]
     for case, m in mitigation.items():
         f = _formatter(m["summary"])
-        shares = " / ".join(f(f"{k}_recovered") for k in ("correct", "correct_shipped", "prior", "prior_shipped", "ours", "ours_shipped", "faithful", "range_projection", "smoothing", "cg_sense"))
-        damaging = " / ".join(f(f"{k}_recovered_3db") for k in ("correct", "correct_shipped", "prior", "prior_shipped", "ours_shipped")) + f" ({m['summary'].get('damaging_3db', 0)})"
-        lines.append(f"| {case} | {shares} | {damaging} | {f('correct_passes')} / {f('prior_passes')} / {f('ours_passes')} / {f('faithful_passes')} |")
+        shares = " / ".join(f(f"{k}_recovered") for k in ("null", "null_shipped", "correct", "correct_shipped", "prior", "prior_shipped", "ours", "ours_shipped", "faithful", "range_projection", "smoothing", "cg_sense"))
+        damaging = " / ".join(f(f"{k}_recovered_3db") for k in ("null", "null_shipped", "correct", "correct_shipped", "prior", "prior_shipped", "ours_shipped")) + f" ({m['summary'].get('damaging_3db', 0)})"
+        lines.append(f"| {case} | {shares} | {damaging} | {f('null_passes')} / {f('correct_passes')} / {f('prior_passes')} / {f('ours_passes')} / {f('faithful_passes')} |")
     c = results.get("prior_on_clean")
     if c:
         lines += [
@@ -543,6 +586,12 @@ def mitigation_markdown(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"Through the gated data correction: {c['correct_accepted']} of {c['slices']} rewritten; PSNR change of what ships mean "
                 f"{c['correct_change_db_mean']:+.3f} dB, worst {c['correct_change_db_min']:+.2f} dB."
+            )
+        if "null_accepted" in c:
+            lines.append(
+                f"Through the gated data correction with null_shift (gates: prior_shift > {c['gate']:.4g} or null_shift > {c['null_gate']:.4g}): "
+                f"{c['null_accepted']} of {c['slices']} rewritten; PSNR change of what ships mean {c['null_change_db_mean']:+.3f} dB, "
+                f"worst {c['null_change_db_min']:+.2f} dB (the rewritten: {', '.join(f'{v:+.2f}' for v in c['null_rewritten_change_db'])})."
             )
     return lines
 

@@ -1,5 +1,5 @@
 """Detection benchmark of the combined statistics (``holdout_union``, ``holdout_shift_union``, ``holdout_shift_spike_union``,
-``shift_spike_union``, ``shift_null_spike_union``) and their components (``holdout_noise``, ``holdout_sensitive``,
+``shift_spike_union``, ``shift_null_spike_union``, ``null_spike_union``) and their components (``holdout_noise``, ``holdout_sensitive``,
 ``prior_shift``, ``dc_spike``, ``null_shift``).
 
 Usage: ``python -m benchmarks.detect_union [--clean 300] [--attacked 24] [--statistic S] [--test-seed 202] [--out benchmarks/results/union]``
@@ -48,8 +48,8 @@ from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores  # noqa: E4
 from recon.models.weights import load_model  # noqa: E402
 
 COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift")
-STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union", "shift_null_spike_union")
-DEPLOYABLE = ("shift_null_spike_union", "holdout_shift_spike_union", "holdout_shift_union", "holdout_union")
+STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union", "shift_null_spike_union", "null_spike_union")
+DEPLOYABLE = ("null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "holdout_shift_union", "holdout_union")
 ATTACKS: list[tuple[str, float, str]] = [
     ("kspace-l2", 0.3, "noise norms"),
     ("kspace-l2", 1.0, "noise norms"),
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--adaptive", type=int, default=0, help="only the adaptive attacker on N slices per budget, against OUT/calibration.json")
     parser.add_argument("--keyed", type=int, default=0, help="only the site-keyed detector: clean FPR, and the adaptive attacker on N slices per budget")
     parser.add_argument("--confirm", type=int, default=0, help="only the deployed statistic on fresh slices of this seed, at OUT/calibration.json")
+    parser.add_argument("--image-domain", action="store_true", help="only image-domain attacks against the shift statistics, clean slices through the same image path")
     parser.add_argument("--rescore", action="store_true", help="only the tables again, every statistic, from OUT/union.json's per-slice scores (no network)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,6 +88,9 @@ def main() -> None:
         return
     if args.confirm:
         confirm_phase(args)
+        return
+    if args.image_domain:
+        image_domain_phase(args)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     model, manifest = load_model(None)
@@ -211,10 +215,15 @@ def adaptive_phase(args: argparse.Namespace) -> None:
             obs = observe(model, detector, item, y=y)[0]
             value = cal.score_of(DetectionScores(**obs.scores))
             rows.append({"budget": budget, "damage_db": clean[i].psnr - obs.psnr, "score": value, "flagged": cal.flags(value)})
-    path = args.out / "union.json"
-    results = json.loads(path.read_text())
     unflagged = [r["damage_db"] for r in rows if not r["flagged"]]
-    results["adaptive"] = {"rows": rows, "max_unflagged_damage_db": max(unflagged) if unflagged else None, "flagged_rate": float(np.mean([r["flagged"] for r in rows]))}
+    adaptive = {"rows": rows, "max_unflagged_damage_db": max(unflagged) if unflagged else None, "flagged_rate": float(np.mean([r["flagged"] for r in rows]))}
+    path = args.out / "union.json"
+    if not path.exists():  # a calibration made apart (cycguard calibrate): the attacker's table alone
+        (args.out / "adaptive.json").write_text(json.dumps({"statistic": args.statistic, "threshold": cal.threshold, "adaptive": adaptive}, indent=1))
+        (args.out / "adaptive.md").write_text("\n".join([f"Adaptive attacker against {args.statistic} (threshold {cal.threshold:.4g}).", "", *_adaptive_lines(adaptive)]) + "\n")
+        return
+    results = json.loads(path.read_text())
+    results["adaptive"] = adaptive
     path.write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out / "union.md")
 
@@ -227,23 +236,27 @@ def confirm_phase(args: argparse.Namespace) -> None:
     model, manifest, detector, cal = _run_calibration(args)
     items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=args.confirm)]
 
-    def scored(item: Any, y: torch.Tensor) -> tuple[float, float]:
+    components = COMBINED_STATISTICS.get(args.statistic, (args.statistic,))
+
+    def scored(item: Any, y: torch.Tensor) -> tuple[float, float, dict[str, float]]:
         with torch.no_grad():
             x1 = model(item.op.adjoint(y), item.op)
-        return cal.score_of(detector.score_for(args.statistic, item.op, y, x1, item.sigma)), psnr(x1, item)
+        scores = detector.score_for(args.statistic, item.op, y, x1, item.sigma)
+        return cal.score_of(scores), psnr(x1, item), {name: scores.get(name) for name in components}
 
     clean = [scored(it, it.y) for it in tqdm(items, desc=f"clean (seed {args.confirm})")]
-    clean_values = [v for v, _ in clean]
+    clean_values = [v for v, _, _ in clean]
     results: dict[str, Any] = {
         "statistic": args.statistic, "seed": args.confirm, "threshold": cal.threshold, "clean_slices": len(clean),
         "clean_fpr": float(np.mean([cal.flags(v) for v in clean_values])), "attacks": {},
+        "clean_components": [c for _, _, c in clean],  # so that other scalings can be rescored
     }
     for name, budget, unit in ATTACKS:
         label = f"{name} {budget:g} {unit}"
         rows = []
         for i, item in enumerate(tqdm(items[: args.attacked], desc=label)):
-            value, attacked_psnr = scored(item, attack(name, budget, model, item, detector, 0.0, args.statistic, seed=1000 + i)["y"])
-            rows.append({"damage_db": clean[i][1] - attacked_psnr, "score": value, "flagged": cal.flags(value)})
+            value, attacked_psnr, parts = scored(item, attack(name, budget, model, item, detector, 0.0, args.statistic, seed=1000 + i)["y"])
+            rows.append({"damage_db": clean[i][1] - attacked_psnr, "score": value, "flagged": cal.flags(value), "components": parts})
         hits = [r["flagged"] for r in rows if r["damage_db"] >= 3]
         results["attacks"][label] = {
             "damage_db": float(np.mean([r["damage_db"] for r in rows])), "auc": auc(clean_values, [r["score"] for r in rows]),
@@ -260,6 +273,66 @@ def confirm_phase(args: argparse.Namespace) -> None:
         hit = e["tpr_damaging_3db"]
         lines.append(f"| {label} | {e['damage_db']:.2f} | {e['auc']:.3f} | {e['tpr']:.2f} | {e['damaging_3db']} | {'n/a' if hit is None else f'{hit:.2f}'} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+IMAGE_STATISTICS = ("prior_shift", "null_shift", "dc_spike", "shift_null_spike_union", "null_spike_union")
+
+
+def image_domain_phase(args: argparse.Namespace) -> None:
+    """The paper's threat model (l-inf PGD on the zero-filled image, ``benchmarks.defense``'s
+    ``image-linf``) against the shift statistics and their unions. An image has no measured
+    k-space: the detector scores it with the CG pseudo-inverse ``y(x)``, so the calibration
+    (seed 101) and clean test slices (``--test-seed``) take the same path
+    (``benchmarks.defense.image_domain_phase`` explains why). Only the shift pass and the
+    cycle's (no folds)."""
+    from recon.mitigate.cyclic import k_from_image
+
+    model, manifest = load_model(None)
+    detector = detector_for(model, manifest)
+    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+
+    def scored(item: Any, x: torch.Tensor) -> tuple[DetectionScores, float]:
+        with torch.no_grad():
+            x1 = model(x, item.op)
+            return detector.score_for("shift_null_spike_union", item.op, k_from_image(item.op, x), x1, item.sigma), psnr(x1, item)
+
+    def slices(seed: int) -> list[Any]:
+        return [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=seed)]
+
+    calib = [scored(it, it.x_zf)[0] for it in tqdm(slices(101), desc="clean calibration (image path)")]
+    test_items = slices(args.test_seed)
+    clean = [scored(it, it.x_zf) for it in tqdm(test_items, desc="clean test (image path)")]
+    cals = {s: build_calibration(calib, protocol, manifest, detector, s, 0.01) for s in IMAGE_STATISTICS}
+    results: dict[str, Any] = {
+        "clean_slices": len(clean), "test_seed": args.test_seed,
+        "clean_fpr": {s: float(np.mean([c.flags(c.score_of(o)) for o, _ in clean])) for s, c in cals.items()},
+        "budgets": {},
+    }
+    for budget in (0.001, 0.003, 0.01):
+        rows = []
+        for i, item in enumerate(tqdm(test_items[: args.attacked], desc=f"image-linf {budget:g}")):
+            adv = attack("image-linf", budget, model, item, detector, 0.0, args.statistic, seed=1000 + i)
+            score, attacked_psnr = scored(item, adv["x"])
+            rows.append((score, clean[i][1] - attacked_psnr))
+        damaging = [o for o, d in rows if d >= 3]
+        results["budgets"][f"{budget:g}"] = {
+            "damage_db": float(np.mean([d for _, d in rows])), "damaging_3db": len(damaging),
+            "auc": {s: auc([c.score_of(o) for o, _ in clean], [c.score_of(o) for o, _ in rows]) for s, c in cals.items()},
+            "tpr": {s: float(np.mean([c.flags(c.score_of(o)) for o, _ in rows])) for s, c in cals.items()},
+            "tpr_damaging_3db": {s: float(np.mean([c.flags(c.score_of(o)) for o in damaging])) if damaging else None for s, c in cals.items()},
+        }
+    (args.out / "image_domain.json").write_text(json.dumps(results, indent=1))
+    names = " / ".join(IMAGE_STATISTICS)
+    lines = [
+        f"Image-domain l-inf PGD, clean slices through the same image path (seed 101 calibration, seed {args.test_seed} test, {len(clean)} slices each).", "",
+        f"| l-inf budget x max|x_zf| | damage dB | n >= 3 dB | AUC {names} | TPR@1% {names} | TPR@1% on >= 3 dB {names} |", "|---|---|---|---|---|---|",
+    ]
+    for budget, e in results["budgets"].items():
+        cells = [" / ".join(f"{e['auc'][s]:.3f}" for s in IMAGE_STATISTICS), " / ".join(f"{e['tpr'][s]:.2f}" for s in IMAGE_STATISTICS)]
+        cells.append(" / ".join("n/a" if e["tpr_damaging_3db"][s] is None else f"{e['tpr_damaging_3db'][s]:.2f}" for s in IMAGE_STATISTICS))
+        lines.append(f"| {budget} | {e['damage_db']:.2f} | {e['damaging_3db']} | {' | '.join(cells)} |")
+    lines += ["", "Clean FPR (image path, 1 % target): " + ", ".join(f"{s} {v:.3f}" for s, v in results["clean_fpr"].items())]
+    (args.out / "image_domain.md").write_text("\n".join(lines) + "\n")
 
 
 KEY = b"benchmark site key"  # any secret the attacker does not have
@@ -311,9 +384,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines += [f"Detection: {results['seconds_detect']:.2f} s per slice (median, clean test)"]
     adaptive = results.get("adaptive")
     if adaptive:
-        lines += ["", "| adaptive attacker budget | flagged | damage dB of unflagged (mean / max) |", "|---|---|---|"]
-        for budget in sorted({r["budget"] for r in adaptive["rows"]}):
-            lines.append(f"| {budget:g} noise norms | {_flagged_and_spread([r for r in adaptive['rows'] if r['budget'] == budget])} |")
+        lines += ["", *_adaptive_lines(adaptive)]
     keyed = results.get("keyed")
     if keyed:
         lines += ["", f"Site-keyed detector at the same calibration (threshold {keyed['threshold']:.4g}): clean FPR {keyed['clean_fpr']:.3f} on {keyed['clean_slices']} clean test slices.", ""]
@@ -323,6 +394,14 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 rows = [r for r in keyed["adaptive"] if r["budget"] == budget and r["resample"] == resample]
                 lines.append(f"| {'random starts per step' if resample else 'public seed'} | {budget:g} noise norms | {_flagged_and_spread(rows)} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _adaptive_lines(adaptive: dict[str, Any]) -> list[str]:
+    """The adaptive attacker's table, one row per budget."""
+    lines = ["| adaptive attacker budget | flagged | damage dB of unflagged (mean / max) |", "|---|---|---|"]
+    for budget in sorted({r["budget"] for r in adaptive["rows"]}):
+        lines.append(f"| {budget:g} noise norms | {_flagged_and_spread([r for r in adaptive['rows'] if r['budget'] == budget])} |")
+    return lines
 
 
 def _flagged_and_spread(rows: list[dict[str, Any]]) -> str:

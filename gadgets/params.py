@@ -81,6 +81,9 @@ class MitigateSettings:
     correct_radius: float = prop(3.0, "correct method: budget of the data correction", unit="acquisition-noise norms", low=0.01, high=100.0)
     correct_steps: int = prop(30, "correct method: descent steps at most (4 network passes each)", low=0, high=1000)
     correct_stop: float = prop(0.7, "correct method: stop when prior_shift falls to this fraction of its clean threshold", low=0.0, high=0.99)
+    correct_null: bool = prop(
+        True, "correct method: also weigh null_shift (where the image moves in k-space) over its clean threshold, as evidence and in the descent, when the calibration holds one"
+    )
     prior_gain: float = prop(30.0, "prior method: factor on the network's data-consistency weight mu", low=1.01, high=1e4)
     radius: float = prop(1.0, "correction budget", unit="acquisition-noise norms", low=0.0, high=100.0)
     iterations: int = prop(20, "at most this many optimisation steps", low=1, high=1000)

@@ -103,8 +103,8 @@ class MitigationSettings:
 
     ``correct`` (the default, :func:`recon.mitigate.prior.mitigate_correct`): when the
     received image's ``prior_shift`` exceeds its calibrated clean threshold (the gate; needs
-    a calibration with ``prior_shift``: the deployed ``shift_null_spike_union``, any other combination holding it,
-    or ``prior_shift``), correct
+    a calibration with ``prior_shift``: the deployed ``null_spike_union``, which keeps it as a
+    gate, any combination holding it, or ``prior_shift``), correct
     the measured lines by at most ``correct_radius`` noise norms until the shift falls to
     ``correct_stop`` times the gate, in at most ``correct_steps`` descent steps, and ship the
     corrected data's image at the detector's prior weight; refused when the shift stays
@@ -120,6 +120,9 @@ class MitigationSettings:
         correct_radius: the correct method's budget for the data correction (noise norms).
         correct_steps: the correct method's descent steps at most.
         correct_stop: the correct method stops at this fraction of the gate.
+        correct_null: the correct method's evidence and descent also weigh ``null_shift``
+            over its clean threshold (when the calibration holds one:
+            :class:`recon.mitigate.prior.NullGate`).
         prior_gain: the prior method's factor on the network's mu.
         fidelity: weight of the fidelity-to-received-data term.
         radius: correction budget in acquisition-noise norms.
@@ -137,6 +140,7 @@ class MitigationSettings:
     correct_radius: float = 3.0
     correct_steps: int = 30
     correct_stop: float = 0.7
+    correct_null: bool = True
     prior_gain: float = 30.0
     fidelity: float = 1.0
     radius: float = 1.0
@@ -274,10 +278,11 @@ def safeguard_statistic(statistic: str) -> str:
 
 
 def prior_gate(calibration: Calibration) -> float | None:
-    """The clean threshold of ``prior_shift`` a calibration holds (``None``: it has none)."""
+    """The clean threshold of ``prior_shift`` at the calibration's rate, as its statistic, a
+    gate (where its scale is a backstop) or a component's scale (``None``: it has none)."""
     if calibration.detector.statistic == "prior_shift":
         return calibration.threshold
-    return dict(calibration.scales).get("prior_shift")
+    return dict(calibration.gates).get("prior_shift", dict(calibration.scales).get("prior_shift"))
 
 
 def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
@@ -339,24 +344,29 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
 
 def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
     """The methods behind the prior gate (``correct``, ``prior``)."""
-    from recon.mitigate.prior import mitigate_correct, mitigate_prior
+    from recon.mitigate.prior import NullGate, mitigate_correct, mitigate_prior
 
     settings = defense.mitigation
     gate = prior_gate(defense.calibration)
+    null_gate = dict(defense.calibration.scales).get("null_shift") if settings.correct_null else None
     if gate is None:
         reason = (
             f"{checked.reason}; {settings.method} mitigation needs a calibration with prior_shift "
-            f"(this one is {defense.calibration.detector.statistic}; cycguard calibrate --statistic shift_null_spike_union): "
+            f"(this one is {defense.calibration.detector.statistic}; cycguard calibrate --statistic null_spike_union): "
             "the original image ships"
         )
         return MitigationOutcome(image, "flagged", None, reason, 0.0, 0)
     x1 = prepared.image_tensor(image)
     known = checked.scores.prior_shift if checked.scores is not None else None
     t0 = time.perf_counter()
+    null = None
+    if settings.method == "correct" and null_gate is not None:
+        null = NullGate(null_gate, torch.from_numpy(defense.detector.family.acs_mask(prepared.op.mask.shape[-1])))
     if settings.method == "correct":
         result = mitigate_correct(
             defense.model, prepared.op, prepared.y, x1, defense.noise_sigma, gate, defense.detector.prior_gain,
             settings.correct_stop * gate, settings.correct_radius, settings.correct_steps, known,
+            null, checked.scores.null_shift if checked.scores is not None else None,
         )
     else:
         result = mitigate_prior(
@@ -368,20 +378,23 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
         reason = f"{checked.reason}; mitigation took {seconds:.3g} s, past its time budget ({budget:g} s): the original image ships"
         return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes)
     evidence = f"prior_shift {result.shift:.4g} {'>' if result.shift > gate else '<='} clean threshold {gate:.4g} noise norms"
+    suspect = result.shift > gate
+    after = f"prior_shift -> {result.shift_after:.4g}"
+    if null is not None:
+        suspect = suspect or result.null_shift > null.gate
+        evidence += f", null_shift {result.null_shift:.4g} {'>' if result.null_shift > null.gate else '<='} clean threshold {null.gate:.4g}"
+        after += f", null_shift -> {result.null_after:.4g}"
     if result.image is None:
-        if not result.shift > gate:
+        if not suspect:
             why = "the image does not move like an attacked one"
-        elif result.shift_after >= gate:
-            why = f"a data correction of {result.correction:.3g} noise norms left prior_shift at {result.shift_after:.4g}"
+        elif result.shift_after >= gate or (null is not None and not result.null_after < null.gate):
+            why = f"a data correction of {result.correction:.3g} noise norms left {after.replace(' -> ', ' at ')}"
         else:
             why = "rewrite not finite"
         reason = f"{checked.reason}; rewrite refused ({evidence}: {why}): the original image ships"
         return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes)
     if settings.method == "correct":
-        how = (
-            f"data corrected by {result.correction:.3g} noise norms (prior_shift -> {result.shift_after:.4g}), "
-            f"re-reconstructed with {result.gain:g}x prior weight"
-        )
+        how = f"data corrected by {result.correction:.3g} noise norms ({after}), re-reconstructed with {result.gain:g}x prior weight"
     else:
         how = f"re-reconstructed with {result.gain:g}x prior weight"
     reason = (

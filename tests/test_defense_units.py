@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -439,6 +440,47 @@ def test_null_shift_is_where_the_prior_shift_lies_in_k_space(setup: tuple) -> No
     assert prior_gate(cal) == dict(cal.scales)["prior_shift"]  # the mitigation's gate stays prior_shift's clean threshold
 
 
+def test_null_spike_union_shares_the_budget_by_two_components_with_a_prior_backstop(tmp_path: Path, setup: tuple) -> None:
+    """``null_spike_union``: ``null_shift`` and ``dc_spike`` are scaled by their clean
+    thresholds, ``prior_shift`` (same pass) by its largest clean value (a backstop), and its
+    threshold at the rate is kept as the mitigation's gate: saved, checked on load."""
+    from recon.pipeline import prior_gate
+
+    detector = CyclicDetector(setup[0], FAMILY, prior_gain=4.0)
+    key = DetectorKey.of("null_spike_union", detector)
+    assert detector.passes("null_spike_union") == detector.passes("shift_null_spike_union")
+    rng = np.random.default_rng(3)
+    parts = {"null_shift": rng.gamma(9.0, 0.3, 199), "dc_spike": rng.gamma(5.0, 1.5, 199), "prior_shift": rng.gamma(3.0, 0.2, 199)}
+    cal = calibrate_combined(parts, 0.05, "ab" * 32, PROTOCOL, key)
+    scales = dict(cal.scales)
+    assert list(scales) == ["null_shift", "dc_spike", "prior_shift"]
+    assert scales["null_shift"] == calibrate(parts["null_shift"], 0.05, "ab" * 32, PROTOCOL, key).threshold
+    assert scales["prior_shift"] == pytest.approx(float(parts["prior_shift"].max()))  # the backstop
+    gate = calibrate(parts["prior_shift"], 0.05, "ab" * 32, PROTOCOL, key).threshold
+    assert prior_gate(cal) == gate < scales["prior_shift"]
+    # the union's threshold is set by the two components: no clean slice's prior_shift exceeds its backstop
+    two = calibrate([max(n / scales["null_shift"], d / scales["dc_spike"]) for n, d in zip(parts["null_shift"], parts["dc_spike"], strict=True)], 0.05, "ab" * 32, PROTOCOL, key)
+    assert cal.threshold == pytest.approx(two.threshold)
+
+    def shifted(value: float) -> DetectionScores:
+        return DetectionScores(0.0, 0.0, 0.0, 0.0, 0.0, prior_shift=value, dc_spike=0.0, null_shift=0.0)
+
+    assert not cal.flags(cal.score_of(shifted(1.01 * gate)))  # past the gate, not past any clean slice: the gate, not a flag
+    assert cal.flags(cal.score_of(shifted(2 * cal.threshold * scales["prior_shift"])))  # a gross move flags
+    path = cal.save(tmp_path / "null_spike.json")
+    assert json.loads(path.read_text())["gates"] == {"prior_shift": gate}
+    assert Calibration.load(path, "ab" * 32, PROTOCOL, key) == cal
+    raw = json.loads(path.read_text())
+    del raw["gates"]
+    raw["sha256"] = hashlib.sha256(json.dumps({k: v for k, v in raw.items() if k != "sha256"}, sort_keys=True).encode()).hexdigest()
+    (tmp_path / "gateless.json").write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError, match="needs positive gates of \\['prior_shift'\\]"):
+        Calibration.load(tmp_path / "gateless.json", "ab" * 32, PROTOCOL, key)
+    from recon.detect.cyclic import BACKSTOPS, COMBINED_STATISTICS, GATES
+
+    assert all(set(GATES[s]) <= set(BACKSTOPS[s]) <= set(COMBINED_STATISTICS[s]) for s in GATES)  # a gate is a backstop's threshold
+
+
 def test_shift_union_calibration_has_three_components(tmp_path: Path, setup: tuple) -> None:
     detector = CyclicDetector(setup[0], FAMILY, folds=3, directions=2, power_iterations=1)
     key = DetectorKey.of("holdout_shift_union", detector)
@@ -502,7 +544,7 @@ def test_data_correction_rewrites_only_behind_its_gate_and_within_its_budget(set
     refused = mitigate_correct(model, op, y, x1, 0.01, gate=1e9, gate_gain=4.0, stop=0.0)
     assert not refused.accepted and refused.network_passes == 1 and refused.shift == pytest.approx(shift)
     # a stop the received data already meet: no step, the image at the detector's gain
-    correction, value, image, passes = correct_data(model, op, y, 0.01, 4.0, stop=2 * shift, radius=3.0, steps=5)
+    correction, value, image, passes, _ = correct_data(model, op, y, 0.01, 4.0, stop=2 * shift, radius=3.0, steps=5)
     assert correction == 0.0 and passes == 4 and value == pytest.approx(shift, rel=1e-4)
     assert torch.allclose(image, model(x_zf, op, prior_gain=4.0))
     # the descent lowers the shift below the gate, within its radius
@@ -518,6 +560,39 @@ def test_data_correction_rewrites_only_behind_its_gate_and_within_its_budget(set
         mitigate_correct(model, op, y, x1, 0.01, gate=1.0, gate_gain=4.0, stop=float("nan"))
     with pytest.raises(ValueError, match="positive clean threshold"):
         mitigate_correct(model, op, y, x1, 0.01, gate=0.0, gate_gain=4.0, stop=0.0)
+
+
+def test_data_correction_with_null_gate_acts_on_where_the_image_moves(setup: tuple) -> None:
+    """With a :class:`NullGate` the evidence is the larger of ``prior_shift`` and
+    ``null_shift`` over their gates: a slice whose shift is in the clean range but whose
+    ``null_shift`` is not is corrected, until both are under the stop; one under both gates
+    is left alone; the received values come from one pass."""
+    from recon.detect.cyclic import noise_norm, null_share, shift_of
+    from recon.mitigate.prior import NullGate, correct_data, mitigate_correct
+
+    model, op, y, x_zf = setup
+    x1 = model(x_zf, op)
+    acs = torch.from_numpy(FAMILY.acs_mask(op.mask.shape[-1]))
+    moved = shift_of(model, op, y, x1, 4.0)
+    shift = float(torch.linalg.vector_norm(moved)) / noise_norm(op, y, 0.01)
+    null = float(null_share(op, moved, acs))
+    quiet = mitigate_correct(model, op, y, x1, 0.01, gate=2 * shift, gate_gain=4.0, stop=1.4 * shift, null=NullGate(2 * null, acs))
+    assert not quiet.accepted and quiet.network_passes == 1 and quiet.null_shift == pytest.approx(null, rel=1e-4)
+    assert quiet.shift == pytest.approx(shift, rel=1e-3)
+    # prior_shift within its gate, null_shift above its own: the prior gate alone refuses, the pair corrects
+    gate, stop = 2 * shift, 1.4 * shift
+    assert not mitigate_correct(model, op, y, x1, 0.01, gate=gate, gate_gain=4.0, stop=stop, shift=shift).accepted
+    nulled = mitigate_correct(
+        model, op, y, x1, 0.01, gate=gate, gate_gain=4.0, stop=stop, radius=3.0, steps=30, shift=shift, null=NullGate(0.9 * null, acs), null_shift=null
+    )
+    assert nulled.accepted and nulled.image is not None and torch.isfinite(nulled.image).all()
+    assert nulled.shift_after < gate and nulled.null_after < 0.9 * null and nulled.null_shift == null
+    assert 0 < nulled.correction <= 3.0 * (1 + 1e-4) and nulled.network_passes % 4 == 0
+    again = correct_data(model, op, y, 0.01, 4.0, stop, 3.0, 30, NullGate(0.9 * null, acs))
+    assert again.null_shift == pytest.approx(nulled.null_after) and torch.equal(again.image, nulled.image)
+    assert correct_data(model, op, y, 0.01, 4.0, stop, 3.0, 30).null_shift != again.null_shift  # nan without the gate
+    with pytest.raises(ValueError, match="null_shift's gate must be a positive"):
+        NullGate(0.0, acs)
 
 
 def test_the_calibrate_command_offers_every_statistic_and_defaults_to_the_deployed_one() -> None:

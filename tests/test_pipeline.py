@@ -109,6 +109,44 @@ def test_the_default_mitigation_corrects_the_data_until_the_prior_agrees(tiny: M
     assert np.isfinite(result.image).all() and not np.array_equal(result.image, reconstruct(data, tiny).image)
 
 
+def _null_defense(model: MoDL, shift_gate: float, null_gate: float, correct_null: bool = True) -> Defense:
+    """A ``null_spike_union`` defense whose calibration flags this slice (null_shift's scale
+    ``null_gate``, prior_shift's gate ``shift_gate``)."""
+    from dataclasses import replace
+
+    from recon.detect.calibration import calibrate_combined
+
+    detector = CyclicDetector(model, MaskFamily("equispaced", 2, 8), alternatives=1)
+    key = DetectorKey.of("null_spike_union", detector)
+    calibration = calibrate_combined({"null_shift": [1.0] * 20, "dc_spike": [1.0] * 20, "prior_shift": [1.0] * 20}, 0.05, "00" * 32, PROTOCOL, key)
+    calibration = replace(calibration, threshold=1e-9, scales=(("null_shift", null_gate), ("dc_spike", 1e9), ("prior_shift", 1e9)), gates=(("prior_shift", shift_gate),))
+    return Defense(model, detector, calibration, "null_spike_union", noise_sigma=1.0, mitigation=MitigationSettings(correct_null=correct_null))
+
+
+def test_the_default_correction_also_acts_on_where_the_image_moves(tiny: MoDL, small_raw: tuple) -> None:
+    """With ``null_spike_union`` (the deployed statistic) a slice whose ``prior_shift`` is in
+    the clean range but whose ``null_shift`` is not is corrected until both are under the
+    stop; with ``correct_null`` off the prior gate alone refuses it."""
+    from recon.detect.cyclic import null_share, shift_of
+    from recon.pipeline import prepare
+
+    data = read_raw(small_raw[0]).slices[0]
+    shift = _received_shift(tiny, data)
+    prepared = prepare(data)
+    with torch.no_grad():
+        acs = torch.from_numpy(MaskFamily("equispaced", 2, 8).acs_mask(prepared.op.mask.shape[-1]))
+        null = float(null_share(prepared.op, shift_of(tiny, prepared.op, prepared.y, tiny(prepared.x_zf, prepared.op), 4.0), acs))
+    result = defend(data, _null_defense(tiny, 2 * shift, 0.9 * null))
+    assert result.verdict == "mitigated", result.reason
+    assert f"null_shift {null:.4g} > clean threshold {0.9 * null:.4g}" in result.reason and f"prior_shift {shift:.4g} <=" in result.reason
+    prior_after = float(result.reason.split("prior_shift -> ")[1].split(",")[0])
+    null_after = float(result.reason.split("null_shift -> ")[1].split(")")[0])
+    assert prior_after < 2 * shift and null_after <= 0.9 * null * (1 + 1e-3)  # both under their gates
+    refused = defend(data, _null_defense(tiny, 2 * shift, 0.9 * null, correct_null=False))
+    assert refused.verdict == "flagged" and "does not move like an attacked one" in refused.reason
+    np.testing.assert_array_equal(refused.image, reconstruct(data, tiny).image)
+
+
 def test_a_correction_that_cannot_reach_the_gate_ships_the_original(tiny: MoDL, small_raw: tuple) -> None:
     """A gate no correction within the budget reaches: the evidence still says attacked, so
     nothing is rewritten; the original ships, flagged, and the comment says why."""
@@ -215,7 +253,7 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_mitigated() -> None
     detector = detector_for(model, manifest)
     path = default_calibration_path(manifest)
     statistic = calibration_statistic(path)
-    assert statistic == "shift_null_spike_union"  # the deployed statistic (benchmarks/RESULTS.md section 2)
+    assert statistic == "null_spike_union"  # the deployed statistic (benchmarks/RESULTS.md section 2)
     calibration = Calibration.load(path, manifest.sha256, protocol, DetectorKey.of(statistic, detector))
     prepared = prepare(data)
     n = float(prepared.op.mask.sum()) * data.coils * data.shape[1]
@@ -231,8 +269,8 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_mitigated() -> None
 
 def test_the_site_key_reaches_the_deployed_detector(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """``CYCGUARD_DETECTOR_KEY`` keys the shipped defense's sensitive directions, or says
-    that it changes nothing when the shipped statistic has none (``shift_null_spike_union``
-    from session 8); the shipped calibration still loads (the key is not part of it)."""
+    that it changes nothing when the shipped statistic has none (``null_spike_union``
+    from session 9); the shipped calibration still loads (the key is not part of it)."""
     from recon.calibrate import calibration_statistic, default_calibration_path, load_defense, protocol_of
     from recon.data.demo import DEMO_RAW
     from recon.detect.cyclic import SENSITIVE_STATISTICS

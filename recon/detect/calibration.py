@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recon.detect.cyclic import (
+    BACKSTOPS,
     COMBINED_STATISTICS,
     FOLD_STATISTICS,
+    GATES,
     SENSITIVE_STATISTICS,
     SHIFT_STATISTICS,
     scaled_maximum,
@@ -86,6 +88,9 @@ class Calibration:
     threshold: float
     clean_scores: tuple[float, ...]
     scales: tuple[tuple[str, float], ...] = ()  # a combined statistic's components and their divisors
+    # clean thresholds at the same rate of components scaled as backstops
+    # (:data:`recon.detect.cyclic.GATES`: the mitigation's gate)
+    gates: tuple[tuple[str, float], ...] = ()
 
     def score_of(self, scores: DetectionScores) -> float:
         """The calibrated statistic of a slice's scores: the named one, or for a combined
@@ -115,6 +120,7 @@ class Calibration:
             "threshold": self.threshold,
             "clean_scores": list(self.clean_scores),
             **({"scales": {name: scale for name, scale in self.scales}} if self.scales else {}),
+            **({"gates": {name: gate for name, gate in self.gates}} if self.gates else {}),
         }
 
     def save(self, path: Path) -> Path:
@@ -151,6 +157,7 @@ class Calibration:
                 threshold=float(raw["threshold"]),
                 clean_scores=tuple(float(s) for s in raw["clean_scores"]),
                 scales=tuple((str(name), float(scale)) for name, scale in raw.get("scales", {}).items()),
+                gates=tuple((str(name), float(gate)) for name, gate in raw.get("gates", {}).items()),
             )
         except CalibrationError:
             raise
@@ -172,6 +179,9 @@ class Calibration:
         components = COMBINED_STATISTICS.get(detector.statistic, ())
         if tuple(name for name, _ in calibration.scales) != components or any(not (math.isfinite(v) and v > 0) for _, v in calibration.scales):
             raise CalibrationError(f"calibration {path} has scales {dict(calibration.scales)}, statistic {detector.statistic} needs positive scales of {list(components)}")
+        gates = GATES.get(detector.statistic, ())
+        if tuple(name for name, _ in calibration.gates) != gates or any(not (math.isfinite(v) and v > 0) for _, v in calibration.gates):
+            raise CalibrationError(f"calibration {path} has gates {dict(calibration.gates)}, statistic {detector.statistic} needs positive gates of {list(gates)}")
         return calibration
 
 
@@ -210,10 +220,12 @@ def calibrate_combined(
     """Calibrate a combined statistic (:data:`COMBINED_STATISTICS`) from its components'
     clean scores, slice by slice.
 
-    Each component is divided by its own conformal threshold at ``target_fpr``; the
-    combined score of a slice is the largest quotient, and its threshold the conformal
-    quantile of the combined clean scores (so the false-positive rate of the union is
-    ``target_fpr``, not the sum of the components').
+    Each component is divided by its own conformal threshold at ``target_fpr`` (a backstop,
+    :data:`BACKSTOPS`, by its largest clean score); the combined score of a slice is the
+    largest quotient, and its threshold the conformal quantile of the combined clean scores
+    (so the false-positive rate of the union is ``target_fpr``, not the sum of the
+    components'). The statistic's :data:`GATES` (components whose scale is a backstop)
+    keep their own conformal thresholds at ``target_fpr`` beside the scales.
     """
     names = COMBINED_STATISTICS.get(detector.statistic)
     if names is None or set(components) != set(names):
@@ -221,9 +233,16 @@ def calibrate_combined(
     lengths = {len(components[name]) for name in names}
     if len(lengths) != 1:
         raise ValueError(f"the components need one score per clean slice each, got {lengths}")
-    scales = tuple((name, calibrate(components[name], target_fpr, model_sha256, protocol, detector).threshold) for name in names)
+    backstops = BACKSTOPS.get(detector.statistic, ())
+
+    def scale_of(name: str) -> float:
+        single = calibrate(components[name], target_fpr, model_sha256, protocol, detector)
+        return max(single.clean_scores) if name in backstops else single.threshold
+
+    scales = tuple((name, scale_of(name)) for name in names)
     if any(scale <= 0 for _, scale in scales):
         raise ValueError(f"component thresholds must be positive to scale by, got {dict(scales)}")
+    gates = tuple((name, calibrate(components[name], target_fpr, model_sha256, protocol, detector).threshold) for name in GATES.get(detector.statistic, ()))
     combined = [max(float(components[name][i]) / scale for name, scale in scales) for i in range(lengths.pop())]
     single = calibrate(combined, target_fpr, model_sha256, protocol, detector)
-    return Calibration(model_sha256, protocol, detector, target_fpr, single.threshold, single.clean_scores, scales)
+    return Calibration(model_sha256, protocol, detector, target_fpr, single.threshold, single.clean_scores, scales, gates)
