@@ -382,6 +382,27 @@ def image_domain_phase(args: argparse.Namespace) -> None:
     write_markdown(results, args.out / "defense.md", args.statistic)
 
 
+def _correction_columns(
+    row: dict[str, Any], key: str, model: Any, detector: CyclicDetector, item: Item, y_in: torch.Tensor, x1: torch.Tensor, gate: float, settings: Any, null: Any = None
+) -> torch.Tensor:
+    """One data correction's columns in ``row`` (``key``: the descent's image, ungated;
+    ``key_shipped``, ``key_accepted``, ``key_passes``, ``key_seconds``); returns what ships."""
+    from recon.mitigate.prior import correct_data, mitigate_correct
+
+    stop = settings.correct_stop * gate
+    t0 = time.perf_counter()
+    result = mitigate_correct(model, item.op, y_in, x1, item.sigma, gate, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps, null=null)
+    row[f"{key}_seconds"], row[f"{key}_passes"] = time.perf_counter() - t0, result.network_passes
+    if result.image is None:  # refused at the gate: the image the descent would have shipped, for the raw column
+        row[key] = psnr(correct_data(model, item.op, y_in, item.sigma, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps, null).image, item)
+    else:
+        row[key] = psnr(result.image, item)
+    row[f"{key}_accepted"] = float(result.accepted)
+    shipped = result.image if result.image is not None else x1
+    row[f"{key}_shipped"] = psnr(shipped, item)
+    return shipped
+
+
 def mitigation_phase(
     model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, gate: float, null_gate: float | None = None
 ) -> dict[str, Any]:
@@ -389,7 +410,7 @@ def mitigation_phase(
     mitigation's clean threshold of ``prior_shift``, ``null_gate`` ``null_shift``'s
     (:func:`prior_gate_of`; the ``null`` columns, the product's default data correction,
     only with it)."""
-    from recon.mitigate.prior import correct_data, mitigate_correct, mitigate_prior
+    from recon.mitigate.prior import mitigate_prior
     from recon.pipeline import MitigationSettings, safeguard, safeguard_statistic
 
     settings = MitigationSettings()
@@ -429,32 +450,10 @@ def mitigation_phase(
                 row["prior"] = psnr(prior.image, item)
             row["prior_accepted"] = float(prior.accepted)
             row["prior_shipped"] = psnr(prior.image if prior.image is not None else x1, item)
-            # the data correction (the product's default), behind the same gate; "raw": the descent ungated
-            stop = settings.correct_stop * gate
-            t0 = time.perf_counter()
-            correct = mitigate_correct(model, item.op, y_in, x1, item.sigma, gate, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps)
-            row["correct_seconds"], row["correct_passes"] = time.perf_counter() - t0, correct.network_passes
-            if correct.image is None:
-                raw_image = correct_data(model, item.op, y_in, item.sigma, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps).image
-                row["correct"] = psnr(raw_image, item)
-            else:
-                row["correct"] = psnr(correct.image, item)
-            row["correct_accepted"] = float(correct.accepted)
-            row["correct_shipped"] = psnr(correct.image if correct.image is not None else x1, item)
-            shipped = correct.image if correct.image is not None else x1
+            # the data correction behind the prior gate; "raw": the descent ungated
+            shipped = _correction_columns(row, "correct", model, detector, item, y_in, x1, gate, settings)
             if null_gate is not None:  # the correction that also weighs null_shift (the product's default with such a calibration)
-                null = _null_gate(detector, item, null_gate)
-                t0 = time.perf_counter()
-                nulled = mitigate_correct(model, item.op, y_in, x1, item.sigma, gate, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps, null=null)
-                row["null_seconds"], row["null_passes"] = time.perf_counter() - t0, nulled.network_passes
-                if nulled.image is None:
-                    raw_image = correct_data(model, item.op, y_in, item.sigma, detector.prior_gain, stop, settings.correct_radius, settings.correct_steps, null).image
-                    row["null"] = psnr(raw_image, item)
-                else:
-                    row["null"] = psnr(nulled.image, item)
-                row["null_accepted"] = float(nulled.accepted)
-                row["null_shipped"] = psnr(nulled.image if nulled.image is not None else x1, item)
-                shipped = nulled.image if nulled.image is not None else x1
+                shipped = _correction_columns(row, "null", model, detector, item, y_in, x1, gate, settings, _null_gate(detector, item, null_gate))
             if i < args.faithful:
                 x_rx = item.op.adjoint(y_in) if x_in is None else x_in
                 t0 = time.perf_counter()
