@@ -15,5 +15,5 @@ test: setup-dev
 	.venv/bin/ruff check recon gadgets tests benchmarks
 	.venv/bin/lint-imports
 	.venv/bin/hadolint docker/Dockerfile docker/Dockerfile.test
-	.venv/bin/mypy recon gadgets
+	.venv/bin/mypy recon gadgets benchmarks
 	.venv/bin/python -m pytest

@@ -427,7 +427,7 @@ def mitigation_phase(
             g = torch.Generator().manual_seed(7000 + i)
             adv = attack(name, budget, model, item, detector, 0.0, args.statistic, 1000 + i) if name != "none" else {"y": item.y}
             x_in = adv.get("x")
-            y_in = adv["y"] if "y" in adv else k_from_image(item.op, x_in)
+            y_in = adv["y"] if x_in is None else k_from_image(item.op, x_in)
             with torch.no_grad():
                 x1 = model(item.op.adjoint(y_in) if x_in is None else x_in, item.op)
             cycle = detector.cycle(item.op, y_in, x1)
@@ -466,7 +466,7 @@ def mitigation_phase(
             rows.append(row)
             if i == 0:
                 montage_rows.append((case, x1[0].numpy(), shipped[0].numpy()))
-        summary = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if not k.endswith("_passes")}
+        summary: dict[str, Any] = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if not k.endswith("_passes")}
         summary["faithful_passes"] = float(np.mean([r["faithful_passes"] for r in rows if "faithful_passes" in r])) if any("faithful_passes" in r for r in rows) else None
         summary["ours_passes"] = float(np.mean([r["ours_passes"] for r in rows]))
         summary["prior_passes"] = float(np.mean([r["prior_passes"] for r in rows]))

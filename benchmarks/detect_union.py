@@ -253,7 +253,7 @@ def confirm_phase(args: argparse.Namespace) -> None:
     }
     for name, budget, unit in ATTACKS:
         label = f"{name} {budget:g} {unit}"
-        rows = []
+        rows: list[dict[str, Any]] = []
         for i, item in enumerate(tqdm(items[: args.attacked], desc=label)):
             value, attacked_psnr, parts = scored(item, attack(name, budget, model, item, detector, 0.0, args.statistic, seed=1000 + i)["y"])
             rows.append({"damage_db": clean[i][1] - attacked_psnr, "score": value, "flagged": cal.flags(value), "components": parts})

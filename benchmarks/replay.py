@@ -116,10 +116,10 @@ def main() -> None:
         def pct(t: float, r: dict = r) -> str:
             return f"{100 * (t / r['in_process_s'] - 1):+.0f} %"
 
-        comp = f"{r['composed_s']:.1f} | {pct(r['composed_s'])}" if "composed_s" in r else "- | -"
+        composed_cell = f"{r['composed_s']:.1f} | {pct(r['composed_s'])}" if "composed_s" in r else "- | -"
         lines.append(
             f"| {r['chain']} | {r['slices']} | {r['in_process_s']:.1f} | {r['external_per_stage_s']:.1f} | {pct(r['external_per_stage_s'])} | "
-            f"{comp} | {r['runner_in_process_s']:.1f} | {pct(r['runner_in_process_s'])} | {r['slices'] / r['external_per_stage_s']:.2f} |"
+            f"{composed_cell} | {r['runner_in_process_s']:.1f} | {pct(r['runner_in_process_s'])} | {r['slices'] / r['external_per_stage_s']:.2f} |"
         )
     lines += [
         "",
@@ -134,9 +134,9 @@ def main() -> None:
         def rel(t: float, base: float = base) -> str:
             return f"{t:.3f} | {100 * (t / base - 1):+.0f} %"
 
-        comp = rel(r["composed_steady_s_per_slice"]) if "composed_steady_s_per_slice" in r else "- | -"
+        composed_cell = rel(r["composed_steady_s_per_slice"]) if "composed_steady_s_per_slice" in r else "- | -"
         lines.append(
-            f"| {r['chain']} | {base:.3f} | {rel(r['external_per_stage_steady_s_per_slice'])} | {comp} | {rel(r['runner_in_process_steady_s_per_slice'])} |"
+            f"| {r['chain']} | {base:.3f} | {rel(r['external_per_stage_steady_s_per_slice'])} | {composed_cell} | {rel(r['runner_in_process_steady_s_per_slice'])} |"
         )
     (RESULTS / "replay.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
