@@ -190,6 +190,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else default_calibration_path(manifest)
     calibration.save(out)
     _out(f"calibration: {out}\nstatistic {args.statistic}, {len(scores)} clean slices, threshold {calibration.threshold:.6g} for FPR {args.fpr:g}")
+    if calibration.scales:
+        _out("scales: " + ", ".join(f"{name} {scale:.4g}" for name, scale in calibration.scales))
+    if calibration.gates:
+        _out("mitigation gates: " + ", ".join(f"{name} {gate:.4g}" for name, gate in calibration.gates))
     return 0
 
 

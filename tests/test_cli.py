@@ -54,6 +54,7 @@ def test_calibrate_from_clean_raw_files_and_use_it(tmp_path: Path) -> None:
     made = _run("calibrate", str(DEMO_RAW), "--fpr", "0.25", "-o", str(tmp_path / "c.json"))
     assert made.returncode == 0, made.stderr
     assert "4 clean slices" in made.stdout
+    assert "scales: null_shift " in made.stdout and "mitigation gates: prior_shift " in made.stdout  # the deployed statistic's
     used = _run("recon", str(DEMO_RAW), "-o", str(tmp_path / "out.h5"), "--calibration", str(tmp_path / "c.json"), "--device", "cpu")
     assert used.returncode == 0, used.stderr
     verdicts = [meta["CycGuard.Verdict"] for _, meta in read_images(tmp_path / "out.h5")]
