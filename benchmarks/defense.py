@@ -35,9 +35,10 @@ from tqdm import tqdm  # noqa: E402
 from recon.attacks import benign_noise, fgsm_kspace, impulse_spikes, pgd_image_linf, pgd_kspace_l2  # noqa: E402
 from recon.attacks.adaptive import adaptive_kspace_l2  # noqa: E402
 from recon.baselines import cg_sense  # noqa: E402
+from recon.calibrate import model_protocol  # noqa: E402
 from recon.data.samples import Sample, simulated_slices  # noqa: E402
 from recon.detect import CyclicDetector, calibrate  # noqa: E402
-from recon.detect.calibration import DetectorKey, ProtocolKey  # noqa: E402
+from recon.detect.calibration import DetectorKey  # noqa: E402
 from recon.detect.cyclic import STATISTICS, DetectionScores, noise_norm  # noqa: E402
 from recon.metrics import quality  # noqa: E402
 from recon.mitigate import k_from_image, mitigate_faithful, mitigate_kspace, randomized_smoothing  # noqa: E402
@@ -179,7 +180,7 @@ def main() -> None:
     test_items = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=202)]
     calib = [observe(model, detector, it)[0] for it in tqdm(calib_items, desc="clean calibration")]
     clean = [observe(model, detector, it)[0] for it in tqdm(test_items, desc="clean test")]
-    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    protocol = model_protocol(manifest)
     calibrations = {}
     for stat in STATISTICS:
         key = DetectorKey.of(stat, detector)
@@ -282,7 +283,7 @@ def prior_gate_of(detector: CyclicDetector, manifest: Any, args: argparse.Namesp
     from recon.pipeline import prior_gate
 
     path = args.calibration or default_calibration_path(manifest)
-    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    protocol = model_protocol(manifest)
     cal = Calibration.load(path, manifest.sha256, protocol, DetectorKey.of(calibration_statistic(path), detector))
     gate = prior_gate(cal)
     if gate is None:
@@ -294,7 +295,7 @@ def _null_gate(detector: CyclicDetector, item: Item, null_gate: float | None) ->
     """The data correction's ``null_shift`` gate for one slice (``None`` without a threshold)."""
     from recon.mitigate.prior import NullGate
 
-    return None if null_gate is None else NullGate(null_gate, torch.from_numpy(detector.family.acs_mask(item.op.mask.shape[-1])))
+    return None if null_gate is None else NullGate(null_gate, detector.acs(item.op))
 
 
 def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], gate: float, null_gate: float | None = None) -> dict[str, Any]:
@@ -359,7 +360,7 @@ def image_domain_phase(args: argparse.Namespace) -> None:
     test_items = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=202)]
     calib = [observe(model, detector, it, x=it.x_zf)[0] for it in tqdm(calib_items, desc="clean calibration (image path)")]
     clean = [observe(model, detector, it, x=it.x_zf)[0] for it in tqdm(test_items, desc="clean test (image path)")]
-    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    protocol = model_protocol(manifest)
     cals = {
         stat: calibrate([o.scores[stat] for o in calib], 0.01, manifest.sha256, protocol, DetectorKey.of(stat, detector))
         for stat in STATISTICS

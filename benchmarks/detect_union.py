@@ -41,7 +41,7 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks.defense import attack, auc, observe, psnr, to_item  # noqa: E402
 from recon.attacks.adaptive import adaptive_kspace_l2  # noqa: E402
-from recon.calibrate import DEFAULT_STATISTIC, build_calibration, detector_for, scores_from_simulation  # noqa: E402
+from recon.calibrate import DEFAULT_STATISTIC, build_calibration, detector_for, model_protocol, scores_from_simulation  # noqa: E402
 from recon.data.samples import simulated_slices  # noqa: E402
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey  # noqa: E402
 from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores  # noqa: E402
@@ -196,7 +196,7 @@ def _run_calibration(args: argparse.Namespace, direction_key: bytes | None = Non
     benchmark's first run wrote to OUT/calibration.json, checked against them."""
     model, manifest = load_model(None)
     detector = detector_for(model, manifest, direction_key=direction_key)
-    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    protocol = model_protocol(manifest)
     cal = Calibration.load(args.out / "calibration.json", manifest.sha256, protocol, DetectorKey.of(args.statistic, detector))
     return model, manifest, detector, cal
 
@@ -289,7 +289,7 @@ def image_domain_phase(args: argparse.Namespace) -> None:
 
     model, manifest = load_model(None)
     detector = detector_for(model, manifest)
-    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+    protocol = model_protocol(manifest)
 
     def scored(item: Any, x: torch.Tensor) -> tuple[DetectionScores, float]:
         with torch.no_grad():

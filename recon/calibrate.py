@@ -82,6 +82,11 @@ def detector_key_from_env() -> bytes | None:
     return key
 
 
+def model_protocol(manifest: ModelManifest) -> ProtocolKey:
+    """The protocol a model was trained for (its simulated calibration's)."""
+    return ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
+
+
 def detector_for(model: MoDL, manifest: ModelManifest, acs_lines: int | None = None, direction_key: bytes | None = None) -> CyclicDetector:
     """The detector with the project's default settings for a model (``direction_key``: a
     site's secret for the sensitive directions, :func:`recon.detect.cyclic.start_seed`)."""
@@ -135,8 +140,7 @@ def scores_from_simulation(
     for sample in tqdm(simulated_slices("heldout", count, family, manifest.coils, seed), desc="calibrate (simulated)", disable=not progress):
         op = SenseOp(sample.maps[None], sample.mask[None])
         scores.append(_score(model, detector, op, op.project(sample.kspace_full[None]), sample.noise_std, statistic))
-    protocol = ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
-    return scores, protocol
+    return scores, model_protocol(manifest)
 
 
 def build_calibration(

@@ -348,7 +348,6 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
 
     settings = defense.mitigation
     gate = prior_gate(defense.calibration)
-    null_gate = dict(defense.calibration.scales).get("null_shift") if settings.correct_null else None
     if gate is None:
         reason = (
             f"{checked.reason}; {settings.method} mitigation needs a calibration with prior_shift "
@@ -359,9 +358,8 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
     x1 = prepared.image_tensor(image)
     known = checked.scores.prior_shift if checked.scores is not None else None
     t0 = time.perf_counter()
-    null = None
-    if settings.method == "correct" and null_gate is not None:
-        null = NullGate(null_gate, torch.from_numpy(defense.detector.family.acs_mask(prepared.op.mask.shape[-1])))
+    null_gate = dict(defense.calibration.scales).get("null_shift")
+    null = NullGate(null_gate, defense.detector.acs(prepared.op)) if settings.method == "correct" and settings.correct_null and null_gate is not None else None
     if settings.method == "correct":
         result = mitigate_correct(
             defense.model, prepared.op, prepared.y, x1, defense.noise_sigma, gate, defense.detector.prior_gain,

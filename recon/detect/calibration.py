@@ -176,12 +176,10 @@ class Calibration:
             raise CalibrationError(f"calibration {path} was made for protocol {calibration.protocol}, this scan is {protocol}")
         if calibration.detector != detector:
             raise CalibrationError(f"calibration {path} was made with detector {calibration.detector}, configured {detector}")
-        components = COMBINED_STATISTICS.get(detector.statistic, ())
-        if tuple(name for name, _ in calibration.scales) != components or any(not (math.isfinite(v) and v > 0) for _, v in calibration.scales):
-            raise CalibrationError(f"calibration {path} has scales {dict(calibration.scales)}, statistic {detector.statistic} needs positive scales of {list(components)}")
-        gates = GATES.get(detector.statistic, ())
-        if tuple(name for name, _ in calibration.gates) != gates or any(not (math.isfinite(v) and v > 0) for _, v in calibration.gates):
-            raise CalibrationError(f"calibration {path} has gates {dict(calibration.gates)}, statistic {detector.statistic} needs positive gates of {list(gates)}")
+        for kind, held, needed in (("scales", calibration.scales, COMBINED_STATISTICS), ("gates", calibration.gates, GATES)):
+            names = needed.get(detector.statistic, ())
+            if tuple(name for name, _ in held) != names or any(not (math.isfinite(v) and v > 0) for _, v in held):
+                raise CalibrationError(f"calibration {path} has {kind} {dict(held)}, statistic {detector.statistic} needs positive {kind} of {list(names)}")
         return calibration
 
 

@@ -425,6 +425,10 @@ class CyclicDetector:
         kept = SenseOp(op.maps.expand(self.folds, -1, -1, -1), torch.from_numpy(omega[None] & ~held).to(op.maps.device))
         return Holdout(kept=kept, held=held_t)
 
+    def acs(self, op: SenseOp) -> Tensor:
+        """``(ky,)`` bool: the ACS lines of ``op``'s sampling (left out of ``null_shift``'s denominator)."""
+        return torch.from_numpy(self.family.acs_mask(op.mask.shape[-1]))
+
     def cycle(self, op: SenseOp, y: Tensor, x1: Tensor) -> Cycle:
         """Build the cycle's fixed parts for a slice (batch of 1)."""
         if op.batch != 1:
@@ -471,8 +475,7 @@ class CyclicDetector:
                 raise ValueError("prior_shift needs the network's image x1 of y")
             moved = shift_of(self.model, op, y, x1, self.prior_gain)
             values["prior_shift"] = torch.linalg.vector_norm(moved) / noise_norm(op, y, noise_sigma)
-            acs = torch.from_numpy(self.family.acs_mask(op.mask.shape[-1]))
-            values["null_shift"] = null_share(op, moved, acs)
+            values["null_shift"] = null_share(op, moved, self.acs(op))
         return values
 
     def data_statistics_for(self, statistic: str, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float) -> dict[str, Tensor | None]:

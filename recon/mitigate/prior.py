@@ -53,7 +53,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from recon.detect.cyclic import noise_norm, null_share, prior_shift, shift_of, statistic_tensor
+from recon.detect.cyclic import noise_norm, null_share, shift_of, statistic_tensor
 from recon.models.modl import MoDL
 from recon.physics.sense import SenseOp, l2_project
 
@@ -110,17 +110,22 @@ class NullGate:
 
 @torch.no_grad()
 def _gate(
-    model: MoDL, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float, gate: float, gate_gain: float, shift: float | None
-) -> tuple[float, float, int]:
-    """The gate's evidence: ``(received prior_shift, its data residual in noise norms,
-    network passes spent)``; a ``shift`` the detector computed saves the pass."""
+    model: MoDL, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float, gate: float, gate_gain: float, shift: float | None,
+    null: NullGate | None = None, null_shift: float | None = None,
+) -> tuple[float, float, float, int]:
+    """The gate's evidence: ``(received prior_shift, received null_shift (``nan`` without
+    ``null``), its data residual in noise norms, network passes spent)``; values the
+    detector computed save the pass, and one pass gives both."""
     if not (math.isfinite(gate) and gate > 0):
         raise ValueError(f"the gate must be a positive clean threshold, got {gate}")
     passes = 0
-    if shift is None:
-        shift = float(prior_shift(model, op, y, x1, gate_gain, noise_sigma))
+    if shift is None or (null is not None and null_shift is None):
+        moved = shift_of(model, op, y, x1, gate_gain)
+        shift = float(torch.linalg.vector_norm(moved) / noise_norm(op, y, noise_sigma))
+        null_shift = float(null_share(op, moved, null.acs)) if null is not None else None
         passes += 1
-    return shift, float(statistic_tensor("dc_noise", op, y, x1, None, None, noise_sigma)), passes
+    received = null_shift if null is not None and null_shift is not None else math.nan
+    return shift, received, float(statistic_tensor("dc_noise", op, y, x1, None, None, noise_sigma)), passes
 
 
 def _shippable(image: Tensor) -> bool:
@@ -154,7 +159,7 @@ def mitigate_prior(
     """
     if not gain > 1:
         raise ValueError(f"the rewrite's prior gain must be > 1, got {gain}")
-    shift, before, passes = _gate(model, op, y, x1, noise_sigma, gate, gate_gain, shift)
+    shift, _, before, passes = _gate(model, op, y, x1, noise_sigma, gate, gate_gain, shift)
     if not shift > gate:  # also refuses a non-finite shift
         return PriorRewrite(None, shift, gate, gain, before, math.nan, passes)
     rewrite = model(op.adjoint(y), op, prior_gain=gain)
@@ -208,16 +213,7 @@ def mitigate_correct(
         raise ValueError(f"the correction's stop must be a finite shift >= 0, got {stop}")
     if not radius > 0 or steps < 0:
         raise ValueError(f"the correction needs radius > 0 and steps >= 0, got {radius}, {steps}")
-    if null is not None and (shift is None or null_shift is None):  # both from one pass
-        with torch.no_grad():
-            moved = shift_of(model, op, y, x1, gate_gain)
-            shift = float(torch.linalg.vector_norm(moved) / noise_norm(op, y, noise_sigma))
-            null_shift = float(null_share(op, moved, null.acs))
-        shift, before, passes = _gate(model, op, y, x1, noise_sigma, gate, gate_gain, shift)
-        passes += 1
-    else:
-        shift, before, passes = _gate(model, op, y, x1, noise_sigma, gate, gate_gain, shift)
-    received = null_shift if null is not None and null_shift is not None else math.nan
+    shift, received, before, passes = _gate(model, op, y, x1, noise_sigma, gate, gate_gain, shift, null, null_shift)
     suspect = shift > gate or (null is not None and received > null.gate)  # a non-finite value refuses
     if not suspect:
         return PriorRewrite(None, shift, gate, gate_gain, before, math.nan, passes, null_shift=received)
