@@ -1,5 +1,5 @@
 """Detection benchmark of the combined statistics (``holdout_union``, ``holdout_shift_union``, ``holdout_shift_spike_union``,
-``shift_spike_union``, ``shift_null_spike_union``, ``null_spike_union``) and their components (``holdout_noise``, ``holdout_sensitive``,
+``shift_spike_union``, ``shift_null_spike_union``, ``null_spike_union``, ``null_first_union``) and their components (``holdout_noise``, ``holdout_sensitive``,
 ``prior_shift``, ``dc_spike``, ``null_shift``).
 
 Usage: ``python -m benchmarks.detect_union [--clean 300] [--attacked 24] [--statistic S] [--test-seed 202] [--out benchmarks/results/union]``
@@ -48,8 +48,8 @@ from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores  # noqa: E4
 from recon.models.weights import load_model  # noqa: E402
 
 COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift")
-STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union", "shift_null_spike_union", "null_spike_union")
-DEPLOYABLE = ("null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "holdout_shift_union", "holdout_union")
+STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union", "shift_null_spike_union", "null_spike_union", "null_first_union")
+DEPLOYABLE = ("null_first_union", "null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "holdout_shift_union", "holdout_union")
 ATTACKS: list[tuple[str, float, str]] = [
     ("kspace-l2", 0.3, "noise norms"),
     ("kspace-l2", 1.0, "noise norms"),
@@ -275,7 +275,7 @@ def confirm_phase(args: argparse.Namespace) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-IMAGE_STATISTICS = ("prior_shift", "null_shift", "dc_spike", "shift_null_spike_union", "null_spike_union")
+IMAGE_STATISTICS = ("prior_shift", "null_shift", "dc_spike", "shift_null_spike_union", "null_spike_union", "null_first_union")
 
 
 def image_domain_phase(args: argparse.Namespace) -> None:

@@ -293,12 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     cal.add_argument(
         "--statistic",
-        default="null_spike_union",
+        default="null_first_union",
         choices=[
-            "null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "shift_spike_union", "holdout_shift_union", "holdout_union", "holdout_noise", "holdout_sensitive", "prior_shift",
+            "null_first_union", "null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "shift_spike_union", "holdout_shift_union", "holdout_union", "holdout_noise", "holdout_sensitive", "prior_shift",
             "null_shift", "dc_spike", "cyclic_noise", "cyclic", "cycle_image", "dc", "dc_noise",
         ],
-        help="detection statistic (default null_spike_union; see recon/detect/cyclic.py)",
+        help="detection statistic (default null_first_union; see recon/detect/cyclic.py)",
     )
     cal.add_argument("--weights", type=Path, default=None)
     cal.add_argument("-o", "--output", help="calibration JSON (default: beside the weights)")

@@ -38,7 +38,7 @@ from recon.types import SliceKSpace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATISTIC = "null_spike_union"
+DEFAULT_STATISTIC = "null_first_union"
 CALIBRATION_DIR = WEIGHTS_DIR
 # environment variable holding a site's secret for the sensitive directions' start
 DETECTOR_KEY_ENV = "CYCGUARD_DETECTOR_KEY"

@@ -103,7 +103,7 @@ class MitigationSettings:
 
     ``correct`` (the default, :func:`recon.mitigate.prior.mitigate_correct`): when the
     received image's ``prior_shift`` exceeds its calibrated clean threshold (the gate; needs
-    a calibration with ``prior_shift``: the deployed ``null_spike_union``, which keeps it as a
+    a calibration with ``prior_shift``: the deployed ``null_first_union``, which keeps it as a
     gate, any combination holding it, or ``prior_shift``), correct
     the measured lines by at most ``correct_radius`` noise norms until the shift falls to
     ``correct_stop`` times the gate, in at most ``correct_steps`` descent steps, and ship the
@@ -351,7 +351,7 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
     if gate is None:
         reason = (
             f"{checked.reason}; {settings.method} mitigation needs a calibration with prior_shift "
-            f"(this one is {defense.calibration.detector.statistic}; cycguard calibrate --statistic null_spike_union): "
+            f"(this one is {defense.calibration.detector.statistic}; cycguard calibrate --statistic null_first_union): "
             "the original image ships"
         )
         return MitigationOutcome(image, "flagged", None, reason, 0.0, 0)

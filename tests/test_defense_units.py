@@ -481,6 +481,39 @@ def test_null_spike_union_shares_the_budget_by_two_components_with_a_prior_backs
     assert all(set(GATES[s]) <= set(BACKSTOPS[s]) <= set(COMBINED_STATISTICS[s]) for s in GATES)  # a gate is a backstop's threshold
 
 
+def test_null_first_union_gives_null_shift_the_whole_budget(tmp_path: Path, setup: tuple) -> None:
+    """``null_first_union``: ``dc_spike`` and ``prior_shift`` are both backstops (their
+    largest clean values), so the union's threshold is ``null_shift``'s own quantile and it
+    flags exactly the clean slices ``null_shift`` alone would; a spike past every clean
+    slice still flags, one inside their range does not; the gate is kept."""
+    from recon.pipeline import prior_gate
+
+    detector = CyclicDetector(setup[0], FAMILY, prior_gain=4.0)
+    key = DetectorKey.of("null_first_union", detector)
+    assert detector.passes("null_first_union") == detector.passes("null_spike_union")
+    rng = np.random.default_rng(4)
+    parts = {"null_shift": rng.gamma(9.0, 0.3, 199), "dc_spike": rng.gamma(5.0, 1.5, 199), "prior_shift": rng.gamma(3.0, 0.2, 199)}
+    cal = calibrate_combined(parts, 0.05, "ab" * 32, PROTOCOL, key)
+    scales = dict(cal.scales)
+    alone = calibrate(parts["null_shift"], 0.05, "ab" * 32, PROTOCOL, key)
+    assert scales == {"null_shift": alone.threshold, "dc_spike": pytest.approx(float(parts["dc_spike"].max())), "prior_shift": pytest.approx(float(parts["prior_shift"].max()))}
+    assert cal.threshold == pytest.approx(1.0)  # null_shift's quantile over itself: the backstops take no share
+    flagged = [cal.flags(max(n / scales["null_shift"], d / scales["dc_spike"], p / scales["prior_shift"])) for n, d, p in zip(*parts.values(), strict=True)]
+    assert flagged == [alone.flags(n) for n in parts["null_shift"]]
+    assert prior_gate(cal) == calibrate(parts["prior_shift"], 0.05, "ab" * 32, PROTOCOL, key).threshold
+
+    def spiked(value: float) -> DetectionScores:
+        return DetectionScores(0.0, 0.0, 0.0, 0.0, 0.0, prior_shift=0.0, dc_spike=value, null_shift=0.0)
+
+    spike_quantile = calibrate(parts["dc_spike"], 0.05, "ab" * 32, PROTOCOL, key).threshold
+    assert not cal.flags(cal.score_of(spiked(1.01 * spike_quantile)))  # inside the clean range
+    assert cal.flags(cal.score_of(spiked(1.5 * scales["dc_spike"])))  # past every clean slice
+    path = cal.save(tmp_path / "null_first.json")
+    assert Calibration.load(path, "ab" * 32, PROTOCOL, key) == cal
+    with pytest.raises(CalibrationError, match="made with detector"):
+        Calibration.load(path, "ab" * 32, PROTOCOL, DetectorKey.of("null_spike_union", detector))
+
+
 def test_shift_union_calibration_has_three_components(tmp_path: Path, setup: tuple) -> None:
     detector = CyclicDetector(setup[0], FAMILY, folds=3, directions=2, power_iterations=1)
     key = DetectorKey.of("holdout_shift_union", detector)

@@ -85,7 +85,7 @@ reconstruction the recon stage already made):
 * ``shift_null_spike_union`` (deployed in session 8): the scaled maximum of
   ``prior_shift``, ``null_shift`` and ``dc_spike``: 4 network passes with the cycle's (no
   folds).
-* ``null_spike_union`` (deployed from session 9): ``null_shift`` and ``dc_spike`` share the
+* ``null_spike_union`` (deployed in session 9): ``null_shift`` and ``dc_spike`` share the
   false-positive budget; ``prior_shift`` is a backstop (:data:`BACKSTOPS`). A maximum over
   components at one false-positive rate raises each component's own threshold (over three
   equal shares each sits near its 0.3 % clean quantile), and at 0.3 noise norms
@@ -96,6 +96,13 @@ reconstruction the recon stage already made):
   calibration instead of its quantile: it takes no share of the budget and still decides
   when an image moves further than any clean one did. Its 1 % clean threshold is kept
   as well, as the mitigation's gate (:data:`GATES`). The same 4 passes.
+* ``null_first_union`` (deployed from session 10): ``null_shift`` takes the whole
+  false-positive budget; ``dc_spike`` joins ``prior_shift`` as a backstop. A spike that
+  costs 3 dB sits 5-8x above the largest clean ``dc_spike`` (and the small harmless ones
+  2-3x above its 1 % threshold), so its half of the budget bought no detection the
+  backstop misses, and cost ``null_shift`` the 0.5 % to 1 % quantile band where the
+  subtlest data attacks lie. The threshold is then ``null_shift``'s own 1 % quantile
+  (the backstops are at most 1 on every calibration slice). The same 4 passes.
 * ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
   ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
   paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
@@ -130,19 +137,20 @@ COMBINED_STATISTICS = {
     "shift_spike_union": ("prior_shift", "dc_spike"),
     "shift_null_spike_union": ("prior_shift", "null_shift", "dc_spike"),
     "null_spike_union": ("null_shift", "dc_spike", "prior_shift"),
+    "null_first_union": ("null_shift", "dc_spike", "prior_shift"),
 }
 # components of a combination scaled by their largest clean calibration value instead of
 # their quantile at the target rate (backstops: no share of the false-positive budget)
-BACKSTOPS = {"null_spike_union": ("prior_shift",)}
+BACKSTOPS = {"null_spike_union": ("prior_shift",), "null_first_union": ("dc_spike", "prior_shift")}
 # components whose clean threshold at the target rate a calibration keeps beside their
 # backstop scale: the mitigation's gate (recon/pipeline.py, ``prior_gate``)
-GATES = {"null_spike_union": ("prior_shift",)}
+GATES = {"null_spike_union": ("prior_shift",), "null_first_union": ("prior_shift",)}
 # those that need the held-out folds (``score(..., holdout=True)``)
 FOLD_STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union", "holdout_shift_union", "holdout_shift_spike_union")
 # those that need the sensitive directions (``score(..., sensitive=True)``)
 SENSITIVE_STATISTICS = ("holdout_sensitive", "holdout_union", "holdout_shift_union", "holdout_shift_spike_union")
 # those that need the pass with a raised prior weight (``score(..., shift=True)``)
-SHIFT_STATISTICS = ("prior_shift", "null_shift", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union", "shift_null_spike_union", "null_spike_union")
+SHIFT_STATISTICS = ("prior_shift", "null_shift", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union", "shift_null_spike_union", "null_spike_union", "null_first_union")
 # the local window (samples along the readout) of ``dc_spike``'s robust scale
 SPIKE_WINDOW = 9
 # statistics of the received data alone (given x1 = f(y)): the same for any rewrite of the
