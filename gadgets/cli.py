@@ -176,6 +176,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         scores_from_raw,
         scores_from_simulation,
     )
+    from recon.detect.cyclic import BACKSTOPS
     from recon.models.weights import load_model
 
     model, manifest = load_model(args.weights)
@@ -194,6 +195,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         _out("scales: " + ", ".join(f"{name} {scale:.4g}" for name, scale in calibration.scales))
     if calibration.gates:
         _out("mitigation gates: " + ", ".join(f"{name} {gate:.4g}" for name, gate in calibration.gates))
+    backstops = BACKSTOPS.get(args.statistic, ())
+    if backstops:  # each scaled by the largest clean value: a new clean slice exceeds it with probability up to 1 / (n + 1)
+        bound = args.fpr + len(backstops) / (len(scores) + 1)
+        _out(f"backstops: {', '.join(backstops)} (false-positive rate on new clean slices up to {bound:.3g}; more clean slices lower it)")
     return 0
 
 

@@ -97,12 +97,14 @@ reconstruction the recon stage already made):
   when an image moves further than any clean one did. Its 1 % clean threshold is kept
   as well, as the mitigation's gate (:data:`GATES`). The same 4 passes.
 * ``null_first_union`` (deployed from session 10): ``null_shift`` takes the whole
-  false-positive budget; ``dc_spike`` joins ``prior_shift`` as a backstop. A spike that
-  costs 3 dB sits 5-8x above the largest clean ``dc_spike`` (and the small harmless ones
-  2-3x above its 1 % threshold), so its half of the budget bought no detection the
-  backstop misses, and cost ``null_shift`` the 0.5 % to 1 % quantile band where the
-  subtlest data attacks lie. The threshold is then ``null_shift``'s own 1 % quantile
-  (the backstops are at most 1 on every calibration slice). The same 4 passes.
+  false-positive budget; ``dc_spike`` joins ``prior_shift`` as a backstop. Spikes that cost
+  3 dB score 4-10x the largest clean ``dc_spike`` of the 1000 calibration slices, so its
+  half of the budget bought only the detection of spikes too small to matter (0.3 dB; now
+  flagged about 77 % of the time instead of always), and it cost ``null_shift`` the band
+  between its 0.5 % and 1 % clean quantiles, where the subtlest data attacks lie (l2 PGD of
+  0.3 noise norms: TPR 0.91 -> 0.98 on 88 damaging slices of four test seeds, RESULTS
+  section 2). The threshold is ``null_shift``'s own 1 % quantile (the backstops are at
+  most 1 on every calibration slice). The same 4 passes.
 * ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
   ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
   paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
