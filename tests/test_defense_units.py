@@ -440,18 +440,23 @@ def test_null_shift_is_where_the_prior_shift_lies_in_k_space(setup: tuple) -> No
     assert prior_gate(cal) == dict(cal.scales)["prior_shift"]  # the mitigation's gate stays prior_shift's clean threshold
 
 
+def _null_union(model: MoDL, statistic: str, seed: int) -> tuple[DetectorKey, dict[str, np.ndarray], Calibration]:
+    """A 5 % calibration of a ``null_shift`` union on 199 synthetic clean slices (its key, the components, the file)."""
+    detector = CyclicDetector(model, FAMILY, prior_gain=4.0)
+    key = DetectorKey.of(statistic, detector)
+    assert detector.passes(statistic) == detector.passes("shift_null_spike_union")
+    rng = np.random.default_rng(seed)
+    parts = {"null_shift": rng.gamma(9.0, 0.3, 199), "dc_spike": rng.gamma(5.0, 1.5, 199), "prior_shift": rng.gamma(3.0, 0.2, 199)}
+    return key, parts, calibrate_combined(parts, 0.05, "ab" * 32, PROTOCOL, key)
+
+
 def test_null_spike_union_shares_the_budget_by_two_components_with_a_prior_backstop(tmp_path: Path, setup: tuple) -> None:
     """``null_spike_union``: ``null_shift`` and ``dc_spike`` are scaled by their clean
     thresholds, ``prior_shift`` (same pass) by its largest clean value (a backstop), and its
     threshold at the rate is kept as the mitigation's gate: saved, checked on load."""
     from recon.pipeline import prior_gate
 
-    detector = CyclicDetector(setup[0], FAMILY, prior_gain=4.0)
-    key = DetectorKey.of("null_spike_union", detector)
-    assert detector.passes("null_spike_union") == detector.passes("shift_null_spike_union")
-    rng = np.random.default_rng(3)
-    parts = {"null_shift": rng.gamma(9.0, 0.3, 199), "dc_spike": rng.gamma(5.0, 1.5, 199), "prior_shift": rng.gamma(3.0, 0.2, 199)}
-    cal = calibrate_combined(parts, 0.05, "ab" * 32, PROTOCOL, key)
+    key, parts, cal = _null_union(setup[0], "null_spike_union", 3)
     scales = dict(cal.scales)
     assert list(scales) == ["null_shift", "dc_spike", "prior_shift"]
     assert scales["null_shift"] == calibrate(parts["null_shift"], 0.05, "ab" * 32, PROTOCOL, key).threshold
@@ -488,12 +493,7 @@ def test_null_first_union_gives_null_shift_the_whole_budget(tmp_path: Path, setu
     slice still flags, one inside their range does not; the gate is kept."""
     from recon.pipeline import prior_gate
 
-    detector = CyclicDetector(setup[0], FAMILY, prior_gain=4.0)
-    key = DetectorKey.of("null_first_union", detector)
-    assert detector.passes("null_first_union") == detector.passes("null_spike_union")
-    rng = np.random.default_rng(4)
-    parts = {"null_shift": rng.gamma(9.0, 0.3, 199), "dc_spike": rng.gamma(5.0, 1.5, 199), "prior_shift": rng.gamma(3.0, 0.2, 199)}
-    cal = calibrate_combined(parts, 0.05, "ab" * 32, PROTOCOL, key)
+    key, parts, cal = _null_union(setup[0], "null_first_union", 4)
     scales = dict(cal.scales)
     alone = calibrate(parts["null_shift"], 0.05, "ab" * 32, PROTOCOL, key)
     assert scales == {"null_shift": alone.threshold, "dc_spike": pytest.approx(float(parts["dc_spike"].max())), "prior_shift": pytest.approx(float(parts["prior_shift"].max()))}
@@ -511,7 +511,7 @@ def test_null_first_union_gives_null_shift_the_whole_budget(tmp_path: Path, setu
     path = cal.save(tmp_path / "null_first.json")
     assert Calibration.load(path, "ab" * 32, PROTOCOL, key) == cal
     with pytest.raises(CalibrationError, match="made with detector"):
-        Calibration.load(path, "ab" * 32, PROTOCOL, DetectorKey.of("null_spike_union", detector))
+        Calibration.load(path, "ab" * 32, PROTOCOL, DetectorKey.of("null_spike_union", CyclicDetector(setup[0], FAMILY, prior_gain=4.0)))
 
 
 def test_shift_union_calibration_has_three_components(tmp_path: Path, setup: tuple) -> None:
