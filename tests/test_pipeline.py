@@ -110,21 +110,21 @@ def test_the_default_mitigation_corrects_the_data_until_the_prior_agrees(tiny: M
 
 
 def _null_defense(model: MoDL, shift_gate: float, null_gate: float, correct_null: bool = True) -> Defense:
-    """A ``null_spike_union`` defense whose calibration flags this slice (null_shift's scale
+    """A ``null_first_union`` defense whose calibration flags this slice (null_shift's scale
     ``null_gate``, prior_shift's gate ``shift_gate``)."""
     from dataclasses import replace
 
     from recon.detect.calibration import calibrate_combined
 
     detector = CyclicDetector(model, MaskFamily("equispaced", 2, 8), alternatives=1)
-    key = DetectorKey.of("null_spike_union", detector)
+    key = DetectorKey.of("null_first_union", detector)
     calibration = calibrate_combined({"null_shift": [1.0] * 20, "dc_spike": [1.0] * 20, "prior_shift": [1.0] * 20}, 0.05, "00" * 32, PROTOCOL, key)
     calibration = replace(calibration, threshold=1e-9, scales=(("null_shift", null_gate), ("dc_spike", 1e9), ("prior_shift", 1e9)), gates=(("prior_shift", shift_gate),))
-    return Defense(model, detector, calibration, "null_spike_union", noise_sigma=1.0, mitigation=MitigationSettings(correct_null=correct_null))
+    return Defense(model, detector, calibration, "null_first_union", noise_sigma=1.0, mitigation=MitigationSettings(correct_null=correct_null))
 
 
 def test_the_default_correction_also_acts_on_where_the_image_moves(tiny: MoDL, small_raw: tuple) -> None:
-    """With ``null_spike_union`` (the deployed statistic) a slice whose ``prior_shift`` is in
+    """With ``null_first_union`` (the deployed statistic) a slice whose ``prior_shift`` is in
     the clean range but whose ``null_shift`` is not is corrected until both are under the
     stop; with ``correct_null`` off the prior gate alone refuses it."""
     from recon.detect.cyclic import null_share, shift_of
@@ -253,7 +253,7 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_mitigated() -> None
     detector = detector_for(model, manifest)
     path = default_calibration_path(manifest)
     statistic = calibration_statistic(path)
-    assert statistic == "null_spike_union"  # the deployed statistic (benchmarks/RESULTS.md section 2)
+    assert statistic == "null_first_union"  # the deployed statistic (benchmarks/RESULTS.md section 2)
     calibration = Calibration.load(path, manifest.sha256, protocol, DetectorKey.of(statistic, detector))
     prepared = prepare(data)
     n = float(prepared.op.mask.sum()) * data.coils * data.shape[1]
@@ -269,8 +269,8 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_mitigated() -> None
 
 def test_the_site_key_reaches_the_deployed_detector(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """``CYCGUARD_DETECTOR_KEY`` keys the shipped defense's sensitive directions, or says
-    that it changes nothing when the shipped statistic has none (``null_spike_union``
-    from session 9); the shipped calibration still loads (the key is not part of it)."""
+    that it changes nothing when the shipped statistic has none (``null_first_union``
+    from session 10); the shipped calibration still loads (the key is not part of it)."""
     from recon.calibrate import calibration_statistic, default_calibration_path, load_defense, protocol_of
     from recon.data.demo import DEMO_RAW
     from recon.detect.cyclic import SENSITIVE_STATISTICS
