@@ -280,7 +280,7 @@ def prior_gate_of(detector: CyclicDetector, manifest: Any, args: argparse.Namesp
     in the calibration (checked against this model)."""
     from recon.calibrate import calibration_statistic, default_calibration_path
     from recon.detect.calibration import Calibration
-    from recon.pipeline import prior_gate
+    from recon.pipeline import null_gate, prior_gate
 
     path = args.calibration or default_calibration_path(manifest)
     protocol = model_protocol(manifest)
@@ -288,7 +288,7 @@ def prior_gate_of(detector: CyclicDetector, manifest: Any, args: argparse.Namesp
     gate = prior_gate(cal)
     if gate is None:
         raise SystemExit(f"{path}: calibration of {cal.detector.statistic} holds no prior_shift threshold; the prior mitigation needs one")
-    return gate, dict(cal.scales).get("null_shift")
+    return gate, null_gate(cal)
 
 
 def _null_gate(detector: CyclicDetector, item: Item, null_gate: float | None) -> Any:

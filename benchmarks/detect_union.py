@@ -48,7 +48,7 @@ from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores  # noqa: E4
 from recon.models.weights import load_model  # noqa: E402
 
 COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift")
-STATISTICS = (*COMPONENTS, "holdout_union", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union", "shift_null_spike_union", "null_spike_union", "null_first_union")
+STATISTICS = (*COMPONENTS, *COMBINED_STATISTICS)
 DEPLOYABLE = ("null_first_union", "null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "holdout_shift_union", "holdout_union")
 ATTACKS: list[tuple[str, float, str]] = [
     ("kspace-l2", 0.3, "noise norms"),

@@ -285,6 +285,12 @@ def prior_gate(calibration: Calibration) -> float | None:
     return dict(calibration.gates).get("prior_shift", dict(calibration.scales).get("prior_shift"))
 
 
+def null_gate(calibration: Calibration) -> float | None:
+    """The clean threshold of ``null_shift`` at the calibration's rate (a component's scale;
+    ``None``: it has none), the data correction's second gate."""
+    return dict(calibration.scales).get("null_shift")
+
+
 def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
     """Rewrite a flagged image by the configured mitigation, behind its safeguard.
 
@@ -358,8 +364,10 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
     x1 = prepared.image_tensor(image)
     known = checked.scores.prior_shift if checked.scores is not None else None
     t0 = time.perf_counter()
-    null_gate = dict(defense.calibration.scales).get("null_shift")
-    null = NullGate(null_gate, defense.detector.acs(prepared.op)) if settings.method == "correct" and settings.correct_null and null_gate is not None else None
+    null_threshold = null_gate(defense.calibration)
+    null = None
+    if settings.method == "correct" and settings.correct_null and null_threshold is not None:
+        null = NullGate(null_threshold, defense.detector.acs(prepared.op))
     if settings.method == "correct":
         result = mitigate_correct(
             defense.model, prepared.op, prepared.y, x1, defense.noise_sigma, gate, defense.detector.prior_gain,

@@ -232,15 +232,11 @@ def calibrate_combined(
     if len(lengths) != 1:
         raise ValueError(f"the components need one score per clean slice each, got {lengths}")
     backstops = BACKSTOPS.get(detector.statistic, ())
-
-    def scale_of(name: str) -> float:
-        single = calibrate(components[name], target_fpr, model_sha256, protocol, detector)
-        return max(single.clean_scores) if name in backstops else single.threshold
-
-    scales = tuple((name, scale_of(name)) for name in names)
+    alone = {name: calibrate(components[name], target_fpr, model_sha256, protocol, detector) for name in names}
+    scales = tuple((name, max(alone[name].clean_scores) if name in backstops else alone[name].threshold) for name in names)
     if any(scale <= 0 for _, scale in scales):
         raise ValueError(f"component thresholds must be positive to scale by, got {dict(scales)}")
-    gates = tuple((name, calibrate(components[name], target_fpr, model_sha256, protocol, detector).threshold) for name in GATES.get(detector.statistic, ()))
+    gates = tuple((name, alone[name].threshold) for name in GATES.get(detector.statistic, ()))
     combined = [max(float(components[name][i]) / scale for name, scale in scales) for i in range(lengths.pop())]
     single = calibrate(combined, target_fpr, model_sha256, protocol, detector)
     return Calibration(model_sha256, protocol, detector, target_fpr, single.threshold, single.clean_scores, scales, gates)

@@ -147,12 +147,19 @@ BACKSTOPS = {"null_spike_union": ("prior_shift",), "null_first_union": ("dc_spik
 # components whose clean threshold at the target rate a calibration keeps beside their
 # backstop scale: the mitigation's gate (recon/pipeline.py, ``prior_gate``)
 GATES = {"null_spike_union": ("prior_shift",), "null_first_union": ("prior_shift",)}
+
+
+def _needing(*components: str) -> tuple[str, ...]:
+    """The named components and every combination holding any of them."""
+    return (*components, *(name for name, parts in COMBINED_STATISTICS.items() if set(parts) & set(components)))
+
+
 # those that need the held-out folds (``score(..., holdout=True)``)
-FOLD_STATISTICS = ("holdout_noise", "holdout_sensitive", "holdout_union", "holdout_shift_union", "holdout_shift_spike_union")
+FOLD_STATISTICS = _needing("holdout_noise", "holdout_sensitive")
 # those that need the sensitive directions (``score(..., sensitive=True)``)
-SENSITIVE_STATISTICS = ("holdout_sensitive", "holdout_union", "holdout_shift_union", "holdout_shift_spike_union")
+SENSITIVE_STATISTICS = _needing("holdout_sensitive")
 # those that need the pass with a raised prior weight (``score(..., shift=True)``)
-SHIFT_STATISTICS = ("prior_shift", "null_shift", "holdout_shift_union", "holdout_shift_spike_union", "shift_spike_union", "shift_null_spike_union", "null_spike_union", "null_first_union")
+SHIFT_STATISTICS = _needing("prior_shift", "null_shift")
 # the local window (samples along the readout) of ``dc_spike``'s robust scale
 SPIKE_WINDOW = 9
 # statistics of the received data alone (given x1 = f(y)): the same for any rewrite of the
