@@ -38,7 +38,7 @@ from recon.baselines import cg_sense  # noqa: E402
 from recon.calibrate import model_protocol  # noqa: E402
 from recon.data.samples import Sample, simulated_slices  # noqa: E402
 from recon.detect import CyclicDetector, calibrate  # noqa: E402
-from recon.detect.calibration import DetectorKey  # noqa: E402
+from recon.detect.calibration import Calibration, DetectorKey  # noqa: E402
 from recon.detect.cyclic import STATISTICS, DetectionScores, noise_norm  # noqa: E402
 from recon.metrics import quality  # noqa: E402
 from recon.mitigate import k_from_image, mitigate_faithful, mitigate_kspace, randomized_smoothing  # noqa: E402
@@ -248,7 +248,8 @@ def main() -> None:
     (args.out / "defense.json").write_text(json.dumps(results, indent=1))
 
     # 4. mitigation on damaging attacks and on clean slices
-    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, *prior_gate_of(detector, manifest, args))
+    cal = product_calibration(detector, manifest, args)
+    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, *gates_of(cal), cal)
     (args.out / "defense.json").write_text(json.dumps(results, indent=1))
     plot_roc(roc_data, args.out / "defense_roc.png", args.statistic)
     plot_damage(results, args.out / "defense_damage.png")
@@ -263,32 +264,43 @@ def mitigation_only(args: argparse.Namespace) -> None:
     test_items = [to_item(s) for s in simulated_slices("heldout", args.clean, family, 8, seed=202)]
     victims = test_items[: args.mitigated]
     clean = [observe(model, detector, it)[0] for it in victims]
-    gate, null_gate = prior_gate_of(detector, manifest, args)
+    cal = product_calibration(detector, manifest, args)
+    gate, null_gate = gates_of(cal)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "defense.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, gate, null_gate)
-    results["prior_on_clean"] = prior_on_clean(model, detector, test_items, gate, null_gate)
+    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, gate, null_gate, cal)
+    results["prior_on_clean"] = prior_on_clean(model, detector, test_items, gate, null_gate, cal)
     path.write_text(json.dumps(results, indent=1))
     (args.out / "mitigation.md").write_text("\n".join(mitigation_markdown(results)) + "\n")
     if "attacks" in results:  # a full run's figures are there: the tables again, with this mitigation
         write_markdown(results, args.out / "defense.md", args.statistic)
 
 
-def prior_gate_of(detector: CyclicDetector, manifest: Any, args: argparse.Namespace) -> tuple[float, float | None]:
-    """The clean thresholds of ``prior_shift`` and (``None`` when it holds none) ``null_shift``
-    in the calibration (checked against this model)."""
+def product_calibration(detector: CyclicDetector, manifest: Any, args: argparse.Namespace) -> Calibration:
+    """The calibration the product would use (``--calibration``, default the one shipped with
+    the weights), checked against this model."""
     from recon.calibrate import calibration_statistic, default_calibration_path
-    from recon.detect.calibration import Calibration
-    from recon.pipeline import null_gate, prior_gate
 
     path = args.calibration or default_calibration_path(manifest)
-    protocol = model_protocol(manifest)
-    cal = Calibration.load(path, manifest.sha256, protocol, DetectorKey.of(calibration_statistic(path), detector))
+    return Calibration.load(path, manifest.sha256, model_protocol(manifest), DetectorKey.of(calibration_statistic(path), detector))
+
+
+def gates_of(cal: Calibration) -> tuple[float, float | None]:
+    """The clean thresholds of ``prior_shift`` and (``None`` when it holds none) ``null_shift``
+    in the calibration: the gated mitigations' gates."""
+    from recon.pipeline import null_gate, prior_gate
+
     gate = prior_gate(cal)
     if gate is None:
-        raise SystemExit(f"{path}: calibration of {cal.detector.statistic} holds no prior_shift threshold; the prior mitigation needs one")
+        raise SystemExit(f"calibration of {cal.detector.statistic} holds no prior_shift threshold; the prior mitigation needs one")
     return gate, null_gate(cal)
+
+
+def product_score(detector: CyclicDetector, cal: Calibration, item: Item, y: torch.Tensor, x1: torch.Tensor) -> float:
+    """The calibrated score the product gives a received slice (its statistic's passes)."""
+    with torch.no_grad():
+        return cal.score_of(detector.score_for(cal.detector.statistic, item.op, y, x1, item.sigma))
 
 
 def _null_gate(detector: CyclicDetector, item: Item, null_gate: float | None) -> Any:
@@ -298,16 +310,22 @@ def _null_gate(detector: CyclicDetector, item: Item, null_gate: float | None) ->
     return None if null_gate is None else NullGate(null_gate, detector.acs(item.op))
 
 
-def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], gate: float, null_gate: float | None = None) -> dict[str, Any]:
+def prior_on_clean(
+    model: Any, detector: CyclicDetector, items: list[Item], gate: float, null_gate: float | None = None, cal: Calibration | None = None
+) -> dict[str, Any]:
     """Every clean test slice pushed through the gated prior mitigation (a false positive's
     fate): how many the gate lets through and the PSNR change of what ships; likewise the
-    data correction, and with ``null_gate`` the correction that also weighs ``null_shift``."""
+    data correction, and with ``null_gate`` the correction that also weighs ``null_shift``.
+    With the product's calibration ``cal``: what the product ships for the slice (the
+    correction with ``null_shift`` only when the score exceeds every clean calibration
+    score, ``MitigationSettings.rewrite_beyond_clean``), and how many it flags."""
     from recon.mitigate.prior import mitigate_correct, mitigate_prior
     from recon.pipeline import MitigationSettings
 
     settings = MitigationSettings()
     gain = settings.prior_gain
     changes, accepted, raw, corrected, corrected_accepted, nulled, nulled_accepted = [], 0, [], [], 0, [], 0
+    flagged, product = 0, []
     for item in tqdm(items, desc="clean through the gated mitigations"):
         with torch.no_grad():
             x1 = model(item.x_zf, item.op)
@@ -330,9 +348,18 @@ def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], gate
             )
             nulled_accepted += null.accepted
             nulled.append((psnr(null.image, item) if null.image is not None else base) - base)
-    extra = {}
-    if nulled:
+            if cal is not None:
+                score = product_score(detector, cal, item, item.y, x1)
+                flagged += cal.flags(score)
+                product.append(nulled[-1] if cal.flags(score) and score > cal.clean_max else 0.0)
+    extra: dict[str, Any] = {}
+    if product:
         extra = {
+            "product_flagged": flagged, "product_clean_max": cal.clean_max if cal is not None else None,
+            "product_rewritten_change_db": [c for c in product if c != 0.0], "product_change_db_mean": float(np.mean(product)),
+        }
+    if nulled:
+        extra |= {
             "null_gate": null_gate, "null_accepted": nulled_accepted, "null_change_db_mean": float(np.mean(nulled)), "null_change_db_min": float(np.min(nulled)),
             "null_rewritten_change_db": [c for c in nulled if c != 0.0],
         }
@@ -405,12 +432,15 @@ def _correction_columns(
 
 
 def mitigation_phase(
-    model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, gate: float, null_gate: float | None = None
+    model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, gate: float,
+    null_gate: float | None = None, cal: Calibration | None = None,
 ) -> dict[str, Any]:
     """Every mitigation and baseline on attacked and clean victims; ``gate``: the prior
     mitigation's clean threshold of ``prior_shift``, ``null_gate`` ``null_shift``'s
-    (:func:`prior_gate_of`; the ``null`` columns, the product's default data correction,
-    only with it)."""
+    (:func:`gates_of`; the ``null`` columns, the product's default data correction,
+    only with it). With the product's calibration ``cal`` (and ``null_gate``), the
+    ``product`` column: what the product ships, the correction's image only when the
+    slice's score exceeds every clean calibration score (``rewrite_beyond_clean``)."""
     from recon.mitigate.prior import mitigate_prior
     from recon.pipeline import MitigationSettings, safeguard, safeguard_statistic
 
@@ -455,6 +485,12 @@ def mitigation_phase(
             shipped = _correction_columns(row, "correct", model, detector, item, y_in, x1, gate, settings)
             if null_gate is not None:  # the correction that also weighs null_shift (the product's default with such a calibration)
                 shipped = _correction_columns(row, "null", model, detector, item, y_in, x1, gate, settings, _null_gate(detector, item, null_gate))
+                if cal is not None:
+                    row["score"] = product_score(detector, cal, item, y_in, x1)
+                    row["product_flagged"] = float(cal.flags(row["score"]))
+                    row["product_rewritten"] = float(cal.flags(row["score"]) and row["score"] > cal.clean_max and row["null_accepted"] > 0)
+                    shipped = shipped if row["product_rewritten"] else x1
+                    row["product"] = psnr(shipped, item)
             if i < args.faithful:
                 x_rx = item.op.adjoint(y_in) if x_in is None else x_in
                 t0 = time.perf_counter()
@@ -475,18 +511,18 @@ def mitigation_phase(
         if "null_passes" in rows[0]:
             summary["null_passes"] = float(np.mean([r["null_passes"] for r in rows]))
         loss = summary["clean"] - summary["attacked"]
-        for method in ("ours", "ours_shipped", "prior", "prior_shipped", "correct", "correct_shipped", "null", "null_shipped", "faithful", "range_projection", "smoothing", "cg_sense"):
+        for method in ("product", "ours", "ours_shipped", "prior", "prior_shipped", "correct", "correct_shipped", "null", "null_shipped", "faithful", "range_projection", "smoothing", "cg_sense"):
             if method in summary and loss > 0.5:
                 summary[f"{method}_recovered"] = (summary[method] - summary["attacked"]) / loss
         damaging = [r for r in rows if r["clean"] - r["attacked"] >= 3]  # the target's cases: attacks costing >= 3 dB
         if damaging and name != "none":
-            for method in ("correct", "correct_shipped", "null", "null_shipped", "prior", "prior_shipped", "ours_shipped"):
+            for method in ("product", "correct", "correct_shipped", "null", "null_shipped", "prior", "prior_shipped", "ours_shipped"):
                 if method not in damaging[0]:
                     continue
                 summary[f"{method}_recovered_3db"] = float(np.mean([(r[method] - r["attacked"]) / (r["clean"] - r["attacked"]) for r in damaging]))
             summary["damaging_3db"] = len(damaging)
         out[case] = {"summary": summary, "rows": rows}
-    before_after(args.out / "defense_montage.png", montage_rows, victims[0].reference, ("received", "shipped (data correction)"))
+    before_after(args.out / "defense_montage.png", montage_rows, victims[0].reference, ("received", "what the product ships"))
     return out
 
 
@@ -554,25 +590,25 @@ def _formatter(summary: dict[str, Any]) -> Any:
 def mitigation_markdown(results: dict[str, Any]) -> list[str]:
     """The mitigation tables (PSNR dB means; recovered = share of the attack's loss)."""
     lines = [
-        "| mitigation case | clean | attacked | correct + null | correct + null shipped (gates) | accepted | correct | correct shipped (gate) | accepted | prior | prior shipped (gate) | accepted | cyclic (ours) | cyclic shipped (safeguard) | accepted | faithful | range proj. | smoothing | CG-SENSE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mitigation case | clean | attacked | **product ships** | flagged / rewritten | correct + null | correct + null shipped (gates) | accepted | correct | correct shipped (gate) | accepted | prior | prior shipped (gate) | accepted | cyclic (ours) | cyclic shipped (safeguard) | accepted | faithful | range proj. | smoothing | CG-SENSE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mitigation = results.get("mitigation", {})
     for case, m in mitigation.items():
         f = _formatter(m["summary"])
         lines.append(
-            f"| {case} | {f('clean')} | {f('attacked')} | {f('null')} | {f('null_shipped')} | {f('null_accepted')} | {f('correct')} | {f('correct_shipped')} | {f('correct_accepted')} | {f('prior')} | {f('prior_shipped')} | {f('prior_accepted')} | {f('ours')} | {f('ours_shipped')} | "
+            f"| {case} | {f('clean')} | {f('attacked')} | {f('product')} | {f('product_flagged')} / {f('product_rewritten')} | {f('null')} | {f('null_shipped')} | {f('null_accepted')} | {f('correct')} | {f('correct_shipped')} | {f('correct_accepted')} | {f('prior')} | {f('prior_shipped')} | {f('prior_accepted')} | {f('ours')} | {f('ours_shipped')} | "
             f"{f('ours_accepted')} | {f('faithful')} | {f('range_projection')} | {f('smoothing')} | {f('cg_sense')} |"
         )
     lines += [
         "",
-        "| mitigation case | recovered: correct + null / shipped / correct / correct shipped / prior / prior shipped / cyclic / cyclic shipped / faithful / range proj. / smoothing / CG-SENSE | on slices losing >= 3 dB: correct + null / shipped / correct / correct shipped / prior / prior shipped / cyclic shipped (n) | passes correct + null / correct / prior / cyclic / faithful |",
+        "| mitigation case | recovered: product / correct + null / shipped / correct / correct shipped / prior / prior shipped / cyclic / cyclic shipped / faithful / range proj. / smoothing / CG-SENSE | on slices losing >= 3 dB: product / correct + null / shipped / correct / correct shipped / prior / prior shipped / cyclic shipped (n) | passes correct + null / correct / prior / cyclic / faithful |",
         "|---|---|---|---|",
     ]
     for case, m in mitigation.items():
         f = _formatter(m["summary"])
-        shares = " / ".join(f(f"{k}_recovered") for k in ("null", "null_shipped", "correct", "correct_shipped", "prior", "prior_shipped", "ours", "ours_shipped", "faithful", "range_projection", "smoothing", "cg_sense"))
-        damaging = " / ".join(f(f"{k}_recovered_3db") for k in ("null", "null_shipped", "correct", "correct_shipped", "prior", "prior_shipped", "ours_shipped")) + f" ({m['summary'].get('damaging_3db', 0)})"
+        shares = " / ".join(f(f"{k}_recovered") for k in ("product", "null", "null_shipped", "correct", "correct_shipped", "prior", "prior_shipped", "ours", "ours_shipped", "faithful", "range_projection", "smoothing", "cg_sense"))
+        damaging = " / ".join(f(f"{k}_recovered_3db") for k in ("product", "null", "null_shipped", "correct", "correct_shipped", "prior", "prior_shipped", "ours_shipped")) + f" ({m['summary'].get('damaging_3db', 0)})"
         lines.append(f"| {case} | {shares} | {damaging} | {f('null_passes')} / {f('correct_passes')} / {f('prior_passes')} / {f('ours_passes')} / {f('faithful_passes')} |")
     c = results.get("prior_on_clean")
     if c:
@@ -592,6 +628,14 @@ def mitigation_markdown(results: dict[str, Any]) -> list[str]:
                 f"Through the gated data correction with null_shift (gates: prior_shift > {c['gate']:.4g} or null_shift > {c['null_gate']:.4g}): "
                 f"{c['null_accepted']} of {c['slices']} rewritten; PSNR change of what ships mean {c['null_change_db_mean']:+.3f} dB, "
                 f"worst {c['null_change_db_min']:+.2f} dB (the rewritten: {', '.join(f'{v:+.2f}' for v in c['null_rewritten_change_db'])})."
+            )
+        if "product_flagged" in c:
+            rewritten = c["product_rewritten_change_db"]
+            lines.append(
+                f"What the product ships (rewrite only beyond the largest clean calibration score, {c['product_clean_max']:.4g}): "
+                f"{c['product_flagged']} of {c['slices']} flagged, {len(rewritten)} rewritten"
+                + (f" ({', '.join(f'{v:+.2f}' for v in rewritten)} dB)" if rewritten else "")
+                + f"; PSNR change of what ships mean {c['product_change_db_mean']:+.3f} dB."
             )
     return lines
 

@@ -195,6 +195,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         _out("scales: " + ", ".join(f"{name} {scale:.4g}" for name, scale in calibration.scales))
     if calibration.gates:
         _out("mitigation gates: " + ", ".join(f"{name} {gate:.4g}" for name, gate in calibration.gates))
+    _out(
+        f"mitigation rewrites only a flagged slice scoring above {calibration.clean_max:.6g}, the largest of the {len(scores)} clean "
+        "scores (rewrite_beyond_clean)"
+    )
     backstops = BACKSTOPS.get(args.statistic, ())
     if backstops:  # each scaled by the largest clean value: a new clean slice exceeds it with probability up to 1 / (n + 1)
         bound = args.fpr + len(backstops) / (len(scores) + 1)

@@ -35,7 +35,7 @@ class MitigateStage(CheckedImageStage):
         super().__init__(settings.forward_internal, settings.weights, settings.calibration, settings.device, resources)
         self.settings = settings
         self.mitigation = MitigationSettings(
-            enabled=settings.enabled, method=settings.method, correct_radius=settings.correct_radius, correct_steps=settings.correct_steps,
+            enabled=settings.enabled, rewrite_beyond_clean=settings.rewrite_beyond_clean, method=settings.method, correct_radius=settings.correct_radius, correct_steps=settings.correct_steps,
             correct_stop=settings.correct_stop, correct_null=settings.correct_null, prior_gain=settings.prior_gain, fidelity=settings.fidelity, radius=settings.radius, iterations=settings.iterations,
             lr=settings.lr, patience=settings.patience, max_dc_increase=settings.max_dc_increase, time_budget=settings.time_budget,
         )

@@ -72,6 +72,10 @@ class MitigateSettings:
     weights: str = prop("", "network weights; must be the model that made the images (checked by hash)")
     calibration: str = prop("", "calibration JSON; must be the one the detect gadget used (checked)")
     enabled: bool = prop(True, "rewrite flagged images at all (off: they leave flagged, unchanged)")
+    rewrite_beyond_clean: bool = prop(
+        True, "rewrite only a flagged image whose score exceeds every clean calibration slice's (p-value at its floor); one flagged "
+        "inside the clean range leaves flagged, unchanged (off: every flagged image goes to the method)"
+    )
     method: str = prop(
         "correct", "correct (when the image moves like an attacked one, correct the measured lines until the network's prior "
         "agrees, and reconstruct them; needs a calibration with prior_shift), prior (the network with its prior weighted "

@@ -54,6 +54,7 @@ def test_calibrate_from_clean_raw_files_and_use_it(tmp_path: Path) -> None:
     made = _run("calibrate", str(DEMO_RAW), "--fpr", "0.25", "-o", str(tmp_path / "c.json"))
     assert made.returncode == 0, made.stderr
     assert "4 clean slices" in made.stdout
+    assert "mitigation rewrites only a flagged slice scoring above " in made.stdout
     assert "scales: null_shift " in made.stdout and "mitigation gates: prior_shift " in made.stdout  # the deployed statistic's
     # two backstops scaled by the largest of 4 clean slices: each may add 1/5 on new clean slices
     assert "backstops: dc_spike, prior_shift (false-positive rate on new clean slices up to 0.65;" in made.stdout

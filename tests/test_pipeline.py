@@ -109,6 +109,25 @@ def test_the_default_mitigation_corrects_the_data_until_the_prior_agrees(tiny: M
     assert np.isfinite(result.image).all() and not np.array_equal(result.image, reconstruct(data, tiny).image)
 
 
+def test_a_slice_flagged_inside_the_clean_range_is_not_rewritten(tiny: MoDL, small_raw: tuple) -> None:
+    """Flagged (over the 5 % threshold) but below the largest clean calibration score: the
+    original ships, ``flagged``, and the comment says why; with ``rewrite_beyond_clean`` off
+    the same slice is corrected."""
+    from dataclasses import replace
+
+    data = read_raw(small_raw[0]).slices[0]
+    shift = _received_shift(tiny, data)
+    defense = _prior_defense(tiny, [0.8 * shift] * 39 + [1.2 * shift])  # threshold 0.8 x, clean maximum 1.2 x this slice's shift
+    assert defense.calibration.threshold == pytest.approx(0.8 * shift) and defense.calibration.clean_max == pytest.approx(1.2 * shift)
+    kept = defend(data, defense)
+    assert kept.verdict == "flagged" and kept.score > kept.threshold, kept.reason
+    assert f"within the clean calibration range (largest {1.2 * shift:.4g} of 40 clean slices)" in kept.reason
+    np.testing.assert_array_equal(kept.image, reconstruct(data, tiny).image)
+    assert "mitigate" not in dict(kept.network_passes)
+    rewritten = defend(data, replace(defense, mitigation=MitigationSettings(rewrite_beyond_clean=False)))
+    assert rewritten.verdict == "mitigated" and "data corrected by" in rewritten.reason, rewritten.reason
+
+
 def _null_defense(model: MoDL, shift_gate: float, null_gate: float, correct_null: bool = True) -> Defense:
     """A ``null_first_union`` defense whose calibration flags this slice (null_shift's scale
     ``null_gate``, prior_shift's gate ``shift_gate``)."""

@@ -103,6 +103,12 @@ class Calibration:
         """Whether ``score`` exceeds the threshold (non-finite scores are flagged: fail closed)."""
         return not math.isfinite(score) or score > self.threshold
 
+    @property
+    def clean_max(self) -> float:
+        """The largest clean calibration score: a score above it has the smallest p-value a
+        calibration of this size can give, ``1 / (n + 1)``."""
+        return max(self.clean_scores)
+
     def p_value(self, score: float) -> float:
         """Conformal p-value of ``score`` among the clean calibration scores."""
         if not math.isfinite(score):
