@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, set_meta, with_pixels
@@ -26,6 +26,12 @@ from recon.pipeline import CheckResult, MitigationSettings, mitigate_flagged, pr
 log = logging.getLogger("cycguard.gadget.mitigate")
 
 
+def mitigation_settings(settings: MitigateSettings) -> MitigationSettings:
+    """The pipeline's mitigation settings from the gadget's properties (every field of
+    :class:`recon.pipeline.MitigationSettings` is a property of the same name)."""
+    return MitigationSettings(**{f.name: getattr(settings, f.name) for f in fields(MitigationSettings)})
+
+
 class MitigateStage(CheckedImageStage):
     """Rewrites flagged CycGuard images."""
 
@@ -34,11 +40,7 @@ class MitigateStage(CheckedImageStage):
     def __init__(self, settings: MitigateSettings, resources: Resources) -> None:
         super().__init__(settings.forward_internal, settings.weights, settings.calibration, settings.device, resources)
         self.settings = settings
-        self.mitigation = MitigationSettings(
-            enabled=settings.enabled, rewrite_beyond_clean=settings.rewrite_beyond_clean, method=settings.method, correct_radius=settings.correct_radius, correct_steps=settings.correct_steps,
-            correct_stop=settings.correct_stop, correct_null=settings.correct_null, prior_gain=settings.prior_gain, fidelity=settings.fidelity, radius=settings.radius, iterations=settings.iterations,
-            lr=settings.lr, patience=settings.patience, max_dc_increase=settings.max_dc_increase, time_budget=settings.time_budget,
-        )
+        self.mitigation = mitigation_settings(settings)
 
     def handle(self, item: Any, context: SliceContext) -> list[Any]:
         meta = meta_of(item)

@@ -42,6 +42,23 @@ def test_properties_are_typed_and_checked() -> None:
     assert params.parse("gadgets.recon", "recon", legacy)[params.ReconSettings].forward_internal is True
 
 
+def test_every_mitigation_setting_is_a_property_that_reaches_the_pipeline() -> None:
+    """Each field of the pipeline's ``MitigationSettings`` is a mitigate-gadget property, and a
+    value set in the XML is the value the pipeline gets (e.g. ``rewrite_beyond_clean``)."""
+    from dataclasses import fields
+
+    from gadgets.mitigate import mitigation_settings
+    from recon.pipeline import MitigationSettings
+
+    names = {f.name for f in fields(MitigationSettings)}
+    assert names <= {f.name for f in fields(params.MitigateSettings)}
+    xml = _config(rewrite_beyond_clean="false", correct_null="false", correct_stop="0.5", method="prior", prior_gain="12")
+    settings = mitigation_settings(params.parse("gadgets.mitigate", "mitigate", xml)[params.MitigateSettings])
+    assert settings.rewrite_beyond_clean is False and settings.correct_null is False and settings.correct_stop == 0.5
+    assert settings.method == "prior" and settings.prior_gain == 12.0 and settings.patience == MitigationSettings().patience
+    assert mitigation_settings(params.MitigateSettings()) == MitigationSettings()  # the same defaults on both sides
+
+
 @pytest.mark.parametrize(
     ("module", "target", "values", "message"),
     [
