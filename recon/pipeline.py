@@ -191,8 +191,8 @@ class DefendedResult:
 
     Attributes:
         image: ``(y, x)`` complex64, the image to ship.
-        verdict: ``clean``, ``flagged`` (failed the check; mitigation off or refused by the
-            safeguard) or ``mitigated`` (rewritten).
+        verdict: ``clean``, ``flagged`` (failed the check; mitigation off, the score within
+            the clean calibration range, or the rewrite refused) or ``mitigated`` (rewritten).
         score: the calibrated statistic of the received reconstruction.
         threshold: the calibrated threshold.
         p_value: conformal p-value of ``score`` among the clean calibration scores.
@@ -305,8 +305,13 @@ def null_gate(calibration: Calibration) -> float | None:
 def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
     """Rewrite a flagged image by the configured mitigation, behind its safeguard.
 
-    ``prior`` (default): :func:`recon.mitigate.prior.mitigate_prior`, which rewrites only
-    when the received image's ``prior_shift`` exceeds its calibrated clean threshold. With a
+    With ``rewrite_beyond_clean`` (the default) only an image whose score exceeds every
+    clean calibration score goes to the method; one flagged inside the clean range ships
+    unchanged, ``flagged``.
+
+    ``correct`` (default, :func:`recon.mitigate.prior.mitigate_correct`) and ``prior``
+    (:func:`recon.mitigate.prior.mitigate_prior`) rewrite only when the received image's
+    ``prior_shift`` (or, for ``correct``, ``null_shift``) exceeds its calibrated clean threshold. With a
     calibration that holds no such threshold the original ships, ``flagged``, and the reason
     says why. ``cyclic``: the rewrite ships only when its statistic against the received data is lower than the
     original's and it stays within ``max_dc_increase`` noise norms of the original's data
