@@ -248,8 +248,7 @@ def main() -> None:
     (args.out / "defense.json").write_text(json.dumps(results, indent=1))
 
     # 4. mitigation on damaging attacks and on clean slices
-    cal = product_calibration(detector, manifest, args)
-    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, *gates_of(cal), cal)
+    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, product_calibration(detector, manifest, args))
     (args.out / "defense.json").write_text(json.dumps(results, indent=1))
     plot_roc(roc_data, args.out / "defense_roc.png", args.statistic)
     plot_damage(results, args.out / "defense_damage.png")
@@ -265,12 +264,11 @@ def mitigation_only(args: argparse.Namespace) -> None:
     victims = test_items[: args.mitigated]
     clean = [observe(model, detector, it)[0] for it in victims]
     cal = product_calibration(detector, manifest, args)
-    gate, null_gate = gates_of(cal)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "defense.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, gate, null_gate, cal)
-    results["prior_on_clean"] = prior_on_clean(model, detector, test_items, gate, null_gate, cal)
+    results["mitigation"] = mitigation_phase(model, detector, victims, clean, args, cal)
+    results["prior_on_clean"] = prior_on_clean(model, detector, test_items, cal)
     path.write_text(json.dumps(results, indent=1))
     (args.out / "mitigation.md").write_text("\n".join(mitigation_markdown(results)) + "\n")
     if "attacks" in results:  # a full run's figures are there: the tables again, with this mitigation
@@ -297,10 +295,16 @@ def gates_of(cal: Calibration) -> tuple[float, float | None]:
     return gate, null_gate(cal)
 
 
-def product_score(detector: CyclicDetector, cal: Calibration, item: Item, y: torch.Tensor, x1: torch.Tensor) -> float:
-    """The calibrated score the product gives a received slice (its statistic's passes)."""
+def product_scores(detector: CyclicDetector, cal: Calibration, item: Item, y: torch.Tensor, x1: torch.Tensor) -> DetectionScores:
+    """The scores the product's detector gives a received slice (its statistic's passes)."""
     with torch.no_grad():
-        return cal.score_of(detector.score_for(cal.detector.statistic, item.op, y, x1, item.sigma))
+        return detector.score_for(cal.detector.statistic, item.op, y, x1, item.sigma)
+
+
+def product_rewrites(cal: Calibration, score: float) -> bool:
+    """Whether the product sends a slice with ``score`` to its mitigation: flagged and past
+    every clean calibration score (``MitigationSettings.rewrite_beyond_clean``)."""
+    return cal.flags(score) and score > cal.clean_max
 
 
 def _null_gate(detector: CyclicDetector, item: Item, null_gate: float | None) -> Any:
@@ -310,26 +314,26 @@ def _null_gate(detector: CyclicDetector, item: Item, null_gate: float | None) ->
     return None if null_gate is None else NullGate(null_gate, detector.acs(item.op))
 
 
-def prior_on_clean(
-    model: Any, detector: CyclicDetector, items: list[Item], gate: float, null_gate: float | None = None, cal: Calibration | None = None
-) -> dict[str, Any]:
+def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], cal: Calibration) -> dict[str, Any]:
     """Every clean test slice pushed through the gated prior mitigation (a false positive's
     fate): how many the gate lets through and the PSNR change of what ships; likewise the
-    data correction, and with ``null_gate`` the correction that also weighs ``null_shift``.
-    With the product's calibration ``cal``: what the product ships for the slice (the
-    correction with ``null_shift`` only when the score exceeds every clean calibration
-    score, ``MitigationSettings.rewrite_beyond_clean``), and how many it flags."""
+    data correction, and where the product's calibration ``cal`` holds a ``null_shift``
+    threshold, the correction that also weighs it and what the product ships (that
+    correction only when :func:`product_rewrites`), with how many it flags. The gates'
+    evidence is the product detector's, scored once per slice."""
     from recon.mitigate.prior import mitigate_correct, mitigate_prior
     from recon.pipeline import MitigationSettings
 
     settings = MitigationSettings()
     gain = settings.prior_gain
+    gate, null_gate = gates_of(cal)
     changes, accepted, raw, corrected, corrected_accepted, nulled, nulled_accepted = [], 0, [], [], 0, [], 0
     flagged, product = 0, []
     for item in tqdm(items, desc="clean through the gated mitigations"):
         with torch.no_grad():
             x1 = model(item.x_zf, item.op)
-        result = mitigate_prior(model, item.op, item.y, x1, item.sigma, gate, detector.prior_gain, gain)
+        scores = product_scores(detector, cal, item, item.y, x1)
+        result = mitigate_prior(model, item.op, item.y, x1, item.sigma, gate, detector.prior_gain, gain, scores.prior_shift)
         base = psnr(x1, item)
         with torch.no_grad():
             raw.append(psnr(model(item.x_zf, item.op, prior_gain=gain), item) - base)
@@ -344,18 +348,17 @@ def prior_on_clean(
         if null_gate is not None:
             null = mitigate_correct(
                 model, item.op, item.y, x1, item.sigma, gate, detector.prior_gain, settings.correct_stop * gate,
-                settings.correct_radius, settings.correct_steps, null=_null_gate(detector, item, null_gate),
+                settings.correct_radius, settings.correct_steps, shift=result.shift, null=_null_gate(detector, item, null_gate), null_shift=scores.null_shift,
             )
             nulled_accepted += null.accepted
             nulled.append((psnr(null.image, item) if null.image is not None else base) - base)
-            if cal is not None:
-                score = product_score(detector, cal, item, item.y, x1)
-                flagged += cal.flags(score)
-                product.append(nulled[-1] if cal.flags(score) and score > cal.clean_max else 0.0)
+            score = cal.score_of(scores)
+            flagged += cal.flags(score)
+            product.append(nulled[-1] if product_rewrites(cal, score) else 0.0)
     extra: dict[str, Any] = {}
     if product:
         extra = {
-            "product_flagged": flagged, "product_clean_max": cal.clean_max if cal is not None else None,
+            "product_flagged": flagged, "product_clean_max": cal.clean_max,
             "product_rewritten_change_db": [c for c in product if c != 0.0], "product_change_db_mean": float(np.mean(product)),
         }
     if nulled:
@@ -431,20 +434,17 @@ def _correction_columns(
     return shipped
 
 
-def mitigation_phase(
-    model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, gate: float,
-    null_gate: float | None = None, cal: Calibration | None = None,
-) -> dict[str, Any]:
-    """Every mitigation and baseline on attacked and clean victims; ``gate``: the prior
-    mitigation's clean threshold of ``prior_shift``, ``null_gate`` ``null_shift``'s
-    (:func:`gates_of`; the ``null`` columns, the product's default data correction,
-    only with it). With the product's calibration ``cal`` (and ``null_gate``), the
-    ``product`` column: what the product ships, the correction's image only when the
-    slice's score exceeds every clean calibration score (``rewrite_beyond_clean``)."""
+def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], clean: list[Observation], args: argparse.Namespace, cal: Calibration) -> dict[str, Any]:
+    """Every mitigation and baseline on attacked and clean victims, gated by the clean
+    thresholds in the product's calibration ``cal`` (:func:`gates_of`). Where it holds a
+    ``null_shift`` threshold: the ``null`` columns (the product's default data correction)
+    and the ``product`` column, what the product ships (that correction's image only when
+    :func:`product_rewrites`). Each mitigation pays its own gate pass, as it would alone."""
     from recon.mitigate.prior import mitigate_prior
     from recon.pipeline import MitigationSettings, safeguard, safeguard_statistic
 
     settings = MitigationSettings()
+    gate, null_gate = gates_of(cal)
     judge = safeguard_statistic(args.statistic)
     cases = {
         "kspace-l2 0.3 noise norms": ("kspace-l2", 0.3), "kspace-l2 1 noise norms": ("kspace-l2", 1.0), "kspace-l2 3 noise norms": ("kspace-l2", 3.0),
@@ -485,12 +485,11 @@ def mitigation_phase(
             shipped = _correction_columns(row, "correct", model, detector, item, y_in, x1, gate, settings)
             if null_gate is not None:  # the correction that also weighs null_shift (the product's default with such a calibration)
                 shipped = _correction_columns(row, "null", model, detector, item, y_in, x1, gate, settings, _null_gate(detector, item, null_gate))
-                if cal is not None:
-                    row["score"] = product_score(detector, cal, item, y_in, x1)
-                    row["product_flagged"] = float(cal.flags(row["score"]))
-                    row["product_rewritten"] = float(cal.flags(row["score"]) and row["score"] > cal.clean_max and row["null_accepted"] > 0)
-                    shipped = shipped if row["product_rewritten"] else x1
-                    row["product"] = psnr(shipped, item)
+                row["score"] = cal.score_of(product_scores(detector, cal, item, y_in, x1))
+                row["product_flagged"] = float(cal.flags(row["score"]))
+                row["product_rewritten"] = float(product_rewrites(cal, row["score"]) and row["null_accepted"] > 0)
+                shipped = shipped if row["product_rewritten"] else x1
+                row["product"] = psnr(shipped, item)
             if i < args.faithful:
                 x_rx = item.op.adjoint(y_in) if x_in is None else x_in
                 t0 = time.perf_counter()
