@@ -62,7 +62,9 @@ class AttackStage:
 
     def _attack(self, op: Any, y: torch.Tensor, sigma: float, scale: float) -> torch.Tensor:
         s = self.settings
-        gen = torch.Generator(device=y.device).manual_seed(int(torch.randint(2**31 - 1, (1,), generator=self.generator)))
+        # a CPU generator whatever the device: the attacks draw on the CPU and move the draws
+        # (recon.physics.noise.complex_randn), so a seed gives the same attack on every device
+        gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,), generator=self.generator)))
         if s.attack == "pgd_l2":
             return pgd_kspace_l2(self.model, op, y, s.budget * scale, gen, steps=s.steps)
         if s.attack == "fgsm":

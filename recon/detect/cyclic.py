@@ -444,7 +444,7 @@ class CyclicDetector:
 
     def acs(self, op: SenseOp) -> Tensor:
         """``(ky,)`` bool: the ACS lines of ``op``'s sampling (left out of ``null_shift``'s denominator)."""
-        return torch.from_numpy(self.family.acs_mask(op.mask.shape[-1]))
+        return torch.from_numpy(self.family.acs_mask(op.mask.shape[-1])).to(op.mask.device)
 
     def cycle(self, op: SenseOp, y: Tensor, x1: Tensor) -> Cycle:
         """Build the cycle's fixed parts for a slice (batch of 1)."""
