@@ -9,7 +9,11 @@ the demo protocol (8 coils, R = 4 + 16 ACS, 2x readout oversampling, noise scans
 The first ``--attacked`` slices are also sent attacked (l2 PGD on the measured lines, 1
 acquisition-noise norm: flagged above the clean range, so the mitigation runs), and those
 give the mitigation's cost. Each device gets one untimed warm-up of a clean and an attacked
-slice (CUDA start-up, kernel selection), then every slice once.
+slice (CUDA start-up, kernel selection), then every slice once. With ``--variants N`` the
+first N attacked slices also go through the other mitigations, timed alike: the product's
+``cyclic`` method (the k-space cyclic mitigation behind its safeguard, through ``defend``) and
+the paper-faithful image-domain one (``recon.mitigate.mitigate_faithful``, 100 iterations,
+as ``benchmarks.defense`` runs it).
 
 With several devices, the same raw data go through each and the verdicts, scores and
 images are compared (the GPU check: a device may change the arithmetic's rounding, not the
@@ -39,9 +43,10 @@ from recon.data import mni
 from recon.data.demo import make_demo
 from recon.detect.cyclic import noise_norm
 from recon.io.mrd import read_raw
+from recon.mitigate import mitigate_faithful
 from recon.models.weights import load_model
 from recon.offline import resolve_device
-from recon.pipeline import DefendedResult, Defense, defend, prepare
+from recon.pipeline import DefendedResult, Defense, clock, defend, prepare, reconstruct
 from recon.types import SliceKSpace
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,7 +79,27 @@ def inputs(slices: int, attacked: int, folder: Path) -> tuple[list[tuple[str, Sl
     return out, scan.protocol.acceleration
 
 
-def run_device(name: str, slices: list[tuple[str, SliceKSpace, float]], acceleration: int) -> tuple[dict[str, Any], list[DefendedResult]]:
+def variant_costs(defense: Defense, data: SliceKSpace, sigma: float, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Seconds and network passes of the other mitigations on one attacked slice."""
+    cyclic = replace(defense, noise_sigma=sigma, mitigation=replace(defense.mitigation, method="cyclic"))
+    result = defend(data, cyclic, device)
+    timings, passes = dict(result.timings), dict(result.network_passes)
+    out = {"cyclic": {"seconds": timings.get("mitigate", 0.0), "passes": passes.get("mitigate", 0), "verdict": result.verdict}}
+    received = reconstruct(data, defense.model, device)  # the flagged image the mitigations start from
+    prepared = received.prepared
+    x1 = prepared.image_tensor(received.image)
+    scale = float(prepared.x_zf.abs().max())
+    t0 = clock(x1)
+    with torch.no_grad():
+        cycle = defense.detector.cycle(prepared.op, prepared.y, x1)
+    faithful = mitigate_faithful(defense.model, prepared.op, prepared.x_zf, cycle, 0.01 * scale, 0.005 * scale)
+    out["faithful"] = {"seconds": clock(faithful.image) - t0, "passes": faithful.network_passes}
+    return out
+
+
+def run_device(
+    name: str, slices: list[tuple[str, SliceKSpace, float]], acceleration: int, variants: int = 0
+) -> tuple[dict[str, Any], list[DefendedResult]]:
     """Every slice through ``defend`` on one device: per-slice stage seconds, passes, verdicts."""
     device = resolve_device(name)
     model, manifest = load_model(None, device)
@@ -106,12 +131,21 @@ def run_device(name: str, slices: list[tuple[str, SliceKSpace, float]], accelera
                 "wall": wall,
             }
         )
+    attacked = [(data, sigma) for kind, data, sigma in slices if kind == "attacked"][:variants]
+    costs = [variant_costs(defense, data, sigma, device) for data, sigma in tqdm(attacked, desc=f"other mitigations ({device})", unit="slice")]
     meta: dict[str, Any] = {"device": str(device), "statistic": defense.statistic, "mitigation": defense.mitigation.method}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     else:
         meta["threads"] = torch.get_num_threads()
-    return {"meta": meta, "rows": rows, "summary": summarise(rows)}, results
+    summary = summarise(rows)
+    for method in ("cyclic", "faithful"):
+        if costs:
+            seconds = statistics.median(c[method]["seconds"] for c in costs)
+            summary[f"{method}_s"] = seconds
+            summary[f"{method}_passes"] = statistics.median(c[method]["passes"] for c in costs)
+            summary[f"{method}_over_recon"] = seconds / summary["recon_s"] if summary.get("recon_s") else None
+    return {"meta": meta, "rows": rows, "variants": costs, "summary": summary}, results
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -180,6 +214,19 @@ def markdown(report: dict[str, Any]) -> list[str]:
             f"{cell(s['detect_s'], '.4f')} | {cell(s['mitigate_s'], '.3f')} | {passes} | {cell(s.get('detect_over_recon'), '.1f')} | "
             f"{cell(s.get('mitigate_over_recon'), '.0f')} | {cell(s['clean_wall_s'], '.4f')} | {verdicts} |"
         )
+    if any("faithful_s" in run["summary"] for run in report["runs"]):
+        lines += [
+            "",
+            "Other mitigations on the first attacked slices (medians):",
+            "",
+            "| device | ours, k-space cyclic (`cyclic`): s / passes / over recon | paper-faithful: s / passes / over recon |",
+            "|---|---|---|",
+        ]
+        for run in report["runs"]:
+            s, meta = run["summary"], run["meta"]
+            device = meta.get("gpu", f"{meta['device']} ({meta.get('threads')} threads)")
+            cells = [f"{cell(s.get(m + '_s'), '.2f')} / {cell(s.get(m + '_passes'), 'g')} / {cell(s.get(m + '_over_recon'), '.0f')}" for m in ("cyclic", "faithful")]
+            lines.append(f"| {device} | {cells[0]} | {cells[1]} |")
     for name, agree in report.get("agreement", {}).items():
         lines += [
             "",
@@ -195,25 +242,26 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"], help="torch devices in turn (cpu, cuda, cuda:N)")
     parser.add_argument("--slices", type=int, default=20, help="clean held-out slices (at most 20: the held-out slab)")
     parser.add_argument("--attacked", type=int, default=4, help="of those, sent attacked too (the mitigation's cost)")
+    parser.add_argument("--variants", type=int, default=0, help="of the attacked slices, time the other mitigations on this many")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--tag", default="build", help="names the output files (the machine)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     span = mni.HELDOUT_AXIAL[1] - mni.HELDOUT_AXIAL[0]
-    if not 1 <= args.slices <= span or not 0 <= args.attacked <= args.slices:
-        parser.error(f"--slices must be 1-{span} and --attacked 0-{args.slices}")
+    if not 1 <= args.slices <= span or not 0 <= args.attacked <= args.slices or not 0 <= args.variants <= args.attacked:
+        parser.error(f"--slices must be 1-{span}, --attacked 0-{args.slices} and --variants 0-{args.attacked}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         slices, acceleration = inputs(args.slices, args.attacked, Path(tmp))
     runs, results = [], []
     for name in args.devices:
-        run, result = run_device(name, slices, acceleration)
+        run, result = run_device(name, slices, acceleration, args.variants)
         runs.append(run)
         results.append(result)
     report: dict[str, Any] = {
         "host": f"{platform.machine()}, {torch.get_num_threads()} torch threads of {len(os.sched_getaffinity(0))} cores",
         "torch": torch.__version__,
-        "command": "python -m benchmarks.stage_cost " + " ".join(f"--{k} {v}" if not isinstance(v, list) else f"--{k} {' '.join(v)}" for k, v in (("devices", args.devices), ("slices", args.slices), ("attacked", args.attacked), ("tag", args.tag))),
+        "command": "python -m benchmarks.stage_cost " + " ".join(f"--{k} {v}" if not isinstance(v, list) else f"--{k} {' '.join(v)}" for k, v in (("devices", args.devices), ("slices", args.slices), ("attacked", args.attacked), ("variants", args.variants), ("tag", args.tag))),
         "runs": runs,
         "agreement": {run["meta"]["device"]: agreement(results[0], other) for run, other in zip(runs[1:], results[1:], strict=True)},
     }
