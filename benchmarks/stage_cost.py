@@ -192,6 +192,11 @@ def agreement(reference: list[DefendedResult], other: list[DefendedResult]) -> d
     }
 
 
+def device_label(meta: dict[str, Any]) -> str:
+    """A run's device as the tables name it: the GPU's name, or the CPU with its threads."""
+    return str(meta.get("gpu", f"{meta['device']} ({meta.get('threads')} threads)"))
+
+
 def markdown(report: dict[str, Any]) -> list[str]:
     def cell(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
@@ -205,8 +210,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
-        s, meta = run["summary"], run["meta"]
-        device = meta.get("gpu", f"{meta['device']} ({meta.get('threads')} threads)")
+        s, device = run["summary"], device_label(run["meta"])
         passes = " / ".join(cell(s[k], "g") for k in ("recon_passes", "detect_passes", "mitigate_passes"))
         verdicts = ", ".join(f"{k} {v}" for k, v in s["verdicts"].items())
         lines.append(
@@ -223,8 +227,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
             "|---|---|---|",
         ]
         for run in report["runs"]:
-            s, meta = run["summary"], run["meta"]
-            device = meta.get("gpu", f"{meta['device']} ({meta.get('threads')} threads)")
+            s, device = run["summary"], device_label(run["meta"])
             cells = [f"{cell(s.get(m + '_s'), '.2f')} / {cell(s.get(m + '_passes'), 'g')} / {cell(s.get(m + '_over_recon'), '.0f')}" for m in ("cyclic", "faithful")]
             lines.append(f"| {device} | {cells[0]} | {cells[1]} |")
     for name, agree in report.get("agreement", {}).items():
