@@ -304,7 +304,7 @@ def product_scores(detector: CyclicDetector, cal: Calibration, item: Item, y: to
 def product_rewrites(cal: Calibration, score: float) -> bool:
     """Whether the product sends a slice with ``score`` to its mitigation: flagged and past
     every clean calibration score (``MitigationSettings.rewrite_beyond_clean``)."""
-    return cal.flags(score) and score > cal.clean_max
+    return cal.flags(score) and cal.beyond_clean(score)
 
 
 def _null_gate(detector: CyclicDetector, item: Item, null_gate: float | None) -> Any:

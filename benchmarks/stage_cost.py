@@ -59,10 +59,7 @@ def attacked_copy(data: SliceKSpace, model: Any, sigma: float, seed: int) -> Sli
     prepared = prepare(data, "cpu")
     eps = ATTACK_NOISE_NORMS * noise_norm(prepared.op, prepared.y, sigma)
     attacked = pgd_kspace_l2(model, prepared.op, prepared.y, eps, torch.Generator().manual_seed(seed))
-    kspace = np.array(data.kspace)
-    rows = np.flatnonzero(data.mask)
-    kspace[:, rows, :] = attacked[0].numpy()[:, rows, :]
-    return replace(data, kspace=kspace)
+    return data.with_measured(attacked[0].numpy())
 
 
 def inputs(slices: int, attacked: int, folder: Path) -> tuple[list[tuple[str, SliceKSpace, float]], int]:

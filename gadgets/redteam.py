@@ -15,7 +15,6 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from gadgetron.types.recon_data import ReconData
 
@@ -52,12 +51,9 @@ class AttackStage:
             sigma = estimate_noise_sigma(data.kspace, data.mask)
             scale = noise_norm(prepared.op, prepared.y, sigma)
             attacked = self._attack(prepared.op, prepared.y, sigma, scale)
-            kspace = np.array(data.kspace)
-            rows = np.flatnonzero(data.mask)
-            kspace[:, rows, :] = attacked[0].detach().cpu().numpy()[:, rows, :]
             size = float(torch.linalg.vector_norm(attacked - prepared.y)) / scale
             log.warning("red team: %s on slice %s, |delta| = %.2f noise norms", self.settings.attack, data.key.slice, size)
-            item = with_kspace(item, part, kspace)
+            item = with_kspace(item, part, data.with_measured(attacked[0].detach().cpu().numpy()).kspace)
         return [item]
 
     def _attack(self, op: Any, y: torch.Tensor, sigma: float, scale: float) -> torch.Tensor:

@@ -333,10 +333,9 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
     settings = defense.mitigation
     if not settings.enabled:
         return MitigationOutcome(image, "flagged", None, checked.reason + "; mitigation off", 0.0, 0)
-    clean_max = defense.calibration.clean_max
-    if settings.rewrite_beyond_clean and checked.score <= clean_max:  # a NaN score fails the test: it goes on
+    if settings.rewrite_beyond_clean and not defense.calibration.beyond_clean(checked.score):
         reason = (
-            f"{checked.reason}; not rewritten: the score is within the clean calibration range (largest {clean_max:.4g} "
+            f"{checked.reason}; not rewritten: the score is within the clean calibration range (largest {defense.calibration.clean_max:.4g} "
             f"of {len(defense.calibration.clean_scores)} clean slices): the original image ships"
         )
         return MitigationOutcome(image, "flagged", None, reason, 0.0, 0)

@@ -16,7 +16,7 @@ torch. Arrays are made read-only on construction so that a container is immutabl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -108,6 +108,14 @@ class SliceKSpace:
     def acceleration(self) -> float:
         """Effective acceleration: lines on the grid over lines acquired for imaging."""
         return float(self.mask.size / self.mask.sum())
+
+    def with_measured(self, lines: np.ndarray) -> SliceKSpace:
+        """This slice with the lines of ``mask`` taken from ``lines`` (``(coil, ky, kx)``, e.g. a
+        perturbed ``y``); every other line, the ACS block outside the mask included, is kept."""
+        kspace = np.array(self.kspace)
+        rows = np.flatnonzero(self.mask)
+        kspace[:, rows, :] = np.asarray(lines)[:, rows, :]
+        return replace(self, kspace=kspace)
 
 
 @dataclass(frozen=True)

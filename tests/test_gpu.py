@@ -38,10 +38,7 @@ def test_the_defended_pipeline_gives_the_cpu_verdicts_on_the_gpu() -> None:
     first, sigma = slices[0]
     prepared = prepare(first, "cpu")
     attacked = pgd_kspace_l2(cpu_model, prepared.op, prepared.y, 3 * noise_norm(prepared.op, prepared.y, sigma), torch.Generator().manual_seed(0))
-    kspace = np.array(first.kspace)
-    rows = np.flatnonzero(first.mask)
-    kspace[:, rows, :] = attacked[0].numpy()[:, rows, :]
-    slices.append((replace(first, kspace=kspace), sigma))
+    slices.append((first.with_measured(attacked[0].numpy()), sigma))
     outcomes = {}
     for device in ("cpu", "cuda"):
         model, _ = load_model(None, device)

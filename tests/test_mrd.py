@@ -35,6 +35,16 @@ def test_raw_round_trip(small_raw: tuple[Path, ScanDescription, np.ndarray]) -> 
     assert scan.noise_covariance is not None
 
 
+def test_a_slice_with_other_measured_lines_keeps_everything_else(small_raw: tuple[Path, ScanDescription, np.ndarray]) -> None:
+    data = read_raw(small_raw[0]).slices[0]
+    lines = np.full(data.kspace.shape, 7 + 1j, np.complex64)
+    moved = data.with_measured(lines)
+    np.testing.assert_array_equal(moved.kspace[:, data.mask], lines[:, data.mask])
+    np.testing.assert_array_equal(moved.kspace[:, ~data.mask], data.kspace[:, ~data.mask])  # ACS outside the mask, zeros
+    assert (moved.mask is data.mask or np.array_equal(moved.mask, data.mask)) and moved.key == data.key
+    assert not np.array_equal(data.kspace[:, data.mask], lines[:, data.mask])  # the original is untouched
+
+
 def test_prewhitening_from_noise_scans(small_raw: tuple[Path, ScanDescription, np.ndarray]) -> None:
     path, _, chol = small_raw
     raw = read_raw(path, prewhiten=False)

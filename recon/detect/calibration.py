@@ -109,6 +109,11 @@ class Calibration:
         calibration of this size can give, ``1 / (n + 1)``."""
         return max(self.clean_scores)
 
+    def beyond_clean(self, score: float) -> bool:
+        """Whether ``score`` exceeds every clean calibration score (a non-finite score does:
+        fail closed), the evidence the mitigation asks for before it rewrites."""
+        return not score <= self.clean_max
+
     def p_value(self, score: float) -> float:
         """Conformal p-value of ``score`` among the clean calibration scores."""
         if not math.isfinite(score):
