@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        big, _ = make_demo(folder, seed=13, slices=tuple(range(mni.HELDOUT_AXIAL[0], mni.HELDOUT_AXIAL[0] + 20)))
+        big, _ = make_demo(folder, seed=13, slices=mni.heldout_axial(20))
         files = [(big, 20), (DEMO_RAW, 4)]
         server, port = start_server()
         peak = {"total": 0.0, "server": 0.0}

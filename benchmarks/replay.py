@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N for every figure")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    z = tuple(range(mni.HELDOUT_AXIAL[0], mni.HELDOUT_AXIAL[0] + args.slices))
+    z = mni.heldout_axial(args.slices)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

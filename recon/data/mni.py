@@ -14,7 +14,7 @@ which is the only overlap (stated in the model card).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -88,6 +88,14 @@ def catalog(split: str) -> list[SliceRef]:
     return refs
 
 
+def heldout_axial(count: int) -> tuple[int, ...]:
+    """The first ``count`` axial slices of the held-out slab (MNI z indices)."""
+    lo, hi = HELDOUT_AXIAL
+    if not 1 <= count <= hi - lo:
+        raise ValueError(f"the held-out slab has {hi - lo} axial slices, asked for {count}")
+    return tuple(range(lo, lo + count))
+
+
 def _to_matrix(plane: np.ndarray, matrix: int) -> np.ndarray:
     """Centre in a ``FOV_MM`` square (1 mm voxels) and resample to ``matrix`` pixels."""
     side = int(FOV_MM)
@@ -136,6 +144,29 @@ def magnitude_slice(ref: SliceRef, matrix: int, rng: np.random.Generator | None 
         image = augment(image, rng)
     image = np.clip(_to_matrix(image, matrix), 0.0, None)
     return image / max(float(image.max()), 1e-6)
+
+
+def shifted_slices(ref: SliceRef, offsets: Sequence[int], matrix: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The slice ``ref`` moved ``offsets`` voxels (1 mm each) along its own axis, one draw for all.
+
+    Every image gets the contrast and augmentation that ``magnitude_slice(ref, matrix, rng)``
+    draws, and ``rng`` advances as that call advances it, so offset 0 is exactly that call's
+    image. All are scaled by offset 0's maximum: the same head, moved through the slice
+    plane, as a patient who shifts between two scans is.
+
+    Returns:
+        one ``(matrix, matrix)`` float32 image per offset (offset 0 peaks at 1).
+    """
+    if 0 not in offsets:
+        raise ValueError(f"offsets must include 0 (the slice itself), got {list(offsets)}")
+    state = rng.bit_generator.state
+    images = []
+    for offset in offsets:
+        rng.bit_generator.state = state
+        image = augment(contrast_image(SliceRef(ref.orientation, ref.index + offset), rng), rng)
+        images.append(np.clip(_to_matrix(image, matrix), 0.0, None))
+    scale = max(float(images[list(offsets).index(0)].max()), 1e-6)
+    return [(image / scale).astype(np.float32) for image in images]
 
 
 def stream(split: str, matrix: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
