@@ -525,12 +525,16 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
     return out
 
 
-def plot_roc(roc_data: dict[str, tuple[list[float], list[float]]], path: Path, statistic: str) -> None:
+def plot_roc(roc_data: dict[str, tuple[list[float], list[float]]], path: Path, statistic: str, mark_fpr: float | None = None) -> None:
+    """One ROC curve per attack (clean scores, attacked scores), log FPR axis; a grey line
+    at ``mark_fpr`` when given (the calibrated rate)."""
     fig, ax = plt.subplots(figsize=(6, 5))
     for label, (clean, attacked) in roc_data.items():
         fpr, tpr, _ = roc_curve([0] * len(clean) + [1] * len(attacked), clean + attacked)
         ax.plot(fpr, tpr, label=f"{label} (AUC {auc(clean, attacked):.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    if mark_fpr is not None:
+        ax.axvline(mark_fpr, color="grey", lw=0.6)
     ax.set_xscale("log")
     ax.set_xlim(1e-3, 1)
     ax.set_xlabel("false-positive rate (clean held-out slices)")

@@ -30,22 +30,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from benchmarks.defense import attack, auc, observe, psnr, to_item  # noqa: E402
-from recon.attacks.adaptive import adaptive_kspace_l2  # noqa: E402
-from recon.calibrate import DEFAULT_STATISTIC, build_calibration, detector_for, model_protocol, scores_from_simulation  # noqa: E402
-from recon.data.samples import simulated_slices  # noqa: E402
-from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey  # noqa: E402
-from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores  # noqa: E402
-from recon.models.weights import load_model  # noqa: E402
+from benchmarks.defense import attack, auc, observe, plot_roc, psnr, to_item
+from recon.attacks.adaptive import adaptive_kspace_l2
+from recon.calibrate import DEFAULT_STATISTIC, build_calibration, detector_for, model_protocol, scores_from_simulation
+from recon.data.samples import simulated_slices
+from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey
+from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores
+from recon.models.weights import load_model
 
 COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift")
 STATISTICS = (*COMPONENTS, *COMBINED_STATISTICS)
@@ -126,7 +121,7 @@ def main() -> None:
         roc[label] = (_values(cals[(args.statistic, 0.01)], clean_scores), _values(cals[(args.statistic, 0.01)], scores))
         (args.out / "union.json").write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out / "union.md")
-    plot_roc(roc, args.out / "union_roc.png", args.statistic)
+    plot_roc(roc, args.out / "union_roc.png", args.statistic, mark_fpr=0.01)
 
 
 def _values(cal: Calibration, scores: list[DetectionScores]) -> list[float]:
@@ -409,24 +404,6 @@ def _flagged_and_spread(rows: list[dict[str, Any]]) -> str:
     kept = [r["damage_db"] for r in rows if not r["flagged"]]
     spread = f"{np.mean(kept):.1f} / {max(kept):.1f}" if kept else "none unflagged"
     return f"{sum(r['flagged'] for r in rows)} of {len(rows)} | {spread}"
-
-
-def plot_roc(roc: dict[str, tuple[list[float], list[float]]], path: Path, statistic: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for label, (clean, attacked) in roc.items():
-        fpr, tpr, _ = roc_curve([0] * len(clean) + [1] * len(attacked), clean + attacked)
-        ax.plot(fpr, tpr, label=f"{label} (AUC {auc(clean, attacked):.2f})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.axvline(0.01, color="grey", lw=0.6)
-    ax.set_xscale("log")
-    ax.set_xlim(1e-3, 1)
-    ax.set_xlabel("false-positive rate (clean held-out slices)")
-    ax.set_ylabel("true-positive rate")
-    ax.set_title(f"Detection ROC, statistic: {statistic}")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

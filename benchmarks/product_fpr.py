@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recon.calibrate import load_defense, protocol_of, slice_noise_sigma
+from recon.calibrate import ScanDefenses
 from recon.data import mni
 from recon.data.demo import make_demo
 from recon.io.mrd import read_raw
@@ -44,21 +43,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    z = tuple(range(mni.HELDOUT_AXIAL[0], mni.HELDOUT_AXIAL[0] + args.slices))
+    z = mni.heldout_axial(args.slices)
     model, manifest = load_model()
     rows: list[dict[str, Any]] = []
     defense = None
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=args.seeds * args.slices, desc="clean slices", unit="slice") as bar:
         for seed in range(1000, 1000 + args.seeds):
             raw, _ = make_demo(Path(tmp) / str(seed), seed=seed, slices=z)
-            scan = read_raw(raw)
-            whitened = scan.noise_covariance is not None
-            for data in scan.slices:
+            defenses = ScanDefenses(model, manifest, read_raw(raw))
+            for data in defenses.scan.slices:
+                defense = defenses.for_slice(data)
                 if defense is None:
-                    defense = load_defense(model, manifest, protocol_of(data, manifest, scan.protocol.acceleration), None)
-                    if defense is None:
-                        raise RuntimeError("the shipped calibration does not fit the demo protocol")
-                result = defend(data, replace(defense, noise_sigma=slice_noise_sigma(data, whitened)))
+                    raise RuntimeError("the shipped calibration does not fit the demo protocol")
+                result = defend(data, defense)
                 components = {name: result.scores.get(name) for name, _ in defense.calibration.scales}
                 rows.append({"seed": seed, "slice": data.key.slice, "verdict": result.verdict, "score": result.score, "components": components})
                 bar.update()

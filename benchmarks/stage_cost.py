@@ -65,10 +65,10 @@ def attacked_copy(data: SliceKSpace, model: Any, sigma: float, seed: int) -> Sli
 def inputs(slices: int, attacked: int, folder: Path) -> tuple[list[tuple[str, SliceKSpace, float]], int]:
     """The raw file's slices (``clean``) and the attacked copies of the first ``attacked``
     (``attacked``), each with its noise sigma; and the protocol's acceleration."""
-    z = tuple(range(mni.HELDOUT_AXIAL[0], mni.HELDOUT_AXIAL[0] + slices))
+    z = mni.heldout_axial(slices)
     raw, _ = make_demo(folder, seed=11, slices=z)
     scan = read_raw(raw)
-    whitened = scan.noise_covariance is not None
+    whitened = scan.whitened
     model, _ = load_model()
     out = [("clean", data, slice_noise_sigma(data, whitened)) for data in scan.slices]
     for n, (_, data, sigma) in enumerate(tqdm(out[:attacked], desc="attack (cpu)", unit="slice")):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from recon.detect.calibration import (
     calibrate_combined,
 )
 from recon.detect.cyclic import COMBINED_STATISTICS, SENSITIVE_STATISTICS, CyclicDetector, DetectionScores
-from recon.io.mrd import read_raw
+from recon.io.mrd import RawScan, read_raw
 from recon.models.modl import MoDL
 from recon.models.weights import WEIGHTS_DIR, ModelManifest
 from recon.physics.masks import MaskFamily
@@ -120,7 +121,7 @@ def scores_from_raw(
             protocol = key
             prepared = prepare(data)
             detector = detector_for(model, manifest, int(data.acs.sum()))
-            sigma = slice_noise_sigma(data, whitened=scan.noise_covariance is not None)
+            sigma = slice_noise_sigma(data, whitened=scan.whitened)
             scores.append(_score(model, detector, prepared.op, prepared.y, sigma, statistic))
     if protocol is None:
         raise ValueError("no clean slice to calibrate on")
@@ -183,6 +184,29 @@ def load_defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, ca
         log.warning("%s; images will be tagged unverified", err)
         return None
     return Defense(model, detector, loaded, statistic)
+
+
+class ScanDefenses:
+    """The defense for each slice of one raw scan, as the offline path and the benchmarks apply it.
+
+    A scan may mix protocols (matrix, coils, ACS lines): each protocol's calibration is
+    loaded once (:func:`load_defense`, so a named calibration that does not fit is an error
+    and a default one that does not fit leaves that protocol's slices ``unverified``), and
+    every slice gets its own noise sigma (:func:`slice_noise_sigma`: 1 for a scan that was
+    prewhitened with its noise scans).
+    """
+
+    def __init__(self, model: MoDL, manifest: ModelManifest, scan: RawScan, calibration: Path | None = None) -> None:
+        self.model, self.manifest, self.scan, self.calibration = model, manifest, scan, calibration
+        self._loaded: dict[ProtocolKey, Defense | None] = {}
+
+    def for_slice(self, data: SliceKSpace) -> Defense | None:
+        """``data``'s defense with its noise sigma, or ``None`` when no calibration fits its protocol."""
+        protocol = protocol_of(data, self.manifest, self.scan.protocol.acceleration)
+        if protocol not in self._loaded:
+            self._loaded[protocol] = load_defense(self.model, self.manifest, protocol, self.calibration)
+        defense = self._loaded[protocol]
+        return None if defense is None else replace(defense, noise_sigma=slice_noise_sigma(data, self.scan.whitened))
 
 
 def calibration_statistic(path: Path) -> str:

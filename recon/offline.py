@@ -10,20 +10,19 @@ warning: an image never looks verified when it is not.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from recon.calibrate import load_defense, protocol_of, slice_noise_sigma
-from recon.detect.calibration import ProtocolKey
+from recon.calibrate import ScanDefenses
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import read_images, write_images
 from recon.metrics import quality
 from recon.models.weights import load_model
-from recon.pipeline import Defense, defend, reconstruct
+from recon.pipeline import defend, reconstruct
 from recon.report import SliceReport, montage, write_report
 from recon.types import ReconImage
 
@@ -84,13 +83,10 @@ def reconstruct_file(
     if references is not None and len(references) != len(scan.slices):
         raise ValueError(f"{reference} holds {len(references)} images, {raw} has {len(scan.slices)} slices")
     report_dir.mkdir(parents=True, exist_ok=True)
-    defenses: dict[ProtocolKey, Defense | None] = {}
+    defenses = ScanDefenses(model, manifest, scan, calibration)
     images, rows = [], []
     for n, data in enumerate(tqdm(scan.slices, desc="recon", unit="slice", disable=not progress)):
-        protocol = protocol_of(data, manifest, scan.protocol.acceleration)
-        if protocol not in defenses:
-            defenses[protocol] = load_defense(model, manifest, protocol, calibration)
-        defense = defenses[protocol]
+        defense = defenses.for_slice(data)
         tag = f"{manifest.name}:{manifest.sha256[:12]}"
         if defense is None:
             result = reconstruct(data, model, torch_device)
@@ -99,8 +95,7 @@ def reconstruct_file(
             score = threshold = p_value = None
             reason = "unverified: no calibration for this model and protocol, no consistency check ran"
         else:
-            sigma = slice_noise_sigma(data, whitened=scan.noise_covariance is not None)
-            defended = defend(data, replace(defense, noise_sigma=sigma), torch_device)
+            defended = defend(data, defense, torch_device)
             image, verdict, timings = defended.image, defended.verdict, dict(defended.timings)
             x_zf = defended.prepared.x_zf[0].cpu().numpy()
             score, threshold, p_value, reason = defended.score, defended.threshold, defended.p_value, defended.reason

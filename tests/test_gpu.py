@@ -32,7 +32,7 @@ REFERENCE = DEMO.with_name("demo_reference.h5")
 
 def test_the_defended_pipeline_gives_the_cpu_verdicts_on_the_gpu() -> None:
     scan = read_raw(DEMO)
-    whitened = scan.noise_covariance is not None
+    whitened = scan.whitened
     cpu_model, manifest = load_model(None, "cpu")
     slices = [(data, slice_noise_sigma(data, whitened)) for data in scan.slices]
     first, sigma = slices[0]

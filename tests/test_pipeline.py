@@ -319,3 +319,28 @@ def test_a_late_prior_rewrite_is_not_shipped(tiny: MoDL, small_raw: tuple) -> No
     result = defend(data, defense)
     assert result.verdict == "flagged" and "past its time budget (1e-09 s): the original image ships" in result.reason
     np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)
+
+
+def test_scan_defenses_load_each_protocol_once_and_give_each_slice_its_noise(tmp_path: Path) -> None:
+    """The offline path's defenses: one calibration load per protocol; noise sigma 1 for a
+    prewhitened scan and the k-space estimate for one read without prewhitening; a named
+    calibration for another protocol is an error, not a scan of unverified images."""
+    from recon.calibrate import ScanDefenses, detector_for, slice_noise_sigma
+    from recon.data.demo import DEMO_RAW
+    from recon.detect.calibration import CalibrationError
+    from recon.models.weights import load_model
+
+    model, manifest = load_model()
+    scan = read_raw(DEMO_RAW)
+    defenses = ScanDefenses(model, manifest, scan)
+    first, second = (defenses.for_slice(data) for data in scan.slices[:2])
+    assert first is not None and second is not None
+    assert first.calibration is second.calibration and first.noise_sigma == second.noise_sigma == 1.0
+    raw = read_raw(DEMO_RAW, prewhiten=False)
+    unwhitened = ScanDefenses(model, manifest, raw).for_slice(raw.slices[0])
+    assert unwhitened is not None and unwhitened.noise_sigma == slice_noise_sigma(raw.slices[0], whitened=False) != 1.0
+    other = ProtocolKey((64, 64), 8, "equispaced", 4, 16)
+    key = DetectorKey.of("cyclic", detector_for(model, manifest))
+    path = calibrate([0.1] * 20, 0.05, manifest.sha256, other, key).save(tmp_path / "other.json")
+    with pytest.raises(CalibrationError, match="was made for protocol"):
+        ScanDefenses(model, manifest, scan, path).for_slice(scan.slices[0])

@@ -73,9 +73,13 @@ class RawScan:
         xml: the ISMRMRD XML header, verbatim.
         protocol: the parsed essentials.
         slices: complete slices in acquisition order of their keys.
-        noise_covariance: ``(C, C)`` channel covariance used for prewhitening, or ``None``.
+        noise_covariance: ``(C, C)`` channel covariance estimated from the noise scans, or
+            ``None`` when the file has none.
         problems: what was wrong with slices left out (empty unless ``strict=False``).
         skipped: counts of acquisitions skipped on purpose, by kind.
+        whitened: whether the slices were prewhitened with that covariance (their noise
+            standard deviation is then 1 per sample); a file read with ``prewhiten=False``
+            keeps its covariance but is not whitened.
     """
 
     path: Path
@@ -85,6 +89,7 @@ class RawScan:
     noise_covariance: np.ndarray | None
     problems: tuple[str, ...] = ()
     skipped: tuple[tuple[str, int], ...] = ()
+    whitened: bool = False
 
 
 def parse_header(xml: str, source: str = "header") -> Protocol:
@@ -346,4 +351,4 @@ def _assemble(
         log.warning("%s (left out)", problem)
     for kind, n in skipped.items():
         log.info("%s: skipped %d %s acquisitions", path, n, kind)
-    return RawScan(path, xml, protocol, tuple(out), covariance, tuple(problems), tuple(sorted(skipped.items())))
+    return RawScan(path, xml, protocol, tuple(out), covariance, tuple(problems), tuple(sorted(skipped.items())), whitened=whitening is not None)
