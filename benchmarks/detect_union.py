@@ -35,12 +35,14 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.defense import attack, auc, observe, plot_roc, psnr, to_item
+from benchmarks.object_shift import victim_rows
 from recon.attacks.adaptive import adaptive_kspace_l2
 from recon.calibrate import DEFAULT_STATISTIC, build_calibration, detector_for, model_protocol, scores_from_simulation
 from recon.data.samples import simulated_slices
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey
 from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores
 from recon.models.weights import load_model
+from recon.pipeline import Defense
 
 COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift")
 STATISTICS = (*COMPONENTS, *COMBINED_STATISTICS)
@@ -198,18 +200,24 @@ def _run_calibration(args: argparse.Namespace, direction_key: bytes | None = Non
 
 def adaptive_phase(args: argparse.Namespace) -> None:
     """The adaptive attacker (PGD that keeps the union under 0.9x its threshold, gradients
-    through both components) against the calibration this benchmark made."""
+    through both components) against the calibration this benchmark made; beside each
+    attack, the loss of the same head moved through the slice plane by the same budget
+    (what any detector must let through, ``benchmarks.object_shift``) and the attack's
+    excess over it."""
     model, manifest, detector, cal = _run_calibration(args)
     victims = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=202)][: args.adaptive]
+    floors = movement_floors(Defense(model, detector, cal, args.statistic), len(victims), manifest.coils, seed=202)
     clean = [observe(model, detector, it)[0] for it in victims]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for budget in (0.3, 1.0, 3.0):
         for i, item in enumerate(tqdm(victims, desc=f"adaptive {budget:g} noise norms")):
             g = torch.Generator().manual_seed(5000 + i)
             y = adaptive_kspace_l2(model, item.op, item.y, budget * item.noise_norm, detector, args.statistic, cal.threshold, g, noise_sigma=item.sigma, scales=dict(cal.scales))
             obs = observe(model, detector, item, y=y)[0]
             value = cal.score_of(DetectionScores(**obs.scores))
-            rows.append({"budget": budget, "damage_db": clean[i].psnr - obs.psnr, "score": value, "flagged": cal.flags(value)})
+            damage, floor = clean[i].psnr - obs.psnr, floors[i][budget]
+            excess = None if floor is None else damage - floor
+            rows.append({"budget": budget, "damage_db": damage, "score": value, "flagged": cal.flags(value), "floor_db": floor, "excess_db": excess})
     unflagged = [r["damage_db"] for r in rows if not r["flagged"]]
     adaptive = {"rows": rows, "max_unflagged_damage_db": max(unflagged) if unflagged else None, "flagged_rate": float(np.mean([r["flagged"] for r in rows]))}
     path = args.out / "union.json"
@@ -221,6 +229,19 @@ def adaptive_phase(args: argparse.Namespace) -> None:
     results["adaptive"] = adaptive
     path.write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out / "union.md")
+
+
+def movement_floors(defense: Defense, count: int, coils: int, seed: int) -> list[dict[float, float | None]]:
+    """Per victim (the first ``count`` clean test slices of ``seed``, in order), the loss of
+    the same head moved through the slice plane by each budget, or ``None`` where 20 mm of
+    movement does not spend it (``benchmarks.object_shift.victim_rows`` draws its victims as
+    ``simulated_slices`` does)."""
+    rng = np.random.default_rng(seed)
+    floors = []
+    for _ in tqdm(range(count), desc="head moved by each budget", unit="slice"):
+        victim, _ = victim_rows(defense, rng, 20, coils)
+        floors.append({r["budget"]: r.get("damage_db") for r in victim["rows"]})
+    return floors
 
 
 def confirm_phase(args: argparse.Namespace) -> None:
@@ -393,9 +414,16 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
 
 def _adaptive_lines(adaptive: dict[str, Any]) -> list[str]:
     """The adaptive attacker's table, one row per budget."""
-    lines = ["| adaptive attacker budget | flagged | damage dB of unflagged (mean / max) |", "|---|---|---|"]
+    lines = [
+        "| adaptive attacker budget | flagged | damage dB of unflagged (mean / max) | head moved by the budget, loss dB (mean / max) | excess of the unflagged over it dB (mean / max) |",
+        "|---|---|---|---|---|",
+    ]
     for budget in sorted({r["budget"] for r in adaptive["rows"]}):
-        lines.append(f"| {budget:g} noise norms | {_flagged_and_spread([r for r in adaptive['rows'] if r['budget'] == budget])} |")
+        rows = [r for r in adaptive["rows"] if r["budget"] == budget]
+        floors = [r["floor_db"] for r in rows if r.get("floor_db") is not None]
+        excess = [r["excess_db"] for r in rows if not r["flagged"] and r.get("excess_db") is not None]
+        cells = [f"{np.mean(v):.1f} / {max(v):.1f}" if v else "-" for v in (floors, excess)]
+        lines.append(f"| {budget:g} noise norms | {_flagged_and_spread(rows)} | {' | '.join(cells)} |")
     return lines
 
 
