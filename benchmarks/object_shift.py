@@ -115,9 +115,8 @@ def victim_rows(defense: Defense, rng: np.random.Generator, max_shift: int, coil
     def acquire(image: np.ndarray) -> Item:
         return to_item(make_sample(image, defense.detector.family, coils, copy.deepcopy(start)))
 
-    original = acquire(images[0])
-    make_sample(images[0], defense.detector.family, coils, rng)  # advance rng past this victim
-    changes = [acquire(image).y - original.y for image in images]
+    original = to_item(make_sample(images[0], defense.detector.family, coils, rng))  # the same draw; rng moves past it
+    changes = [torch.zeros_like(original.y)] + [acquire(image).y - original.y for image in images[1:]]
     clean = evaluate(defense, original, original)
     rows = []
     pictures: dict[str, Any] = {"original": clean.image, "reference": original.reference}
