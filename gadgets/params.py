@@ -107,12 +107,16 @@ class AttackSettings:
     """``gadgets.redteam``: perturbs received k-space of chosen slices (red-team pipelines only)."""
 
     attack: str = prop(
-        "pgd_l2", "attack: pgd_l2 (white-box l2 PGD on sampled k-space), fgsm (one signed step), spikes (impulses), noise (benign)",
-        choices=("pgd_l2", "fgsm", "spikes", "noise"),
+        "pgd_l2",
+        "attack: pgd_l2 (white-box l2 PGD on sampled k-space), pgd_linf (white-box l-inf PGD: a box on Re and Im of every sample), "
+        "fgsm (one signed step), spikes (impulses), noise (benign)",
+        choices=("pgd_l2", "pgd_linf", "fgsm", "spikes", "noise"),
     )
     slices: str = prop("all", "slice indices to attack, comma-separated (e.g. 1,3), or all")
     budget: float = prop(
-        3.0, "perturbation size: l2 norm (pgd_l2, fgsm), spike amplitude (spikes) or noise std (noise)",
+        3.0,
+        "perturbation size: l2 norm (pgd_l2, fgsm), l2 norm of the box's corners (pgd_linf: half-width budget sigma / sqrt(2) "
+        "on Re and Im of each sample), spike amplitude (spikes) or noise std (noise)",
         unit="acquisition-noise norms (std for noise)", low=0.0, high=1000.0,
     )
     steps: int = prop(10, "PGD iterations", low=1, high=1000)

@@ -3,7 +3,8 @@
 ``<external><execute name="gadgets.redteam" target="attack" type="python"/>`` between
 BucketToBuffer and the recon gadget: it plays an attacker on the data path who changes the
 measured lines of a ``ReconData`` buffer (white-box, against the shipped network) and sends
-the buffer on. Budgets are in acquisition-noise norms ``sigma sqrt(n)`` (n sampled entries),
+the buffer on. Budgets are in acquisition-noise norms ``sigma sqrt(n)`` (n sampled entries;
+for ``pgd_linf`` the norm of the box's corners),
 with ``sigma`` estimated from the k-space periphery. It never belongs in a clinical
 pipeline: ``cycguard check`` says so when it sees one outside a red-team pipeline name.
 This is the only production-side module allowed to import :mod:`recon.attacks`.
@@ -12,6 +13,7 @@ This is the only production-side module allowed to import :mod:`recon.attacks`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,7 +23,7 @@ from gadgetron.types.recon_data import ReconData
 from gadgets.convert import buffer_slices, with_kspace
 from gadgets.params import AttackSettings
 from gadgets.stages import Resources, gadget_logging, serve
-from recon.attacks.kspace import benign_noise, fgsm_kspace, impulse_spikes, pgd_kspace_l2
+from recon.attacks.kspace import benign_noise, fgsm_kspace, impulse_spikes, pgd_kspace_l2, pgd_kspace_linf
 from recon.detect.cyclic import noise_norm
 from recon.physics.noise import estimate_noise_sigma
 from recon.pipeline import prepare
@@ -63,6 +65,8 @@ class AttackStage:
         gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,), generator=self.generator)))
         if s.attack == "pgd_l2":
             return pgd_kspace_l2(self.model, op, y, s.budget * scale, gen, steps=s.steps)
+        if s.attack == "pgd_linf":  # the box's corners at budget noise norms: the l2 attack's energy
+            return pgd_kspace_linf(self.model, op, y, s.budget * sigma / math.sqrt(2), gen, steps=s.steps)
         if s.attack == "fgsm":
             return fgsm_kspace(self.model, op, y, s.budget * scale, gen)
         if s.attack == "spikes":

@@ -199,6 +199,33 @@ def test_buffer_round_trips_the_wire_and_kspace_can_be_replaced(small_raw: tuple
     np.testing.assert_array_equal(buffer_slices(back)[0].data.kspace, part.data.kspace)  # the original is untouched
 
 
+def test_red_team_linf_attack_stays_in_its_box_on_the_chosen_slice(small_raw: tuple) -> None:
+    """``attack=pgd_linf``: slice 0's measured lines move within a box of half-width budget
+    sigma / sqrt(2) on Re and Im (so at most budget noise norms in l2), slice 1 is untouched."""
+    from gadgets.stages import build_stages
+    from recon.detect.cyclic import noise_norm
+    from recon.physics.noise import estimate_noise_sigma
+    from recon.pipeline import prepare
+
+    path = small_raw[0]
+    scan = read_raw(path)
+    buffers = list(run_stages(_front(scan.xml), stream_raw(path)))  # type: ignore[arg-type]
+    stages = build_stages("gadgets.redteam", "attack", _config(attack="pgd_linf", budget="2", steps="3", slices="0", device="cpu"), scan.xml)
+    attacked = list(run_stages(stages, iter(buffers)))
+    before = {p.data.key.slice: p.data for b in buffers for p in buffer_slices(b)}
+    after = {p.data.key.slice: p.data for b in attacked for p in buffer_slices(b)}
+    np.testing.assert_array_equal(after[1].kspace, before[1].kspace)
+    original = before[0]
+    delta = after[0].kspace - original.kspace
+    assert not np.any(delta[:, ~original.mask, :])  # only the measured lines
+    half_width = 2 * estimate_noise_sigma(original.kspace, original.mask) / np.sqrt(2)
+    assert max(np.abs(delta.real).max(), np.abs(delta.imag).max()) <= half_width * (1 + 1e-4)
+    assert np.abs(delta.real).max() > 0.5 * half_width  # it used its budget
+    prepared = prepare(original)
+    spent = float(np.linalg.norm(delta)) / noise_norm(prepared.op, prepared.y, estimate_noise_sigma(original.kspace, original.mask))
+    assert 0 < spent <= 2 * (1 + 1e-4)
+
+
 def test_image_and_maps_messages_round_trip(rng: np.random.Generator) -> None:
     pixels = (rng.standard_normal((6, 5)) + 1j * rng.standard_normal((6, 5))).astype(np.complex64)
     image = to_image(ReconImage(pixels, SliceKey(slice=3, repetition=1), meta=(("CycGuard.Verdict", "unverified"),)), 7, 2)
