@@ -280,9 +280,11 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_mitigated() -> None
     attacked = replace(data, kspace=attacked_y[0].numpy())
     before = quality(reconstruct(attacked, model).image, reference).psnr
     assert before < quality(reconstruct(data, model).image, reference).psnr - 3  # the attack does damage
-    result = defend(attacked, Defense(model, detector, calibration, statistic, noise_sigma=1.0))
+    # what the rewrite gives, not how fast: a loaded machine must not trip the 60 s time budget
+    settings = MitigationSettings(time_budget=3600.0)
+    result = defend(attacked, Defense(model, detector, calibration, statistic, noise_sigma=1.0, mitigation=settings))
     assert result.score > calibration.threshold and result.p_value < 0.01
-    assert result.verdict == "mitigated" and "data corrected by" in result.reason
+    assert result.verdict == "mitigated" and "data corrected by" in result.reason, result.reason
     assert quality(result.image, reference).psnr > before + 3
 
 
