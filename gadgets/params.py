@@ -88,6 +88,11 @@ class MitigateSettings:
     correct_null: bool = prop(
         True, "correct method: also weigh null_shift (where the image moves in k-space) over its clean threshold, as evidence and in the descent, when the calibration holds one"
     )
+    despike: bool = prop(
+        True, "correct and prior methods: first re-estimate the measured samples whose data residual exceeds every clean calibration "
+        "slice's (dc_spike over its scale: spikes), from the network's own image, then judge the repaired data"
+    )
+    despike_samples: int = prop(256, "spike repair: at most this many samples (more: the original leaves flagged)", low=1, high=1_000_000)
     prior_gain: float = prop(30.0, "prior method: factor on the network's data-consistency weight mu", low=1.01, high=1e4)
     radius: float = prop(1.0, "correction budget", unit="acquisition-noise norms", low=0.0, high=100.0)
     iterations: int = prop(20, "at most this many optimisation steps", low=1, high=1000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from recon.models.modl import MoDL
 from recon.physics.coils import estimate_coil_maps
 from recon.physics.sense import SenseOp
 from recon.types import SliceKSpace
+
+if TYPE_CHECKING:
+    from recon.mitigate.spikes import SpikeRepair
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,6 +145,11 @@ class MitigationSettings:
         correct_null: the correct method's evidence and descent also weigh ``null_shift``
             over its clean threshold (when the calibration holds one:
             :class:`recon.mitigate.prior.NullGate`).
+        despike: before the correct and prior methods, re-estimate the measured samples
+            whose data residual exceeds every clean calibration slice's (``dc_spike`` over
+            its scale; :func:`recon.mitigate.spikes.repair_spikes`).
+        despike_samples: the spike repair re-estimates at most this many samples (more is
+            not a sparse corruption: the original ships, ``flagged``).
         prior_gain: the prior method's factor on the network's mu.
         fidelity: weight of the fidelity-to-received-data term.
         radius: correction budget in acquisition-noise norms.
@@ -160,6 +169,8 @@ class MitigationSettings:
     correct_steps: int = 30
     correct_stop: float = 0.7
     correct_null: bool = True
+    despike: bool = True
+    despike_samples: int = 256
     prior_gain: float = 30.0
     fidelity: float = 1.0
     radius: float = 1.0
@@ -172,6 +183,8 @@ class MitigationSettings:
     def __post_init__(self) -> None:
         if self.method not in MITIGATION_METHODS:
             raise ValueError(f"mitigation method {self.method!r} is not one of {', '.join(MITIGATION_METHODS)}")
+        if self.despike_samples < 1:
+            raise ValueError(f"despike_samples must be >= 1, got {self.despike_samples}")
         if not self.prior_gain > 1:
             raise ValueError(f"prior_gain must be > 1, got {self.prior_gain}")
         if not (self.correct_radius > 0 and self.correct_steps >= 0 and 0 <= self.correct_stop < 1):
@@ -378,22 +391,64 @@ def mitigate_flagged(prepared: PreparedSlice, image: np.ndarray, checked: CheckR
     return MitigationOutcome(image, "flagged", verdict.after, reason, seconds, passes)
 
 
+def spike_gate(calibration: Calibration) -> float | None:
+    """``dc_spike``'s scale in the calibration (the largest ratio of any clean calibration
+    slice's sample, where it is a backstop), the spike repair's limit; ``None``: it has none."""
+    return dict(calibration.scales).get("dc_spike")
+
+
+def _spike_repair(prepared: PreparedSlice, x1: Tensor, defense: Defense) -> tuple[SpikeRepair | None, PreparedSlice, Tensor]:
+    """The spike repair in front of the gated methods: ``(repair or None, prepared, x1)``,
+    the last two the repaired data and image when it found and repaired spikes."""
+    from recon.mitigate.spikes import repair_spikes
+
+    limit = spike_gate(defense.calibration)
+    if not defense.mitigation.despike or limit is None:
+        return None, prepared, x1
+    repair = repair_spikes(defense.model, prepared.op, prepared.y, x1, defense.noise_sigma, limit, defense.mitigation.despike_samples)
+    if repair.y is None or repair.image is None:
+        return repair, prepared, x1
+    return repair, PreparedSlice(prepared.op, repair.y, prepared.op.adjoint(repair.y)), repair.image
+
+
 def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
-    """The methods behind the prior gate (``correct``, ``prior``)."""
+    """The methods behind the prior gate (``correct``, ``prior``), after the spike repair.
+
+    When a sample's data residual exceeds every clean calibration slice's (``dc_spike``
+    over its scale), the spikes are re-estimated first (:func:`recon.mitigate.spikes.repair_spikes`;
+    a repair that cannot bring them under the limit ships the original, ``flagged``), and
+    the gated method then judges the repaired data with fresh evidence: the repaired image
+    ships when the gates say it does not move like an attacked one, the method's rewrite of
+    the repaired data when they fire and it succeeds, the original otherwise.
+    """
     from recon.mitigate.prior import NullGate, mitigate_correct, mitigate_prior
 
     settings = defense.mitigation
+    x1 = prepared.image_tensor(image)
+    t0 = clock(x1)
+    spikes, prepared, x1 = _spike_repair(prepared, x1, defense)
+    repaired = spikes is not None and spikes.image is not None
+    spent = 0 if spikes is None else spikes.network_passes
+    if spikes is not None and spikes.found and not repaired:
+        why = f"dc_spike {spikes.ratio:.4g} > clean limit {spikes.limit:.4g}: {spikes.refused}"
+        return MitigationOutcome(image, "flagged", None, f"{checked.reason}; spike repair refused ({why}): the original image ships", clock(x1) - t0, spent)
+    repair_note = (
+        f"{spikes.samples} samples over the clean spike limit re-estimated (dc_spike {spikes.ratio:.4g} -> {spikes.ratio_after:.4g}, "
+        f"limit {spikes.limit:.4g})" if repaired and spikes is not None else ""
+    )
     gate = prior_gate(defense.calibration)
     if gate is None:
+        if repaired:
+            return _shipped(x1, f"mitigated: {repair_note} ({checked.reason})", t0, spent, settings.time_budget, image, checked)
         reason = (
             f"{checked.reason}; {settings.method} mitigation needs a calibration with prior_shift "
             f"(this one is {defense.calibration.detector.statistic}; cycguard calibrate --statistic null_first_union): "
             "the original image ships"
         )
         return MitigationOutcome(image, "flagged", None, reason, 0.0, 0)
-    x1 = prepared.image_tensor(image)
-    known = checked.scores.prior_shift if checked.scores is not None else None
-    t0 = clock(x1)
+    # the detector's evidence is the received data's; repaired data need their own
+    known = checked.scores.prior_shift if checked.scores is not None and not repaired else None
+    known_null = checked.scores.null_shift if checked.scores is not None and not repaired else None
     null_threshold = null_gate(defense.calibration)
     null = None
     if settings.method == "correct" and settings.correct_null and null_threshold is not None:
@@ -401,18 +456,18 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
     if settings.method == "correct":
         result = mitigate_correct(
             defense.model, prepared.op, prepared.y, x1, defense.noise_sigma, gate, defense.detector.prior_gain,
-            settings.correct_stop * gate, settings.correct_radius, settings.correct_steps, known,
-            null, checked.scores.null_shift if checked.scores is not None else None,
+            settings.correct_stop * gate, settings.correct_radius, settings.correct_steps, known, null, known_null,
         )
     else:
         result = mitigate_prior(
             defense.model, prepared.op, prepared.y, x1, defense.noise_sigma, gate, defense.detector.prior_gain, settings.prior_gain, known,
         )
+    passes = spent + result.network_passes
     seconds = clock(x1) - t0
     budget = settings.time_budget
     if seconds > budget:  # a latency bound: a late rewrite is not shipped either
         reason = f"{checked.reason}; mitigation took {seconds:.3g} s, past its time budget ({budget:g} s): the original image ships"
-        return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes)
+        return MitigationOutcome(image, "flagged", None, reason, seconds, passes)
     evidence = f"prior_shift {result.shift:.4g} {'>' if result.shift > gate else '<='} clean threshold {gate:.4g} noise norms"
     suspect = result.shift > gate
     after = f"prior_shift -> {result.shift_after:.4g}"
@@ -420,15 +475,19 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
         suspect = suspect or result.null_shift > null.gate
         evidence += f", null_shift {result.null_shift:.4g} {'>' if result.null_shift > null.gate else '<='} clean threshold {null.gate:.4g}"
         after += f", null_shift -> {result.null_after:.4g}"
+    if repaired:
+        evidence = f"{repair_note}; then {evidence}"
     if result.image is None:
         if not suspect:
+            if repaired:  # the spikes were the attack: the repaired image ships
+                return _shipped(x1, f"mitigated: {evidence} ({checked.reason})", t0, passes, budget, image, checked)
             why = "the image does not move like an attacked one"
         elif result.shift_after >= gate or (null is not None and not result.null_after < null.gate):
             why = f"a data correction of {result.correction:.3g} noise norms left {after.replace(' -> ', ' at ')}"
         else:
             why = "rewrite not finite"
         reason = f"{checked.reason}; rewrite refused ({evidence}: {why}): the original image ships"
-        return MitigationOutcome(image, "flagged", None, reason, seconds, result.network_passes)
+        return MitigationOutcome(image, "flagged", None, reason, seconds, passes)
     if settings.method == "correct":
         how = f"data corrected by {result.correction:.3g} noise norms ({after}), re-reconstructed with {result.gain:g}x prior weight"
     else:
@@ -438,9 +497,16 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
         f"(data residual {result.residual_before:.3g} -> {result.residual_after:.3g} noise norms) ({checked.reason})"
     )
     rewritten = result.image[0].cpu().numpy().astype(np.complex64)
-    return MitigationOutcome(rewritten, "mitigated", None, reason, seconds, result.network_passes)
+    return MitigationOutcome(rewritten, "mitigated", None, reason, seconds, passes)
 
 
+def _shipped(x: Tensor, reason: str, t0: float, passes: int, budget: float, original: np.ndarray, checked: CheckResult) -> MitigationOutcome:
+    """A rewrite ``x`` that ships as ``mitigated`` unless it came past the time budget."""
+    seconds = clock(x) - t0
+    if seconds > budget:
+        late = f"{checked.reason}; mitigation took {seconds:.3g} s, past its time budget ({budget:g} s): the original image ships"
+        return MitigationOutcome(original, "flagged", None, late, seconds, passes)
+    return MitigationOutcome(x[0].cpu().numpy().astype(np.complex64), "mitigated", None, reason, seconds, passes)
 @dataclass(frozen=True)
 class SafeguardVerdict:
     """Whether a rewrite may ship: its statistic before and after, how much further from

@@ -399,6 +399,38 @@ def test_dc_spike_sees_an_impulse_not_noise(setup: tuple) -> None:
     assert torch.isfinite(grad).all() and float(grad.abs().max()) > 0
 
 
+def test_spike_repair_re_estimates_only_the_spikes(setup: tuple) -> None:
+    """Samples whose residual ratio exceeds the clean limit are re-estimated from the
+    network's image (no other sample moves) until none exceeds it; the image comes back
+    towards the clean one. Clean data (every ratio within the limit) are left alone, with no
+    network pass; a corruption of more samples than allowed is refused."""
+    from recon.detect.cyclic import spike_ratio
+    from recon.mitigate.spikes import repair_spikes
+
+    model, op, y, x_zf = setup
+    x1 = model(x_zf, op)
+    limit = 1.5 * float(spike_ratio(op, y, x1, 0.01))
+    untouched = repair_spikes(model, op, y, x1, 0.01, limit)
+    assert not untouched.found and untouched.y is None and untouched.network_passes == 0
+    spiked = impulse_spikes(op, y, 3, 0.5 * float(y.abs().max()), _gen(4))
+    hit = (spiked - y).abs() > 0
+    attacked = model(op.adjoint(spiked), op)
+    repair = repair_spikes(model, op, spiked, attacked, 0.01, limit)
+    assert repair.found and repair.y is not None and repair.image is not None and not repair.refused
+    moved = (repair.y - spiked).abs() > 0
+    assert int(moved.sum()) == repair.samples <= 3 * int(hit.sum())
+    assert bool(moved[hit].all())  # every spike was re-estimated
+    assert not bool(_off_mask(op, repair.y).abs().any())  # nothing off the acquired lines
+    assert repair.ratio_after <= limit < repair.ratio
+    assert 1 <= repair.network_passes <= 4
+    error = lambda x: float(torch.linalg.vector_norm(x - x1))  # noqa: E731
+    assert error(repair.image) < 0.5 * error(attacked)
+    refused = repair_spikes(model, op, spiked, attacked, 0.01, limit, max_samples=1)
+    assert refused.found and refused.y is None and "more than 1" in refused.refused
+    with pytest.raises(ValueError, match="finite limit"):
+        repair_spikes(model, op, spiked, attacked, 0.01, float("nan"))
+
+
 def test_null_shift_is_where_the_prior_shift_lies_in_k_space(setup: tuple) -> None:
     """``null_shift``: the shift's coil k-space on the lines not acquired over its norm on the
     acquired lines outside the ACS block; from ``prior_shift``'s pass (no extra one),

@@ -128,9 +128,9 @@ def test_a_slice_flagged_inside_the_clean_range_is_not_rewritten(tiny: MoDL, sma
     assert rewritten.verdict == "mitigated" and "data corrected by" in rewritten.reason, rewritten.reason
 
 
-def _null_defense(model: MoDL, shift_gate: float, null_gate: float, correct_null: bool = True) -> Defense:
+def _null_defense(model: MoDL, shift_gate: float, null_gate: float, correct_null: bool = True, spike_scale: float = 1e9) -> Defense:
     """A ``null_first_union`` defense whose calibration flags this slice (null_shift's scale
-    ``null_gate``, prior_shift's gate ``shift_gate``)."""
+    ``null_gate``, prior_shift's gate ``shift_gate``, dc_spike's scale ``spike_scale``)."""
     from dataclasses import replace
 
     from recon.detect.calibration import calibrate_combined
@@ -138,7 +138,7 @@ def _null_defense(model: MoDL, shift_gate: float, null_gate: float, correct_null
     detector = CyclicDetector(model, MaskFamily("equispaced", 2, 8), alternatives=1)
     key = DetectorKey.of("null_first_union", detector)
     calibration = calibrate_combined({"null_shift": [1.0] * 20, "dc_spike": [1.0] * 20, "prior_shift": [1.0] * 20}, 0.05, "00" * 32, PROTOCOL, key)
-    calibration = replace(calibration, threshold=1e-9, scales=(("null_shift", null_gate), ("dc_spike", 1e9), ("prior_shift", 1e9)), gates=(("prior_shift", shift_gate),))
+    calibration = replace(calibration, threshold=1e-9, scales=(("null_shift", null_gate), ("dc_spike", spike_scale), ("prior_shift", 1e9)), gates=(("prior_shift", shift_gate),))
     return Defense(model, detector, calibration, "null_first_union", noise_sigma=1.0, mitigation=MitigationSettings(correct_null=correct_null))
 
 
@@ -164,6 +164,44 @@ def test_the_default_correction_also_acts_on_where_the_image_moves(tiny: MoDL, s
     refused = defend(data, _null_defense(tiny, 2 * shift, 0.9 * null, correct_null=False))
     assert refused.verdict == "flagged" and "does not move like an attacked one" in refused.reason
     np.testing.assert_array_equal(refused.image, reconstruct(data, tiny).image)
+
+
+def test_spikes_are_re_estimated_before_the_gates(tiny: MoDL, small_raw: tuple) -> None:
+    """Samples whose data residual no clean calibration slice has (``dc_spike`` over its
+    scale) are re-estimated from the network's image before the gated correction; with the
+    prior and null gates quiet the repaired image ships, ``mitigated``, nearer the clean
+    reconstruction. Without the repair the gates refuse the same slice; a repair that would
+    need more samples than allowed ships the original, ``flagged``; clean data are untouched."""
+    from dataclasses import replace
+
+    from recon.attacks import impulse_spikes
+    from recon.detect.cyclic import spike_ratio
+    from recon.pipeline import prepare
+
+    data = read_raw(small_raw[0]).slices[0]
+    prepared = prepare(data)
+    clean_image = reconstruct(data, tiny).image
+    with torch.no_grad():
+        limit = 1.5 * float(spike_ratio(prepared.op, prepared.y, prepared.image_tensor(clean_image), 1.0))
+        spiked = impulse_spikes(prepared.op, prepared.y, 3, 0.5 * float(prepared.y.abs().max()), torch.Generator().manual_seed(1))
+    attacked = data.with_measured(spiked[0].numpy())
+    defense = _null_defense(tiny, 1e9, 1e9, spike_scale=limit)
+    result = defend(attacked, defense)
+    assert result.verdict == "mitigated" and "samples over the clean spike limit re-estimated" in result.reason, result.reason
+    assert "does not move like" not in result.reason and "data corrected" not in result.reason
+    received = reconstruct(attacked, tiny).image
+    assert np.linalg.norm(result.image - clean_image) < 0.5 * np.linalg.norm(received - clean_image)
+    off = defend(attacked, replace(defense, mitigation=MitigationSettings(despike=False)))
+    assert off.verdict == "flagged" and "does not move like an attacked one" in off.reason, off.reason
+    np.testing.assert_array_equal(off.image, received)
+    capped = defend(attacked, replace(defense, mitigation=MitigationSettings(despike_samples=1)))
+    assert capped.verdict == "flagged" and "spike repair refused" in capped.reason, capped.reason
+    np.testing.assert_array_equal(capped.image, received)
+    untouched = defend(data, defense)  # flagged by the 1e-9 threshold, no sample over the limit
+    assert "re-estimated" not in untouched.reason
+    np.testing.assert_array_equal(untouched.image, clean_image)
+    with pytest.raises(ValueError, match="despike_samples"):
+        MitigationSettings(despike_samples=0)
 
 
 def test_a_correction_that_cannot_reach_the_gate_ships_the_original(tiny: MoDL, small_raw: tuple) -> None:

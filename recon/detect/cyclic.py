@@ -295,14 +295,20 @@ def null_share(op: SenseOp, shift: Tensor, acs: Tensor) -> Tensor:
     return torch.linalg.vector_norm(k[:, ~acquired]) / torch.linalg.vector_norm(k[:, outer]).clamp(min=1e-30)
 
 
-def spike_ratio(op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float) -> Tensor:
-    """``max |r| / median_window |r|`` over the sampled entries of ``r = y - E x1`` (one
-    slice), the median over :data:`SPIKE_WINDOW` samples along the readout of the same line
-    and coil, floored at a tenth of the noise level; differentiable in ``y`` and ``x1``."""
+def spike_ratios(op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float) -> Tensor:
+    """``|r| / median_window |r|`` for every sampled entry of ``r = y - E x1`` (one slice),
+    the median over :data:`SPIKE_WINDOW` samples along the readout of the same line and coil,
+    floored at a tenth of the noise level: ``(C, lines, kx)``, the sampled lines of
+    ``op.mask`` in order; differentiable in ``y`` and ``x1``."""
     lines = (y - op.forward(x1))[0][:, op.mask[0].bool(), :].abs()
     pad = SPIKE_WINDOW // 2
     local = torch.nn.functional.pad(lines, (pad, pad), mode="reflect").unfold(-1, SPIKE_WINDOW, 1).median(dim=-1).values
-    return (lines / local.clamp(min=0.1 * noise_sigma)).amax()
+    return lines / local.clamp(min=0.1 * noise_sigma)
+
+
+def spike_ratio(op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float) -> Tensor:
+    """``dc_spike``: the largest of :func:`spike_ratios`."""
+    return spike_ratios(op, y, x1, noise_sigma).amax()
 
 
 def noise_residual(residual: Tensor, entries: int, noise_sigma: float) -> Tensor:
