@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from recon.attacks import benign_noise, fgsm_kspace, impulse_spikes, pgd_image_linf, pgd_kspace_l2  # noqa: E402
+from recon.attacks import benign_noise, fgsm_kspace, impulse_spikes, pgd_image_linf, pgd_kspace_l2, pgd_kspace_linf  # noqa: E402
 from recon.attacks.adaptive import adaptive_kspace_l2  # noqa: E402
 from recon.baselines import cg_sense  # noqa: E402
 from recon.calibrate import model_protocol  # noqa: E402
@@ -109,6 +110,8 @@ def attack(name: str, budget: float, model: Any, item: Item, detector: CyclicDet
     g = torch.Generator().manual_seed(seed)
     if name == "kspace-l2":
         return {"y": pgd_kspace_l2(model, item.op, item.y, budget * item.noise_norm, g)}
+    if name == "kspace-linf":  # a Re/Im box whose corners are at ``budget`` noise norms (benchmarks.product_attacks)
+        return {"y": pgd_kspace_linf(model, item.op, item.y, budget * item.sigma / math.sqrt(2), g)}
     if name == "kspace-fgsm":
         return {"y": fgsm_kspace(model, item.op, item.y, budget * item.noise_norm, g)}
     if name == "image-linf":

@@ -44,15 +44,17 @@ from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores
 from recon.models.weights import load_model
 from recon.pipeline import Defense
 
-COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift")
+COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift", "noise_excess")
 STATISTICS = (*COMPONENTS, *COMBINED_STATISTICS)
-DEPLOYABLE = ("null_first_union", "null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "holdout_shift_union", "holdout_union")
+DEPLOYABLE = ("null_noise_union", "null_first_union", "null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "holdout_shift_union", "holdout_union")
 ATTACKS: list[tuple[str, float, str]] = [
     ("kspace-l2", 0.3, "noise norms"),
     ("kspace-l2", 1.0, "noise norms"),
     ("kspace-l2", 3.0, "noise norms"),
     ("kspace-fgsm", 1.0, "noise norms"),
     ("kspace-fgsm", 3.0, "noise norms"),
+    ("kspace-linf", 1.0, "component noise sds"),
+    ("kspace-linf", 3.0, "component noise sds"),
     ("impulse", 0.05, "x max|y| per spike, 10 spikes"),
     ("impulse", 0.2, "x max|y| per spike, 10 spikes"),
     ("benign", 1.0, "x noise sigma"),

@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=20, help="held-out axial slices per file (at most 20)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--calibration", type=Path, default=None, help="calibration JSON (default: the one shipped with the weights)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     z = mni.heldout_axial(args.slices)
@@ -50,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=args.seeds * args.slices, desc="clean slices", unit="slice") as bar:
         for seed in range(1000, 1000 + args.seeds):
             raw, _ = make_demo(Path(tmp) / str(seed), seed=seed, slices=z)
-            defenses = ScanDefenses(model, manifest, read_raw(raw))
+            defenses = ScanDefenses(model, manifest, read_raw(raw), args.calibration)
             for data in defenses.scan.slices:
                 defense = defenses.for_slice(data)
                 if defense is None:
@@ -82,7 +83,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "product_fpr.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
     lines = [
-        f"Command: `python -m benchmarks.product_fpr --seeds {args.seeds} --slices {args.slices}`",
+        f"Command: `python -m benchmarks.product_fpr --seeds {args.seeds} --slices {args.slices}"
+        + (f" --calibration {args.calibration} --out {args.out}" if args.calibration else "") + "`",
         "",
         f"{len(rows)} clean slices ({args.seeds} raw files x {args.slices}), statistic `{defense.statistic}`, threshold {cal.threshold:.4g} "
         f"(target FPR {cal.target_fpr:g}): **flagged {flagged} ({flagged / len(rows):.3f})**; verdicts "

@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--statistic",
         default="null_first_union",
         choices=[
-            "null_first_union", "null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "shift_spike_union", "holdout_shift_union", "holdout_union", "holdout_noise", "holdout_sensitive", "prior_shift",
-            "null_shift", "dc_spike", "cyclic_noise", "cyclic", "cycle_image", "dc", "dc_noise",
+            "null_first_union", "null_noise_union", "null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "shift_spike_union", "holdout_shift_union", "holdout_union", "holdout_noise", "holdout_sensitive", "prior_shift",
+            "null_shift", "dc_spike", "cyclic_noise", "cyclic", "cycle_image", "dc", "dc_noise", "noise_excess",
         ],
         help="detection statistic (default null_first_union; see recon/detect/cyclic.py)",
     )

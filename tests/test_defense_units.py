@@ -546,6 +546,58 @@ def test_null_first_union_gives_null_shift_the_whole_budget(tmp_path: Path, setu
         Calibration.load(path, "ab" * 32, PROTOCOL, DetectorKey.of("null_spike_union", CyclicDetector(setup[0], FAMILY, prior_gain=4.0)))
 
 
+def test_noise_excess_reads_the_noise_level_at_the_readout_periphery(setup: tuple) -> None:
+    """``noise_excess``: the data residual's RMS on the outer readout samples in noise sigmas:
+    1 for data that are the image plus white noise of that sigma, about sqrt(2) with as much
+    noise again, blind to a change of the central samples; the detector reports it with no
+    network pass of its own."""
+    from recon.detect.cyclic import PERIPHERY, noise_excess
+    from recon.physics.noise import complex_randn
+
+    model, op, y, x_zf = setup
+    x1 = model(x_zf, op)
+    sigma = 0.01
+    noise = op.project(complex_randn(tuple(y.shape), _gen(6)))
+    data = op.forward(x1) + sigma * noise
+    assert float(noise_excess(op, data, x1, sigma)) == pytest.approx(1.0, abs=0.05)
+    louder = data + sigma * op.project(complex_randn(tuple(y.shape), _gen(7)))
+    assert float(noise_excess(op, louder, x1, sigma)) == pytest.approx(2**0.5, abs=0.08)
+    edge = int(y.shape[-1] * PERIPHERY)
+    central = torch.zeros_like(y)
+    central[..., edge:-edge] = 10 * sigma
+    assert float(noise_excess(op, data + op.project(central), x1, sigma)) == pytest.approx(float(noise_excess(op, data, x1, sigma)), rel=1e-6)
+    detector = CyclicDetector(model, FAMILY)
+    assert detector.score(op, data, x1, sigma).get("noise_excess") == pytest.approx(float(noise_excess(op, data, x1, sigma)))
+    assert detector.passes("null_noise_union") == detector.passes("null_first_union")
+
+
+def test_null_noise_union_adds_noise_excess_as_a_third_backstop(setup: tuple) -> None:
+    """``null_noise_union``: ``null_first_union`` plus ``noise_excess`` scaled by its largest
+    clean value; the threshold stays ``null_shift``'s own quantile; a slice noisier than every
+    clean one flags."""
+    from recon.pipeline import prior_gate
+
+    detector = CyclicDetector(setup[0], FAMILY, prior_gain=4.0)
+    key = DetectorKey.of("null_noise_union", detector)
+    rng = np.random.default_rng(8)
+    parts = {
+        "null_shift": rng.gamma(9.0, 0.3, 199), "dc_spike": rng.gamma(5.0, 1.5, 199), "prior_shift": rng.gamma(3.0, 0.2, 199),
+        "noise_excess": rng.normal(0.96, 0.005, 199),
+    }
+    cal = calibrate_combined(parts, 0.05, "ab" * 32, PROTOCOL, key)
+    scales = dict(cal.scales)
+    assert list(scales) == ["null_shift", "dc_spike", "prior_shift", "noise_excess"]
+    assert scales["noise_excess"] == pytest.approx(float(parts["noise_excess"].max()))
+    assert cal.threshold == pytest.approx(1.0)
+    assert prior_gate(cal) == calibrate(parts["prior_shift"], 0.05, "ab" * 32, PROTOCOL, key).threshold
+
+    def noisy(value: float) -> DetectionScores:
+        return DetectionScores(0.0, 0.0, 0.0, 0.0, 0.0, prior_shift=0.0, dc_spike=0.0, null_shift=0.0, noise_excess=value)
+
+    assert not cal.flags(cal.score_of(noisy(float(np.median(parts["noise_excess"])))))
+    assert cal.flags(cal.score_of(noisy(1.05 * scales["noise_excess"])))
+
+
 def test_shift_union_calibration_has_three_components(tmp_path: Path, setup: tuple) -> None:
     detector = CyclicDetector(setup[0], FAMILY, folds=3, directions=2, power_iterations=1)
     key = DetectorKey.of("holdout_shift_union", detector)
