@@ -465,9 +465,9 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
     passes = spent + result.network_passes
     seconds = clock(x1) - t0
     budget = settings.time_budget
-    if seconds > budget:  # a latency bound: a late rewrite is not shipped either
-        reason = f"{checked.reason}; mitigation took {seconds:.3g} s, past its time budget ({budget:g} s): the original image ships"
-        return MitigationOutcome(image, "flagged", None, reason, seconds, passes)
+    late = _past_budget(seconds, budget, passes, image, checked)
+    if late is not None:  # a latency bound: a late rewrite is not shipped either
+        return late
     evidence = f"prior_shift {result.shift:.4g} {'>' if result.shift > gate else '<='} clean threshold {gate:.4g} noise norms"
     suspect = result.shift > gate
     after = f"prior_shift -> {result.shift_after:.4g}"
@@ -500,13 +500,21 @@ def _mitigate_gated(prepared: PreparedSlice, image: np.ndarray, checked: CheckRe
     return MitigationOutcome(rewritten, "mitigated", None, reason, seconds, passes)
 
 
+def _past_budget(seconds: float, budget: float, passes: int, original: np.ndarray, checked: CheckResult) -> MitigationOutcome | None:
+    """The original, ``flagged``, when a rewrite took ``seconds`` past its time ``budget``; else ``None``."""
+    if seconds <= budget:
+        return None
+    reason = f"{checked.reason}; mitigation took {seconds:.3g} s, past its time budget ({budget:g} s): the original image ships"
+    return MitigationOutcome(original, "flagged", None, reason, seconds, passes)
+
+
 def _shipped(x: Tensor, reason: str, t0: float, passes: int, budget: float, original: np.ndarray, checked: CheckResult) -> MitigationOutcome:
     """A rewrite ``x`` that ships as ``mitigated`` unless it came past the time budget."""
     seconds = clock(x) - t0
-    if seconds > budget:
-        late = f"{checked.reason}; mitigation took {seconds:.3g} s, past its time budget ({budget:g} s): the original image ships"
-        return MitigationOutcome(original, "flagged", None, late, seconds, passes)
-    return MitigationOutcome(x[0].cpu().numpy().astype(np.complex64), "mitigated", None, reason, seconds, passes)
+    late = _past_budget(seconds, budget, passes, original, checked)
+    return late if late is not None else MitigationOutcome(x[0].cpu().numpy().astype(np.complex64), "mitigated", None, reason, seconds, passes)
+
+
 @dataclass(frozen=True)
 class SafeguardVerdict:
     """Whether a rewrite may ship: its statistic before and after, how much further from

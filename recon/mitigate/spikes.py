@@ -88,23 +88,26 @@ def repair_spikes(
     """
     if not (math.isfinite(limit) and limit > 0) or max_samples < 1 or rounds < 1:
         raise ValueError(f"spike repair needs a finite limit > 0, max_samples >= 1 and rounds >= 1, got {limit}, {max_samples}, {rounds}")
-    ratio = float(spike_ratios(op, y, x1, noise_sigma).amax())
+    ratios = spike_ratios(op, y, x1, noise_sigma)
+    ratio = float(ratios.amax())
     if ratio <= limit:
         return SpikeRepair(ratio, limit, None, None, 0, math.nan, 0)
     replaced = torch.zeros(y.shape, dtype=torch.bool, device=y.device)
-    fixed, image, passes, after = y, x1, 0, ratio
+    fixed, image, passes = y, x1, 0
     for _ in range(rounds):
-        over = _on_grid(op, spike_ratios(op, fixed, image, noise_sigma) > limit)
+        over = _on_grid(op, ratios > limit)
         if not over.any():
             break
         replaced |= over
         count = int(replaced.sum())
         if count > max_samples:
+            after = float(ratios.amax())
             return SpikeRepair(ratio, limit, None, None, count, after, passes, f"{count} samples over the clean limit, more than {max_samples}")
         fixed = torch.where(replaced, op.forward(image), y)
         image = model(op.adjoint(fixed), op)
         passes += 1
-        after = float(spike_ratios(op, fixed, image, noise_sigma).amax())
+        ratios = spike_ratios(op, fixed, image, noise_sigma)
+    after = float(ratios.amax())
     count = int(replaced.sum())
     if not after <= limit:
         return SpikeRepair(ratio, limit, None, None, count, after, passes, f"a sample still at {after:.4g} after {passes} rounds")
