@@ -27,6 +27,7 @@ from gadgetron.types.image_array import ImageArray
 from gadgetron.types.recon_data import ReconData
 
 from recon.io.mrd import MIN_AUTO_ACS, acs_block
+from recon.physics.noise import GADGETRON_RECEIVER_BANDWIDTH, whitened_sigma
 from recon.types import SliceGeometry, SliceKey, SliceKSpace
 
 ROLE_KEY = "GADGETRON_DataRole"
@@ -48,6 +49,8 @@ class BufferSlice:
         nsl: ``(n, s, loc)`` position in the buffer's last three axes.
         data_lines: grid row -> E1 index in the data buffer (``-1`` where not acquired).
         ref_lines: grid row -> E1 index in the reference buffer (``-1`` where absent).
+        noise_units: what the buffer's samples were divided by to put ``data`` in units of
+            the noise level (Gadgetron's whitened noise sigma, :func:`whitened_sigma`).
     """
 
     data: SliceKSpace
@@ -55,6 +58,7 @@ class BufferSlice:
     nsl: tuple[int, int, int]
     data_lines: np.ndarray
     ref_lines: np.ndarray
+    noise_units: float = 1.0
 
 
 def _key(head: ismrmrd.AcquisitionHeader | ismrmrd.ImageHeader) -> SliceKey:
@@ -81,12 +85,15 @@ def _lines(headers: np.ndarray, n: int, s: int, loc: int, ny: int, center: int) 
     return out
 
 
-def buffer_slices(recon_data: ReconData) -> list[BufferSlice]:
+def buffer_slices(recon_data: ReconData, receiver_bandwidth: float = GADGETRON_RECEIVER_BANDWIDTH) -> list[BufferSlice]:
     """Every 2-D slice of a ReconData message as :class:`SliceKSpace`.
 
     Lines are placed on the grid by their ``kspace_encode_step_1`` (centre from the
     buffer's sampling limits) whatever the buffer layout; reference (calibration) lines
     form the ACS block and, as the offline reader does, count as imaging lines too.
+    Samples are divided by the noise level that Gadgetron's NoiseAdjust leaves in
+    prewhitened data (``sqrt(2 * receiver_bandwidth)`` when the lines carry a dwell time),
+    so a slice holds what the offline reader gives for the same file.
     """
     out = []
     for b, bit in enumerate(recon_data.bits):
@@ -120,6 +127,8 @@ def buffer_slices(recon_data: ReconData) -> list[BufferSlice]:
                         raise ContractError("ReconData buffer holds a slice without imaging lines")
                     head = buf.headers[data_lines[first], 0, n, s, loc]
                     key = _key(head)
+                    units = whitened_sigma(float(head.sample_time_us), receiver_bandwidth)
+                    kspace /= np.float32(units)
                     if acs.sum() < MIN_AUTO_ACS:
                         raise ContractError(f"slice {key.slice}: {int(acs.sum())} contiguous calibration lines at the centre, {MIN_AUTO_ACS} needed")
                     fov = tuple(float(v) for v in buf.sampling.recon_FOV)
@@ -128,7 +137,7 @@ def buffer_slices(recon_data: ReconData) -> list[BufferSlice]:
                     )
                     if not any(geometry.read_dir) or not any(geometry.phase_dir):
                         geometry = SliceGeometry(geometry.position, fov_mm=geometry.fov_mm)
-                    out.append(BufferSlice(SliceKSpace(kspace, mask, acs, key, geometry), b, (n, s, loc), data_lines, ref_lines))
+                    out.append(BufferSlice(SliceKSpace(kspace, mask, acs, key, geometry), b, (n, s, loc), data_lines, ref_lines, units))
     return out
 
 
@@ -138,7 +147,8 @@ def _vec(values: object) -> tuple[float, float, float]:
 
 
 def with_kspace(recon_data: ReconData, part: BufferSlice, kspace: np.ndarray) -> ReconData:
-    """A copy of ``recon_data`` whose lines of ``part`` hold ``kspace`` ``(coil, ky, kx)``."""
+    """A copy of ``recon_data`` whose lines of ``part`` hold ``kspace`` ``(coil, ky, kx)``
+    (in noise units, as ``part.data``; written back in the buffer's own units)."""
     out = copy.copy(recon_data)
     out.bits = list(recon_data.bits)
     bit = copy.copy(out.bits[part.bit])
@@ -151,7 +161,7 @@ def with_kspace(recon_data: ReconData, part: BufferSlice, kspace: np.ndarray) ->
         array = np.array(buffer.data, dtype=np.complex64, order="F")  # wire arrays are read-only views
         rows = np.flatnonzero(lines >= 0)
         view = array[:, :, 0, :, n, s, loc]  # basic indexing: a view into array
-        view[:, lines[rows], :] = np.transpose(kspace[:, rows, :], (2, 1, 0))
+        view[:, lines[rows], :] = np.transpose(kspace[:, rows, :], (2, 1, 0)) * np.float32(part.noise_units)
         buffer.data = array
         setattr(bit, attr, buffer)
     out.bits[part.bit] = bit

@@ -80,7 +80,7 @@ class CheckedImageStage:
     name = "checked"
 
     def __init__(self, forward_internal: bool, weights: str, calibration: str, device: str, resources: Resources) -> None:
-        self.store = InternalStore(self.name, forward_internal)
+        self.store = InternalStore(self.name, forward_internal, resources.receiver_bandwidth())
         self.defenses = DefenseCache(self.name, weights, calibration, device, resources)
 
     def process(self, item: Any) -> Iterable[Any]:

@@ -32,13 +32,14 @@ class ReconStage:
     def __init__(self, settings: ReconSettings, resources: Resources) -> None:
         self.settings = settings
         self.model, self.manifest, self.device = resources.model(settings.weights, settings.device)
+        self.bandwidth = resources.receiver_bandwidth()
         self.count = 0
 
     def process(self, item: Any) -> Iterable[Any]:
         if not isinstance(item, ReconData):
             return [item]
         out: list[Any] = [item] if self.settings.forward_internal else []
-        for part in buffer_slices(item):
+        for part in buffer_slices(item, self.bandwidth):
             result = reconstruct(part.data, self.model, self.device)
             self.count += 1
             seconds = sum(t for _, t in result.timings)

@@ -40,12 +40,13 @@ class AttackStage:
         self.settings = settings
         self.targets = settings.slice_set()
         self.model, _, self.device = resources.model(settings.weights, settings.device)
+        self.bandwidth = resources.receiver_bandwidth()
         self.generator = torch.Generator().manual_seed(settings.seed)
 
     def process(self, item: Any) -> Iterable[Any]:
         if not isinstance(item, ReconData):
             return [item]
-        for part in buffer_slices(item):
+        for part in buffer_slices(item, self.bandwidth):
             if self.targets is not None and part.data.key.slice not in self.targets:
                 continue
             data = part.data

@@ -7,7 +7,7 @@ composed gadget chains several stages in one process; the runner's in-process mo
 the same stages without sockets.
 
 On any failure the gadget logs the traceback to stderr, sends ERROR (id 8) with the message
-to Gadgetron, and ends with status 1 (gadgetron-python then sends CLOSE). Nothing is written
+and CLOSE (id 4) to Gadgetron, and ends with status 1. Nothing is written
 to stdout: in Gadgetron it is the data pipe.
 """
 
@@ -82,6 +82,13 @@ class Resources:
 
         return parse_header(self.header_xml).acceleration
 
+    def receiver_bandwidth(self) -> float:
+        """The header's relative receiver noise bandwidth (Gadgetron's default when absent):
+        it sets the noise level NoiseAdjust leaves in whitened data."""
+        from recon.io.mrd import parse_header
+
+        return parse_header(self.header_xml).receiver_bandwidth
+
 
 def model_tag(manifest: Any) -> str:
     """The ``CycGuard.Model`` meta value of a model."""
@@ -106,15 +113,16 @@ class InternalStore:
     buffer, maps, image is kept.
     """
 
-    def __init__(self, stage: str, forward: bool) -> None:
+    def __init__(self, stage: str, forward: bool, receiver_bandwidth: float) -> None:
         self.stage = stage
         self.forward = forward
+        self.receiver_bandwidth = receiver_bandwidth
         self.slices: dict[SliceKey, SliceContext] = {}
 
     def offer(self, item: Any) -> list[Any] | None:
         """Take an internal item (returns what to forward), or ``None`` for other items."""
         if isinstance(item, ReconData):
-            for part in buffer_slices(item):
+            for part in buffer_slices(item, self.receiver_bandwidth):
                 self.slices[part.data.key] = SliceContext(part)
             return [item] if self.forward else []
         if is_maps(item):
@@ -224,10 +232,15 @@ class SafeSocket:
 
 
 def send_error(connection: Any, message: str) -> None:
-    """Send ERROR (id 8): ``uint64`` length and the UTF-8 message (Gadgetron reports it to the client)."""
+    """Send ERROR (id 8: ``uint64`` length, UTF-8 message) and then CLOSE (id 4).
+
+    Gadgetron reports the message to its client; it reads the next message id after an
+    ERROR, so without the CLOSE it would read a closed socket and report only "illegal
+    message id".
+    """
     data = message.encode("utf-8")
     try:
-        connection.socket.write(struct.pack("<H", MESSAGE_ERROR) + struct.pack("<Q", len(data)) + data)
+        connection.socket.write(struct.pack("<H", MESSAGE_ERROR) + struct.pack("<Q", len(data)) + data + struct.pack("<H", MESSAGE_CLOSE))
     except OSError as err:
         log.error("could not send ERROR to Gadgetron: %s", err)
 
@@ -251,7 +264,7 @@ def serve(connection: Any, module: str, target: str) -> None:
             raise ContractError("the input ended without CLOSE (unknown message id or a dead peer)")
     except Exception as err:
         log.exception("%s failed", name)
-        send_error(connection, f"{name}: {err}")
+        send_error(connection, str(err))  # Gadgetron and the runner name the gadget themselves
         linger(connection.socket.socket)
         raise SystemExit(1) from err
 

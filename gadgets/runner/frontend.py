@@ -1,7 +1,9 @@
 """Python equivalents of the C++ gadgets our pipelines use, so the runner needs no Gadgetron.
 
-* ``NoiseAdjustGadget``: noise scans give the channel covariance (scaled by the dwell-time
-  ratio); later acquisitions are prewhitened; noise scans are consumed.
+* ``NoiseAdjustGadget``: noise scans give the channel covariance (no mean removed); later
+  acquisitions are prewhitened with its inverse Cholesky factor times
+  ``sqrt(2 * dwell-time ratio * relative receiver noise bandwidth)``, as Gadgetron does;
+  noise scans are consumed.
 * ``RemoveROOversamplingGadget``: per acquisition, crop the readout to the recon matrix
   (inverse FFT, centre crop, FFT), as the C++ gadget does.
 * ``AcquisitionAccumulateTriggerGadget``: collect acquisitions into a bucket and release it
@@ -13,7 +15,8 @@
   repeated lines are averaged; navigator, phase-correction and dummy acquisitions dropped.
 
 The maths is :mod:`recon.physics.noise`, the same code the offline reader uses, so the
-chain and ``recon.pipeline`` see the same k-space. Properties the C++ gadgets take but
+chain and ``recon.pipeline`` see the same k-space, and both match a real Gadgetron 4.7
+(``tests/test_gadgetron.py`` runs the same files through both). Properties the C++ gadgets take but
 these equivalents do not implement are refused by name rather than ignored.
 """
 
@@ -29,7 +32,7 @@ import numpy as np
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription
 
 from recon.io.mrd import SKIPPED_FLAGS, parse_header
-from recon.physics.noise import noise_covariance, remove_readout_oversampling, whitening_matrix
+from recon.physics.noise import noise_covariance, prewhitening_scale, remove_readout_oversampling, whitening_matrix
 
 log = logging.getLogger("cycguard.runner.frontend")
 
@@ -74,6 +77,7 @@ class NoiseAdjust:
     name = "NoiseAdjustGadget"
 
     def __init__(self, header_xml: str, properties: dict[str, str]) -> None:
+        self.bandwidth = parse_header(header_xml).receiver_bandwidth
         self.noise: list[np.ndarray] = []
         self.noise_dwell = 0.0
         self.whitening: np.ndarray | None = None
@@ -87,16 +91,14 @@ class NoiseAdjust:
                 log.warning("noise scan after imaging data ignored (prewhitening already fixed)")
                 return []
             self.noise.append(np.asarray(item.data, dtype=np.complex64))
-            self.noise_dwell = float(item.sample_time_us)
+            self.noise_dwell = self.noise_dwell or float(item.sample_time_us)
             return []
         if not self.ready:
             self.ready = True
             if self.noise:
                 covariance = noise_covariance(np.concatenate(self.noise, axis=1))
-                dwell = float(item.sample_time_us)
-                if self.noise_dwell and dwell:
-                    covariance = covariance * (self.noise_dwell / dwell)
-                self.whitening = whitening_matrix(covariance)
+                scale = prewhitening_scale(float(item.sample_time_us), self.noise_dwell, self.bandwidth)
+                self.whitening = whitening_matrix(covariance, scale)
             else:
                 log.warning("no noise scans before the imaging data: not prewhitened")
         if self.whitening is None:

@@ -41,10 +41,13 @@ NOISE_STD = 0.012
 NOISE_SCANS = 4
 
 
-def make_demo(out_dir: Path = DEMO_DIR, seed: int = 2026, slices: tuple[int, ...] = DEMO_SLICES) -> tuple[Path, Path]:
-    """Write the demo raw file and its reference (``slices``: MNI axial z indices); returns their paths."""
+def make_demo(
+    out_dir: Path = DEMO_DIR, seed: int = 2026, slices: tuple[int, ...] = DEMO_SLICES, desc: ScanDescription | None = None
+) -> tuple[Path, Path]:
+    """Write the demo raw file and its reference (``slices``: MNI axial z indices; ``desc``: the
+    scan's header, the demo's by default); returns their paths."""
     rng = np.random.default_rng(seed)
-    desc = ScanDescription()
+    desc = desc or ScanDescription()
     family = MaskFamily("equispaced", desc.acceleration, 16)
     ny, nx = desc.matrix
     os_factor = desc.readout_oversampling

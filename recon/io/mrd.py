@@ -24,7 +24,14 @@ import h5py
 import ismrmrd
 import numpy as np
 
-from recon.physics.noise import noise_covariance, remove_readout_oversampling, whitening_matrix
+from recon.physics.noise import (
+    GADGETRON_RECEIVER_BANDWIDTH,
+    noise_covariance,
+    prewhitening_scale,
+    remove_readout_oversampling,
+    whitened_sigma,
+    whitening_matrix,
+)
 from recon.types import SliceGeometry, SliceKey, SliceKSpace
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,8 @@ class Protocol:
         coils: receiver channels.
         center_line: k-space line index of the centre (``kspace_encoding_step_1.center``).
         acceleration: nominal acceleration along ky (1 when not stated).
+        receiver_bandwidth: relative receiver noise bandwidth (Gadgetron's 0.793 when the
+            header has none); it sets the noise level of prewhitened data.
     """
 
     encoded: tuple[int, int]
@@ -62,6 +71,7 @@ class Protocol:
     coils: int
     center_line: int
     acceleration: int
+    receiver_bandwidth: float = GADGETRON_RECEIVER_BANDWIDTH
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,9 @@ def parse_header(xml: str, source: str = "header") -> Protocol:
         raise MRDError(f"{source}: phase oversampling (encoded y {e.y} != recon y {r.y}) is not supported")
     if r.x > e.x:
         raise MRDError(f"{source}: recon x {r.x} exceeds encoded x {e.x}")
-    coils = header.acquisitionSystemInformation.receiverChannels if header.acquisitionSystemInformation else None
+    system = header.acquisitionSystemInformation
+    coils = system.receiverChannels if system else None
+    bandwidth = system.relativeReceiverNoiseBandwidth if system else None
     limits = enc.encodingLimits.kspace_encoding_step_1 if enc.encodingLimits else None
     center = limits.center if limits is not None and limits.center is not None else e.y // 2
     accel = 1
@@ -125,6 +137,7 @@ def parse_header(xml: str, source: str = "header") -> Protocol:
         coils=int(coils) if coils else 0,
         center_line=int(center),
         acceleration=accel,
+        receiver_bandwidth=float(bandwidth) if bandwidth else GADGETRON_RECEIVER_BANDWIDTH,
     )
 
 
@@ -257,8 +270,9 @@ def _assemble(
             raise MRDError(f"{where} has {data.shape[0]} channels, the header says {coils}")
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             noise.append(np.asarray(data, dtype=np.complex64))
-            noise_dwell = float(acq.sample_time_us) or None
+            noise_dwell = noise_dwell or float(acq.sample_time_us) or None  # the first, as Gadgetron
             continue
+        data_dwell = data_dwell or float(acq.sample_time_us) or None  # the first non-noise one, as Gadgetron
         kind = next((k for k, flag in SKIPPED_FLAGS.items() if acq.is_flag_set(flag)), None)
         if kind is not None:
             skipped[kind] = skipped.get(kind, 0) + 1
@@ -278,7 +292,6 @@ def _assemble(
                 f"{where}: line {acq.idx.kspace_encode_step_1} is outside the {ny}-line grid "
                 f"(centre {protocol.center_line})"
             )
-        data_dwell = float(acq.sample_time_us) or data_dwell
         idx = acq.idx
         key = SliceKey(int(idx.slice), int(idx.contrast), int(idx.repetition), int(idx.set), int(idx.phase))
         if key not in slices:
@@ -315,11 +328,11 @@ def _assemble(
             covariance = noise_covariance(samples) if np.isfinite(samples).all() else np.full((coils, coils), np.nan)
         if not np.isfinite(covariance).all():
             raise MRDError(f"{path}: the noise scans hold non-finite or absurdly large samples (corrupt data)")
-        if noise_dwell and data_dwell:
-            covariance = covariance * (noise_dwell / data_dwell)  # noise variance scales with bandwidth
         if prewhiten:
+            # Gadgetron's NoiseAdjust, then its noise level divided out (k-space in noise units)
+            scale = prewhitening_scale(data_dwell or 0.0, noise_dwell or 0.0, protocol.receiver_bandwidth)
             try:
-                whitening = whitening_matrix(covariance)
+                whitening = whitening_matrix(covariance, scale / whitened_sigma(data_dwell or 0.0, protocol.receiver_bandwidth))
             except ValueError as err:
                 raise MRDError(f"{path}: {err} (corrupt noise scans?)") from err
     out: list[SliceKSpace] = []

@@ -30,8 +30,11 @@ class ScanDescription:
         coils: receiver channels.
         acceleration: nominal acceleration along ky.
         tr_ms: repetition time (one line per TR), for time stamps.
-        sample_time_us: readout dwell time per (oversampled) sample.
+        sample_time_us: readout dwell time per (oversampled) sample, noise scans included.
+        receiver_bandwidth: the relative receiver noise bandwidth the header states.
         patient_id, patient_name, study_description, protocol_name: header text.
+        measurement_id: the header's ``measurementID`` (Gadgetron's NoiseAdjust stores the
+            noise covariance under it).
     """
 
     matrix: tuple[int, int] = (128, 128)
@@ -42,14 +45,20 @@ class ScanDescription:
     acceleration: int = 4
     tr_ms: float = 10.0
     sample_time_us: float = 5.0
+    receiver_bandwidth: float = 0.793
     patient_id: str = "CYCGUARD-DEMO-001"
     patient_name: str = "Demo^Phantom"
     study_description: str = "CycGuard demo (simulated from MNI152)"
     protocol_name: str = "cycguard_demo_t1"
+    measurement_id: str = "CYCGUARD_SIM_00001"
 
 
 def build_header(desc: ScanDescription, slices: int) -> str:
-    """The ISMRMRD XML header for a Cartesian 2-D multi-slice scan."""
+    """The ISMRMRD XML header for a Cartesian 2-D multi-slice scan.
+
+    It carries no ``<version>``: Gadgetron takes a header without one, or with exactly its
+    ISMRMRD library's schema version, and rejects every other.
+    """
     ny, nx = desc.matrix
     fx, fy = desc.fov_mm
     enc = xsd.encodingType(
@@ -76,10 +85,10 @@ def build_header(desc: ScanDescription, slices: int) -> str:
         ),
     )
     header = xsd.ismrmrdHeader(
-        version=2,
         subjectInformation=xsd.subjectInformationType(patientName=desc.patient_name, patientID=desc.patient_id),
         studyInformation=xsd.studyInformationType(studyDescription=desc.study_description),
         measurementInformation=xsd.measurementInformationType(
+            measurementID=desc.measurement_id,
             protocolName=desc.protocol_name,
             patientPosition=xsd.patientPositionType.HFS,
             seriesDescription=desc.protocol_name,
@@ -88,7 +97,7 @@ def build_header(desc: ScanDescription, slices: int) -> str:
             systemVendor="CycGuard simulator",
             systemFieldStrength_T=3.0,
             receiverChannels=desc.coils,
-            relativeReceiverNoiseBandwidth=0.793,
+            relativeReceiverNoiseBandwidth=desc.receiver_bandwidth,
         ),
         experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=127_700_000),
         encoding=[enc],
