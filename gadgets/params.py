@@ -56,7 +56,7 @@ class DetectSettings:
     weights: str = prop("", "network weights; must be the model that made the images (checked by hash)")
     calibration: str = prop("", "calibration JSON from `cycguard calibrate`; empty: the one shipped with the weights")
     noise_level: str = prop(
-        "estimate", "noise level of the data: estimate (from the k-space periphery) or whitened (unit variance after NoiseAdjust)",
+        "estimate", "noise level of the data: estimate (from the k-space periphery) or whitened (prewhitened by NoiseAdjust; its noise level, from the header, is divided out)",
         choices=("estimate", "whitened"),
     )
     device: str = prop("auto", "compute device: auto, cpu, cuda or cuda:N")

@@ -41,3 +41,20 @@ if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
   .venv/bin/python -c "import recon, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   echo "$want" > "$stamp"
 fi
+# the editable install does not copy the start-up hook that stops gadgetron-python at a closed socket
+site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+cmp -s gadgets/cycguard-gadgetron.pth "$site/cycguard-gadgetron.pth" || cp gadgets/cycguard-gadgetron.pth "$site/"
+
+# dev: the real Gadgetron 4.7.2 server and client for the tests marked `gadgetron`, unpacked into
+# .cache/gadgetron from the prepared package (CYCGUARD_GADGETRON_TOOL: its folder, by default the
+# team's tools folder beside the repository; tests/gadgetron_host.py says what it holds)
+if [ "$mode" = dev ]; then
+  tool=${CYCGUARD_GADGETRON_TOOL:-../shared/tools/gadgetron}
+  home=${CYCGUARD_GADGETRON_HOME:-.cache/gadgetron}
+  if [ -f "$tool/gadgetron.sh" ]; then
+    [ -x "$home/gadgetron-4.7.2-cpu/bin/gadgetron" ] || echo "bootstrap: unpacking the real Gadgetron into $home" >&2
+    bash "$tool/gadgetron.sh" install "$home" 2>/dev/null || echo "bootstrap: Gadgetron could not be installed (tests marked gadgetron fail under CI)" >&2
+  else
+    echo "bootstrap: no Gadgetron package at $tool: tests marked gadgetron fail under CI, skip elsewhere" >&2
+  fi
+fi

@@ -187,3 +187,20 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )
     return cert, key
+
+
+@pytest.fixture(scope="session")
+def gadgetron(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real Gadgetron 4.7.2 server with our pipelines in its config folder (tests/gadgetron_host.py);
+    skips where it is not unpacked, fails under CI."""
+    from tests import gadgetron_host
+
+    reason = gadgetron_host.unavailable()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"real Gadgetron unavailable under CI: {reason}")
+        pytest.skip(reason)
+    gadgetron_host.install_pipelines()
+    server = gadgetron_host.Gadgetron(tmp_path_factory.mktemp("gadgetron"))
+    yield server
+    server.stop()

@@ -30,6 +30,14 @@ def explode_on_second_buffer(connection: Any) -> None:
         connection.send(item)
 
 
+def error_without_close(connection: Any) -> None:
+    """Sends ERROR and drops the connection without CLOSE (Gadgetron then reports only an illegal message id)."""
+    for _ in connection:
+        message = b"tests.faulty_gadgets: no close"
+        connection.socket.socket.sendall((8).to_bytes(2, "little") + len(message).to_bytes(8, "little") + message)
+        os._exit(1)
+
+
 def raise_like_gadgetron_python(connection: Any) -> None:
     """Raises on the first item: gadgetron-python then sends only CLOSE and exits 1."""
     for _ in connection:

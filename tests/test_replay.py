@@ -147,6 +147,13 @@ def test_gadgetron_pythons_silent_failure_is_caught(tmp_path: Path) -> None:
     assert any("slices came out without an image" in f for f in result.failures)
 
 
+def test_an_error_without_close_is_refused_as_gadgetron_refuses_it(tmp_path: Path) -> None:
+    result = replay(DEMO_RAW, str(_faulty(tmp_path, "error_without_close")), tmp_path / "out.h5", None, group="g", progress=False)
+    assert not result.ok
+    failure = next(f for f in result.failures if "error_without_close" in f)
+    assert "no close" in failure and "ERROR without CLOSE" in failure
+
+
 def test_a_gadget_writing_to_stdout_fails_the_run(tmp_path: Path) -> None:
     result = replay(DEMO_RAW, str(_faulty(tmp_path, "print_to_stdout")), tmp_path / "out.h5", None, group="g", progress=False)
     assert any("bytes to stdout" in f and "hello from a gadget" in f for f in result.failures)

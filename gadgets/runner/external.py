@@ -218,7 +218,10 @@ class ExternalRun:
                         break
                     item = reader(wire)
                 except (ConnectionError, TimeoutError, OSError) as err:
-                    self.errors.append(f"connection lost before CLOSE ({err})")
+                    if self.errors:  # Gadgetron reads the id after an ERROR and fails on a closed socket
+                        self.errors.append(f"sent ERROR without CLOSE after it (Gadgetron would report only \"Received illegal message id\"; {err})")
+                    else:
+                        self.errors.append(f"connection lost before CLOSE ({err})")
                     break
                 try:
                     yield item

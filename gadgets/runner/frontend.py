@@ -31,7 +31,7 @@ import ismrmrd
 import numpy as np
 from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, SamplingDescription
 
-from recon.io.mrd import SKIPPED_FLAGS, parse_header
+from recon.io.mrd import SKIPPED_FLAGS, MRDError, parse_header
 from recon.physics.noise import noise_covariance, prewhitening_scale, remove_readout_oversampling, whitening_matrix
 
 log = logging.getLogger("cycguard.runner.frontend")
@@ -49,6 +49,25 @@ FRONTEND: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "BucketToBufferGadget": {"split_slices": ("true",), "N_dimension": ("",), "S_dimension": ("",), "ignore_segment": ("true", "false")},
 }
+
+
+GADGETRON_HEADER_VERSION = 14
+"""The ISMRMRD header schema version of Gadgetron 4.7's ISMRMRD library (1.14)."""
+
+
+def check_header(xml: str, source: str = "header") -> None:
+    """Refuse a header that Gadgetron 4.7 refuses (:class:`MRDError` naming why).
+
+    Its ISMRMRD library takes a header whose ``<version>`` is absent or exactly 14 and fails
+    every stream on any other (files written by ISMRMRD 1.8 tools carry 8).
+    """
+    header = ismrmrd.xsd.CreateFromDocument(xml)
+    if header.version is not None and int(header.version) != GADGETRON_HEADER_VERSION:
+        raise MRDError(
+            f"{source}: ISMRMRD header version {header.version}; Gadgetron 4.7 (ISMRMRD 1.14) takes only "
+            f"version {GADGETRON_HEADER_VERSION} or none and fails the run with \"XML header version does not match "
+            "library schema version\" (remove the <version> element, or convert the file with ISMRMRD 1.14's tools)"
+        )
 
 
 def check_frontend_properties(classname: str, properties: dict[str, str]) -> None:
@@ -78,6 +97,8 @@ class NoiseAdjust:
 
     def __init__(self, header_xml: str, properties: dict[str, str]) -> None:
         self.bandwidth = parse_header(header_xml).receiver_bandwidth
+        info = ismrmrd.xsd.CreateFromDocument(header_xml).measurementInformation
+        self.measurement_id = (info.measurementID or "") if info is not None else ""
         self.noise: list[np.ndarray] = []
         self.noise_dwell = 0.0
         self.whitening: np.ndarray | None = None
@@ -90,6 +111,11 @@ class NoiseAdjust:
             if self.ready:
                 log.warning("noise scan after imaging data ignored (prewhitening already fixed)")
                 return []
+            if not self.measurement_id:
+                raise ValueError(
+                    "NoiseAdjustGadget: the data hold noise scans but the header has no measurementID; "
+                    "Gadgetron stores the noise covariance under it and fails the run (\"Unknown error\") without one"
+                )
             self.noise.append(np.asarray(item.data, dtype=np.complex64))
             self.noise_dwell = self.noise_dwell or float(item.sample_time_us)
             return []

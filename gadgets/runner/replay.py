@@ -29,6 +29,7 @@ from gadgets import params
 from gadgets.convert import image_key, image_pixels, meta_of, meta_value
 from gadgets.runner.chain import run_pipeline
 from gadgets.runner.config import Pipeline, check, load_pipeline, with_stage_properties
+from gadgets.runner.frontend import check_header
 from recon.io.mrd import SKIPPED_FLAGS, MRDError, parse_header, read_header_text
 from recon.io.mrd_write import read_images
 from recon.io.pacs import PacsTarget
@@ -70,9 +71,11 @@ class _Collected:
 
 
 def read_header(raw: Path, dataset: str = "dataset") -> str:
-    """The XML header of a raw file, checked (:class:`MRDError` naming what is wrong)."""
+    """The XML header of a raw file, checked as ours and as Gadgetron's (:class:`MRDError`
+    naming what is wrong)."""
     xml = read_header_text(raw, dataset)
     parse_header(xml, str(raw))
+    check_header(xml, str(raw))
     return xml
 
 

@@ -34,6 +34,7 @@ from gadgetron.types.recon_data import ReconData
 from gadgets.runner import protocol as p
 from gadgets.runner.chain import run_pipeline
 from gadgets.runner.config import Pipeline, PipelineError, check, installed_pipelines, parse_pipeline, stage_names
+from gadgets.runner.frontend import check_header
 from gadgets.stages import SafeSocket
 from recon.io.mrd import parse_header
 
@@ -178,6 +179,7 @@ class Session:
         if mid == p.HEADER:
             xml = p.read_string(self.wire, "HEADER")
             parse_header(xml, "client header")
+            check_header(xml, "client header")
             return xml
         raise ClientError(f"message id {mid} before HEADER (data must follow the ISMRMRD header)")
 

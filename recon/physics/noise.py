@@ -7,7 +7,6 @@ import torch
 
 from recon.physics.fft import fftc, ifftc
 
-
 GADGETRON_RECEIVER_BANDWIDTH = 0.793
 """The relative receiver noise bandwidth Gadgetron's NoiseAdjust assumes when the header has none."""
 
