@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from recon.calibrate import ScanDefenses
 from recon.io.mrd import read_raw
-from recon.io.mrd_write import read_images, write_images
+from recon.io.mrd_write import check_output, read_images, write_images
 from recon.metrics import quality
 from recon.models.weights import load_model
 from recon.pipeline import defend, reconstruct
@@ -76,6 +76,7 @@ def reconstruct_file(
             a missing default makes images ``unverified``, a named file that does not fit
             is an error).
     """
+    check_output(out, [raw] + ([reference] if reference is not None else []))
     torch_device = resolve_device(device)
     scan = read_raw(raw)  # bad input fails before the weights are touched
     model, manifest = load_model(weights, torch_device)

@@ -199,8 +199,16 @@ def read_output(path: Path) -> dict[Key, Image]:
     return out
 
 
+REWRITTEN_IMAGE_RTOL = 5e-3
+"""Tolerance for a ``mitigated`` image: the rewrite is an iterative correction (and, in the
+red-team chain, of data an iterative attack made), which carries the front ends' float-level
+differences (about 1e-6: FFTW and single-precision sums in Gadgetron, numpy here) to up to 3e-3
+relative L2 (measured on the demo and the variant file); its verdict and score still agree."""
+
+
 def parity_problems(real: dict[Key, Image], ours: dict[Key, Image], score_rtol: float = 1e-3, image_rtol: float = 1e-4) -> list[str]:
-    """How the real Gadgetron's images differ from ours beyond the tolerances (empty: none)."""
+    """How the real Gadgetron's images differ from ours beyond the tolerances (empty: none);
+    a rewritten image is held to :data:`REWRITTEN_IMAGE_RTOL`."""
     if sorted(real) != sorted(ours):
         return [f"slices differ: real {sorted(real)}, ours {sorted(ours)}"]
     problems = []
@@ -214,6 +222,7 @@ def parity_problems(real: dict[Key, Image], ours: dict[Key, Image], score_rtol: 
             if not abs(sa - sb) <= score_rtol * max(abs(sb), 1e-12):
                 problems.append(f"{key}: score {sa} (real) vs {sb} (ours)")
         rel = float(np.linalg.norm(a.pixels - b.pixels)) / max(float(np.linalg.norm(b.pixels)), 1e-30)
-        if not rel <= image_rtol:
+        tolerance = REWRITTEN_IMAGE_RTOL if verdicts == ("mitigated", "mitigated") else image_rtol
+        if not rel <= tolerance:
             problems.append(f"{key}: images differ by {rel:.2e} relative L2")
     return problems

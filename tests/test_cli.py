@@ -111,3 +111,71 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_an_output_that_is_the_input_or_holds_raw_data_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from recon.data.demo import DEMO_RAW
+
+    raw = tmp_path / "scan.h5"
+    shutil.copyfile(DEMO_RAW, raw)
+    before = raw.read_bytes()
+    link = tmp_path / "link.h5"
+    link.symlink_to(raw)
+    other = tmp_path / "other_scan.h5"
+    shutil.copyfile(DEMO_RAW, other)
+    cases = [
+        (("recon", str(raw), "-o", str(raw)), "is the input"),
+        (("replay", str(raw), "-c", "recon", "-o", str(raw)), "is the input"),
+        (("recon", str(raw), "-o", str(link)), "is the input"),
+        (("replay", str(link), "-c", "recon", "-o", str(tmp_path / "." / "scan.h5")), "is the input"),
+        (("replay", str(raw), "-c", "recon", "-o", str(other)), "holds raw data"),
+        (("recon", str(raw), "-o", str(other)), "holds raw data"),
+    ]
+    for args, reason in cases:
+        result = _run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert reason in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert raw.read_bytes() == before and other.read_bytes() == DEMO_RAW.read_bytes()
+
+
+def test_an_empty_data_set_and_an_unwritable_output_fail_with_status_2(tmp_path: Path) -> None:
+    import shutil
+
+    import h5py
+
+    from recon.data.demo import DEMO_RAW
+
+    empty = tmp_path / "empty.h5"
+    shutil.copyfile(DEMO_RAW, empty)
+    with h5py.File(empty, "r+") as handle:
+        handle["dataset/data"].resize((0,))
+    for args in (("recon", str(empty), "-o", str(tmp_path / "a.h5")), ("replay", str(empty), "-c", "recon", "-o", str(tmp_path / "b.h5"))):
+        result = _run(*args)
+        assert result.returncode == 2 and "no imaging acquisitions" in result.stderr, result.stderr
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    result = _run("replay", str(DEMO_RAW), "-c", "recon", "-o", str(blocker / "out.h5"))
+    assert result.returncode == 2 and "cannot write the output" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_check_names_the_line_of_a_misspelt_gadget_and_of_a_missing_file(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "pipelines" / "defended.xml").read_text()
+    line = next(n for n, row in enumerate(text.splitlines(), start=1) if 'name="gadgets.mitigate"' in row) - 1  # its <external>
+    cases = {
+        "typo": (text.replace('name="gadgets.mitigate"', 'name="gadgets.mitigat"'), "did you mean gadgets.mitigate:mitigate?"),
+        "absent": (text.replace('name="gadgets.mitigate"', 'name="nosuchmodule.gadget"'), "'nosuchmodule.gadget' is not installed"),
+        "calibration": (text.replace('<execute name="gadgets.mitigate" target="mitigate" type="python"/>\n      <configuration>',
+                                     '<execute name="gadgets.mitigate" target="mitigate" type="python"/>\n      <configuration>'
+                                     '<property name="calibration" value="/no/such/cal.json"/>'), "/no/such/cal.json, which does not exist"),
+    }
+    for name, (xml, reason) in cases.items():
+        path = tmp_path / f"{name}.xml"
+        path.write_text(xml)
+        result = _run("check", str(path))
+        assert result.returncode == 1, (name, result.stdout)
+        assert f"{path}:{line}:" in result.stdout and reason in result.stdout, result.stdout
+        replay = _run("replay", str(root / "recon" / "data" / "demo" / "demo_raw.h5"), "-c", str(path), "-o", str(tmp_path / f"{name}.h5"))
+        assert replay.returncode == 2 and reason in replay.stderr and "Traceback" not in replay.stderr, replay.stderr

@@ -258,11 +258,12 @@ def test_error_message_is_framed_as_gadgetron_reads_it() -> None:
         class Holder:
             socket = SafeSocket(a)
 
-        send_error(Holder(), "gadgets.recon:recon: boom")
+        send_error(Holder(), "boom")
         wire = SafeSocket(b)
         (mid,) = struct.unpack("<H", wire.read(2))
         (length,) = struct.unpack("<Q", wire.read(8))
-        assert (mid, wire.read(length)) == (8, b"gadgets.recon:recon: boom")
+        assert (mid, wire.read(length)) == (8, b"boom")
+        assert struct.unpack("<H", wire.read(2)) == (4,)  # CLOSE follows: Gadgetron reads the next id after ERROR
 
 
 def test_safe_socket_detects_a_dead_peer_and_caps_reads() -> None:

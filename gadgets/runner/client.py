@@ -29,6 +29,8 @@ from gadgets.convert import image_key
 from gadgets.runner import protocol as p
 from gadgets.runner.replay import expected_slices, read_header, stream_raw
 from gadgets.stages import SafeSocket
+from recon.io.mrd import MRDError
+from recon.io.mrd_write import check_output
 from recon.types import SliceKey
 
 log = logging.getLogger("cycguard.send")
@@ -73,6 +75,9 @@ def send(
         raise ValueError("give a pipeline name (-c) or an XML file (-C), not both")
     header = read_header(raw)
     expected = expected_slices(raw)
+    if not expected:
+        raise MRDError(f"{raw}: no imaging acquisitions (the data set is empty)")
+    check_output(output, [raw])
     group = group or datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
     result = SendResult(output, group)
     started = time.perf_counter()

@@ -9,8 +9,11 @@ is refused with a message naming it. XML is parsed with defusedxml (no entities,
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import xml.etree.ElementTree as ET  # noqa: S405 - serialising only; parsing goes through defusedxml
 from dataclasses import dataclass
+from xml.parsers import expat  # noqa: S410 - line numbers of a document defusedxml already accepted
 from importlib import resources
 from pathlib import Path
 
@@ -51,6 +54,7 @@ class ExternalNode:
         configuration: the ``<configuration>`` element, serialised (sent as CONFIG).
         properties: its ``<property>`` pairs.
         connect: ``(address, port)`` in passive mode (the gadget listens), else ``None``.
+        where: file, line and position of its element, for messages.
     """
 
     module: str
@@ -58,6 +62,7 @@ class ExternalNode:
     configuration: bytes
     properties: tuple[tuple[str, str], ...]
     connect: tuple[str, int] | None = None
+    where: str = ""
 
     @property
     def name(self) -> str:
@@ -133,9 +138,10 @@ def parse_pipeline(text: str | bytes, source: str = "<pipeline>") -> Pipeline:
     stream = root.find("stream")
     if stream is None:
         raise PipelineError(f"{source}: no <stream>")
+    lines = _element_lines(text, root)
     nodes: list[CppGadget | ExternalNode] = []
     for number, node in enumerate(stream, start=1):
-        where = f"{source}: stream node {number} <{node.tag}>"
+        where = f"{source}:{lines.get(id(node), '?')}: stream node {number} <{node.tag}>"
         if node.tag == "gadget":
             nodes.append(_gadget(node, where))
         elif node.tag == "external":
@@ -147,6 +153,19 @@ def parse_pipeline(text: str | bytes, source: str = "<pipeline>") -> Pipeline:
     if not nodes:
         raise PipelineError(f"{source}: the <stream> is empty")
     return Pipeline(source, readers, writers, tuple(nodes))
+
+
+def _element_lines(text: str | bytes, root: ET.Element) -> dict[int, int]:
+    """Line of every element (by ``id``): expat's start events come in the document order of
+    ``root.iter()``."""
+    found: list[int] = []
+    parser = expat.ParserCreate()
+    parser.StartElementHandler = lambda *_: found.append(parser.CurrentLineNumber)
+    try:
+        parser.Parse(text, True)
+    except expat.ExpatError:
+        return {}
+    return {id(element): line for element, line in zip(root.iter(), found, strict=False)}
 
 
 def _classes(root: ET.Element, group: str, item: str, known: set[str], source: str) -> list[str]:
@@ -195,14 +214,14 @@ def _external(node: ET.Element, where: str) -> ExternalNode:
         module, target = execute.get("name") or "", execute.get("target") or ""
         if not module or not target:
             raise PipelineError(f"{where}: <execute> needs name (module) and target")
-        external = ExternalNode(module, target, config_bytes, props)
+        external = ExternalNode(module, target, config_bytes, props, where=where)
     else:
         assert connect is not None
         try:
             port = int(connect.get("port") or "")
         except ValueError as err:
             raise PipelineError(f"{where}: <connect> needs an integer port") from err
-        external = ExternalNode("", "", config_bytes, props, (connect.get("address") or "localhost", port))
+        external = ExternalNode("", "", config_bytes, props, (connect.get("address") or "localhost", port), where=where)
     return external
 
 
@@ -244,14 +263,16 @@ def check(pipeline: Pipeline, allow_foreign: bool = True, connect_stages: str | 
             settings = params.parse("gadgets.composed", "composed", _config_with(values, "stages", ",".join(names)))
         elif not node.ours:
             if not allow_foreign:
-                raise PipelineError(f"{node.name}: not a CycGuard gadget; this server runs CycGuard gadgets only")
+                raise PipelineError(f"{node.where or pipeline.source}: {node.name}: not a CycGuard gadget; this server runs CycGuard gadgets only")
+            _check_foreign(node, pipeline.source)
             warnings.append(f"{node.name}: not a CycGuard gadget; its properties are not checked")
             continue
         else:
             try:
                 settings = params.parse(node.module, node.target, node.configuration)
             except params.PropertyError as err:
-                raise PipelineError(f"{pipeline.source}: {err}") from err
+                raise PipelineError(f"{node.where or pipeline.source}: {err}") from err
+            _check_files(settings, node.where or pipeline.source)
         order = params.stage_order(settings)
         for position, name in enumerate(order):
             forwards = position < len(order) - 1 or bool(getattr(settings[params.STAGE_SETTINGS[name]], "forward_internal", False))
@@ -275,6 +296,28 @@ def check(pipeline: Pipeline, allow_foreign: bool = True, connect_stages: str | 
     if not any(s == "detect" for s, _ in stages) and any(s == "recon" for s, _ in stages):
         warnings.append("no detect stage: images leave tagged unverified")
     return warnings
+
+
+def _check_foreign(node: ExternalNode, source: str) -> None:
+    """A module in CycGuard's own package that is not one of its gadgets is a typo; any other
+    module must at least be installed (found without importing it)."""
+    where = node.where or source
+    if node.module == "gadgets" or node.module.startswith("gadgets."):
+        known = [f"{module}:{target}" for module, target in params.GADGETS]
+        close = difflib.get_close_matches(node.name, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else f" (CycGuard's gadgets: {', '.join(sorted(known))})"
+        raise PipelineError(f"{where}: {node.name} is not a CycGuard gadget{hint}")
+    if importlib.util.find_spec(node.module.split(".")[0]) is None:
+        raise PipelineError(f"{where}: module {node.module!r} is not installed in this Python ({node.name})")
+
+
+def _check_files(settings: dict[type, object], where: str) -> None:
+    """The weights and calibration files a gadget names must exist."""
+    for value in settings.values():
+        for name in ("weights", "calibration"):
+            path = str(getattr(value, name, "") or "")
+            if path and not Path(path).is_file():
+                raise PipelineError(f"{where}: property {name!r} names {path}, which does not exist")
 
 
 def _config_with(values: dict[str, str], name: str, value: str) -> bytes:

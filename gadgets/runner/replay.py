@@ -31,7 +31,7 @@ from gadgets.runner.chain import run_pipeline
 from gadgets.runner.config import Pipeline, check, load_pipeline, with_stage_properties
 from gadgets.runner.frontend import check_header
 from recon.io.mrd import SKIPPED_FLAGS, MRDError, parse_header, read_header_text
-from recon.io.mrd_write import read_images
+from recon.io.mrd_write import check_output, read_images
 from recon.io.pacs import PacsTarget
 from recon.metrics import quality
 from recon.pipeline import VERDICTS
@@ -92,6 +92,11 @@ def expected_slices(raw: Path, dataset: str = "dataset") -> list[SliceKey]:
     for row in idx:
         seen.setdefault(SliceKey(int(row["slice"]), int(row["contrast"]), int(row["repetition"]), int(row["set"]), int(row["phase"])))
     return list(seen)
+
+
+def _acquisitions(raw: Path, dataset: str = "dataset") -> int:
+    with h5py.File(raw, "r") as handle:
+        return len(handle[f"{dataset}/data"])
 
 
 def stream_raw(raw: Path, dataset: str = "dataset") -> Generator[Any, None, None]:
@@ -163,13 +168,19 @@ def replay(
         log.warning("%s", warning)
     header_xml = read_header(raw)
     expected = expected_slices(raw)
+    if not expected:
+        raise MRDError(f"{raw}: no imaging acquisitions (the data set holds {_acquisitions(raw)} acquisitions, none of them imaging data)")
+    check_output(output, [raw] + ([reference] if reference is not None else []))
     references = [image for image, _ in read_images(reference)] if reference is not None else None
     if references is not None and len(references) != len(expected):
         raise ValueError(f"{reference} holds {len(references)} images, {raw} has {len(expected)} slices")
     group = group or datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
-    with h5py.File(output, "a") as handle:
-        if group in handle:
-            raise ValueError(f"{output} already holds a group {group!r}: choose another with --group")
+    try:
+        with h5py.File(output, "a") as handle:
+            if group in handle:
+                raise ValueError(f"{output} already holds a group {group!r}: choose another with --group")
+    except OSError as err:
+        raise ValueError(f"cannot write the output {output}: {err.strerror or err}") from err
     collected: list[_Collected] = []
     failures: list[str] = []
     dataset = ismrmrd.Dataset(str(output), group, create_if_needed=True)

@@ -4,6 +4,7 @@ only acquired lines) and reconstructed images with their meta.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,3 +242,32 @@ def read_images(path: str | Path, group: str = "images", series_index: int = 1) 
         meta = ismrmrd.Meta.deserialize(text) if text else ismrmrd.Meta()
         out.append((np.asarray(array)[0, 0], {k: str(meta[k]) for k in meta.keys()}))
     return out
+
+
+def check_output(output: str | Path, inputs: Sequence[str | Path]) -> None:
+    """Refuse an output path that would write into the user's data (``ValueError`` naming why).
+
+    An output that is one of the inputs (the same file, also through a link or another path)
+    or an existing file that holds raw data (an ISMRMRD group with acquisitions) is refused:
+    image writers replace or add to their output, and raw data are never to be touched. An
+    existing output must be an HDF5 file.
+    """
+    output = Path(output)
+    for source in map(Path, inputs):
+        same = output.resolve() == source.resolve()
+        if not same and output.exists() and source.exists():
+            same = os.path.samefile(output, source)
+        if same:
+            raise ValueError(f"output {output} is the input {source}: CycGuard never writes into its input; choose another output file")
+    if not output.exists():
+        return
+    try:
+        with h5py.File(output, "r") as handle:
+            raw = [
+                name for name, group in handle.items()
+                if isinstance(group, h5py.Group) and isinstance(group.get("data"), h5py.Dataset) and "head" in (group["data"].dtype.names or ())
+            ]
+    except OSError as err:
+        raise ValueError(f"output {output} exists and is not an HDF5 file ({err}); choose another output file") from err
+    if raw:
+        raise ValueError(f"output {output} holds raw data (/{raw[0]}/data); CycGuard writes images only into files without raw data")
