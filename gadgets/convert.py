@@ -26,7 +26,7 @@ import numpy as np
 from gadgetron.types.image_array import ImageArray
 from gadgetron.types.recon_data import ReconData
 
-from recon.io.mrd import MIN_AUTO_ACS, acs_block
+from recon.io.mrd import MIN_AUTO_ACS, acs_block, coverage_problem
 from recon.physics.noise import GADGETRON_RECEIVER_BANDWIDTH, whitened_sigma
 from recon.types import SliceGeometry, SliceKey, SliceKSpace
 
@@ -51,6 +51,10 @@ class BufferSlice:
         ref_lines: grid row -> E1 index in the reference buffer (``-1`` where absent).
         noise_units: what the buffer's samples were divided by to put ``data`` in units of
             the noise level (Gadgetron's whitened noise sigma, :func:`whitened_sigma`).
+        line_limits: the buffer's sampling limits along ky (from the header's encoding
+            limits), as grid rows.
+        unfinished: a line carries ``ACQ_FIRST_IN_SLICE`` but none ``ACQ_LAST_IN_SLICE``
+            (a cut-off acquisition).
     """
 
     data: SliceKSpace
@@ -59,6 +63,22 @@ class BufferSlice:
     data_lines: np.ndarray
     ref_lines: np.ndarray
     noise_units: float = 1.0
+    line_limits: tuple[int, int] = (0, 0)
+    unfinished: bool = False
+    line_offset: int = 0
+
+    def problem(self, acceleration: int) -> str | None:
+        """Why this slice cannot be reconstructed as acquired (cut off, too few calibration
+        lines), or ``None``: an error for this slice, not for the stream."""
+        name = f"slice {self.data.key.slice} (contrast {self.data.key.contrast}, repetition {self.data.key.repetition})"
+        if self.unfinished:
+            return f"{name}: no ACQ_LAST_IN_SLICE acquisition: the data are truncated"
+        coverage = coverage_problem(self.data.mask, self.line_limits, acceleration, self.line_offset)
+        if coverage is not None:
+            return f"{name}: {coverage}"
+        if self.data.acs.sum() < MIN_AUTO_ACS:
+            return f"{name}: {int(self.data.acs.sum())} contiguous calibration lines at the centre, {MIN_AUTO_ACS} needed"
+        return None
 
 
 def _key(head: ismrmrd.AcquisitionHeader | ismrmrd.ImageHeader) -> SliceKey:
@@ -128,17 +148,28 @@ def buffer_slices(recon_data: ReconData, receiver_bandwidth: float = GADGETRON_R
                     head = buf.headers[data_lines[first], 0, n, s, loc]
                     key = _key(head)
                     units = whitened_sigma(float(head.sample_time_us), receiver_bandwidth)
+                    flags = [int(h.flags) for h in _acquired_heads(buf.headers, data_lines, n, s, loc)]
+                    if bit.ref is not None:
+                        flags += [int(h.flags) for h in _acquired_heads(bit.ref.headers, ref_lines, n, s, loc)]
+                    unfinished = any(f & _bit(ismrmrd.ACQ_FIRST_IN_SLICE) for f in flags) and not any(f & _bit(ismrmrd.ACQ_LAST_IN_SLICE) for f in flags)
+                    line_limits = (int(limits.min) - center + ny // 2, int(limits.max) - center + ny // 2) if int(limits.max) > 0 else (0, ny - 1)
                     kspace /= np.float32(units)
-                    if acs.sum() < MIN_AUTO_ACS:
-                        raise ContractError(f"slice {key.slice}: {int(acs.sum())} contiguous calibration lines at the centre, {MIN_AUTO_ACS} needed")
                     fov = tuple(float(v) for v in buf.sampling.recon_FOV)
                     geometry = SliceGeometry(
                         _vec(head.position), _vec(head.read_dir), _vec(head.phase_dir), _vec(head.slice_dir), (fov[0], fov[1], fov[2])
                     )
                     if not any(geometry.read_dir) or not any(geometry.phase_dir):
                         geometry = SliceGeometry(geometry.position, fov_mm=geometry.fov_mm)
-                    out.append(BufferSlice(SliceKSpace(kspace, mask, acs, key, geometry), b, (n, s, loc), data_lines, ref_lines, units))
+                    out.append(BufferSlice(SliceKSpace(kspace, mask, acs, key, geometry), b, (n, s, loc), data_lines, ref_lines, units, line_limits, unfinished, center - ny // 2))
     return out
+
+
+def _bit(flag: int) -> int:
+    return 1 << (flag - 1)
+
+
+def _acquired_heads(headers: np.ndarray, lines: np.ndarray, n: int, s: int, loc: int) -> list[ismrmrd.AcquisitionHeader]:
+    return [headers[e1, 0, n, s, loc] for e1 in lines[lines >= 0]]
 
 
 def _vec(values: object) -> tuple[float, float, float]:

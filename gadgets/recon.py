@@ -16,7 +16,7 @@ from gadgetron.types.recon_data import ReconData
 
 from gadgets.convert import buffer_slices, maps_message
 from gadgets.params import ReconSettings
-from gadgets.stages import Resources, gadget_logging, model_tag, serve
+from gadgets.stages import Resources, SliceError, gadget_logging, model_tag, serve
 from recon.io.mrd_write import to_ismrmrd_image
 from recon.pipeline import reconstruct
 from recon.types import ReconImage
@@ -33,13 +33,26 @@ class ReconStage:
         self.settings = settings
         self.model, self.manifest, self.device = resources.model(settings.weights, settings.device)
         self.bandwidth = resources.receiver_bandwidth()
+        self.acceleration = resources.acceleration()
+        self.expected_slices = resources.protocol().slices
+        self.seen_slices: set[int] = set()
         self.count = 0
 
     def process(self, item: Any) -> Iterable[Any]:
         if not isinstance(item, ReconData):
             return [item]
-        out: list[Any] = [item] if self.settings.forward_internal else []
-        for part in buffer_slices(item, self.bandwidth):
+        parts = buffer_slices(item, self.bandwidth)
+        problems = {id(part): part.problem(self.acceleration) for part in parts}
+        # downstream stages keep a forwarded buffer until its image comes: forward it only when
+        # every slice in it gets one
+        forward = self.settings.forward_internal and not any(problems.values())
+        out: list[Any] = [item] if forward else []
+        for part in parts:
+            self.seen_slices.add(part.data.key.slice)
+            problem = problems[id(part)]
+            if problem is not None:
+                out.append(SliceError(f"{problem}; not reconstructed"))
+                continue
             result = reconstruct(part.data, self.model, self.device)
             self.count += 1
             seconds = sum(t for _, t in result.timings)
@@ -52,14 +65,18 @@ class ReconStage:
                 ("ImageProcessingHistory", "CYCGUARD_MODL"),
             )
             image = to_ismrmrd_image(ReconImage(result.image, part.data.key, part.data.geometry, meta), self.count, self.settings.series)
-            if self.settings.forward_internal:
+            if forward:
                 out.append(maps_message(result.prepared.op.maps[0].cpu().numpy(), image))
             out.append(image)
             log.info("recon %s in %.3f s", part.data.key, seconds)
         return out
 
     def close(self) -> Iterable[Any]:
-        return []
+        missing = [n for n in range(self.expected_slices) if n not in self.seen_slices]
+        return [
+            SliceError(f"slice {n}: no data arrived, though the header's encoding limits give {self.expected_slices} slices (truncated acquisition?)")
+            for n in missing
+        ]
 
 
 def recon(connection: Any) -> None:

@@ -41,6 +41,7 @@ class AttackStage:
         self.targets = settings.slice_set()
         self.model, _, self.device = resources.model(settings.weights, settings.device)
         self.bandwidth = resources.receiver_bandwidth()
+        self.acceleration = resources.acceleration()
         self.generator = torch.Generator().manual_seed(settings.seed)
 
     def process(self, item: Any) -> Iterable[Any]:
@@ -49,6 +50,8 @@ class AttackStage:
         for part in buffer_slices(item, self.bandwidth):
             if self.targets is not None and part.data.key.slice not in self.targets:
                 continue
+            if part.problem(self.acceleration) is not None:
+                continue  # the recon stage reports it
             data = part.data
             prepared = prepare(data, self.device)
             sigma = estimate_noise_sigma(data.kspace, data.mask)

@@ -40,6 +40,15 @@ MESSAGE_ERROR = 8
 MAX_READ_BYTES = 1 << 30  # no single wire read may ask for more than 1 GiB
 
 
+@dataclass(frozen=True)
+class SliceError:
+    """An error for one slice, not for the stream: a gadget sends it as Gadgetron ERROR (id 8)
+    and goes on with the other slices; Gadgetron (and our runner) report it to the client and
+    fail the run. In process, it travels down the chain like an item and the runner collects it."""
+
+    message: str
+
+
 class Stage(Protocol):
     """One step of a gadget."""
 
@@ -76,11 +85,15 @@ class Resources:
             self._models[key] = (model, manifest, torch_device)
         return self._models[key]
 
-    def acceleration(self) -> int:
-        """Nominal acceleration from the header."""
+    def protocol(self) -> Any:
+        """The header's :class:`recon.io.mrd.Protocol`."""
         from recon.io.mrd import parse_header
 
-        return parse_header(self.header_xml).acceleration
+        return parse_header(self.header_xml)
+
+    def acceleration(self) -> int:
+        """Nominal acceleration from the header."""
+        return int(self.protocol().acceleration)
 
     def receiver_bandwidth(self) -> float:
         """The header's relative receiver noise bandwidth (Gadgetron's default when absent):
@@ -231,6 +244,12 @@ class SafeSocket:
         self.socket.close()
 
 
+def error_frame(message: str) -> bytes:
+    """ERROR (id 8): ``uint64`` length and the UTF-8 message."""
+    data = message.encode("utf-8")
+    return struct.pack("<H", MESSAGE_ERROR) + struct.pack("<Q", len(data)) + data
+
+
 def send_error(connection: Any, message: str) -> None:
     """Send ERROR (id 8: ``uint64`` length, UTF-8 message) and then CLOSE (id 4).
 
@@ -238,9 +257,8 @@ def send_error(connection: Any, message: str) -> None:
     ERROR, so without the CLOSE it would read a closed socket and report only "illegal
     message id".
     """
-    data = message.encode("utf-8")
     try:
-        connection.socket.write(struct.pack("<H", MESSAGE_ERROR) + struct.pack("<Q", len(data)) + data + struct.pack("<H", MESSAGE_CLOSE))
+        connection.socket.write(error_frame(message) + struct.pack("<H", MESSAGE_CLOSE))
     except OSError as err:
         log.error("could not send ERROR to Gadgetron: %s", err)
 
@@ -259,6 +277,10 @@ def serve(connection: Any, module: str, target: str) -> None:
     try:
         stages = build_stages(module, target, connection.raw_bytes.config, _text(connection.raw_bytes.header))
         for item in run_stages(stages, connection):
+            if isinstance(item, SliceError):
+                log.error("%s", item.message)
+                connection.socket.write(error_frame(item.message))
+                continue
             connection.send(item)
         if not closed["seen"]:
             raise ContractError("the input ended without CLOSE (unknown message id or a dead peer)")

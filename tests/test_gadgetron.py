@@ -206,3 +206,18 @@ def test_noise_scans_without_a_measurement_id_are_refused_as_gadgetron_refuses_t
     assert run.seconds < ERROR_DEADLINE_S and not run.wrote and "NoiseAdjustGadget" in run.output
     result = replay(raw, "recon", tmp_path / "ours.h5", None, group="g", progress=False)
     assert not result.ok and any("measurementID" in failure for failure in result.failures), result.failures
+
+
+def test_a_cut_off_file_reports_its_slices_through_real_gadgetron_and_keeps_the_rest(gadgetron: Gadgetron, tmp_path: Path) -> None:
+    import h5py
+
+    raw = tmp_path / "cut.h5"
+    raw.write_bytes(DEMO_RAW.read_bytes())
+    with h5py.File(raw, "r+") as handle:
+        handle["dataset/data"].resize((len(handle["dataset/data"]) - 60,))
+    run = gadgetron.client(raw, tmp_path / "real.h5", config="detect.xml")
+    assert run.output.count("slice 2 (contrast 0, repetition 0): no ACQ_LAST_IN_SLICE acquisition") == 1, run.output
+    assert run.output.count("slice 3: no data arrived") == 1, run.output
+    kept = host.read_output(tmp_path / "real.h5")
+    assert {key[0]: image.meta["CycGuard.Verdict"] for key, image in kept.items()} == {0: "clean", 1: "clean"}
+    _no_python_left(gadgetron)

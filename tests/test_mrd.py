@@ -190,3 +190,22 @@ def test_truncated_acquisitions(small_raw: tuple[Path, ScanDescription, np.ndarr
     partial = read_raw(out, strict=False)  # what was already good is kept
     assert [s.key.slice for s in partial.slices] == [0]
     assert len(partial.problems) == 1 and "truncated" in partial.problems[0]
+
+
+def test_coverage_accepts_every_pattern_we_read_and_refuses_a_cut_off_one() -> None:
+    from recon.io.mrd import coverage_problem
+    from recon.physics.masks import MaskFamily
+
+    rng = np.random.default_rng(4)
+    for kind in ("equispaced", "random", "variable_density"):
+        for acceleration in (2, 3, 4, 6):
+            for ny in (96, 128, 256):
+                family = MaskFamily(kind, acceleration, 16)
+                for _ in range(50):
+                    assert coverage_problem(family.sample(ny, rng), (0, ny - 1), acceleration) is None
+                cut = family.sample(ny, rng)
+                cut[int(ny * 0.55):] = False
+                assert coverage_problem(cut, (0, ny - 1), acceleration) is not None
+    equispaced = MaskFamily("equispaced", 4, 16).equispaced(128, 2)
+    equispaced[120:] = False  # one spacing short is enough for an equispaced pattern
+    assert "equispaced pattern of spacing 4" in str(coverage_problem(equispaced, (0, 127), 4))

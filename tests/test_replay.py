@@ -222,3 +222,35 @@ def test_a_corrupt_calibration_fails_the_detect_gadget_loudly(tmp_path: Path) ->
     assert not result.ok
     assert any(f.startswith("gadgets.detect:detect: ") for f in result.failures), result.failures
     assert any("4 of 4 slices came out without an image" in f for f in result.failures)  # none leaves looking checked
+
+
+def _cut_demo(tmp_path: Path, drop: int, slice_flags: bool = True) -> Path:
+    import h5py
+    import ismrmrd
+
+    raw = tmp_path / "cut.h5"
+    raw.write_bytes(DEMO_RAW.read_bytes())
+    with h5py.File(raw, "r+") as handle:
+        data = handle["dataset/data"]
+        data.resize((len(data) - drop,))
+        if not slice_flags:
+            rows = data[()]
+            clear = ~np.uint64((1 << (ismrmrd.ACQ_FIRST_IN_SLICE - 1)) | (1 << (ismrmrd.ACQ_LAST_IN_SLICE - 1)))
+            rows["head"]["flags"] &= clear
+            data[...] = rows
+    return raw
+
+
+@pytest.mark.parametrize("slice_flags", [True, False], ids=["slice flags", "no slice flags"])
+def test_a_cut_off_file_fails_for_its_incomplete_and_missing_slices_and_keeps_the_rest(slice_flags: bool, tmp_path: Path) -> None:
+    raw = _cut_demo(tmp_path, 60, slice_flags)
+    result = replay(raw, "detect", tmp_path / "out.h5", None, group="g", progress=False, in_process=not slice_flags)
+    assert not result.ok
+    joined = " | ".join(result.failures)
+    reason = "no ACQ_LAST_IN_SLICE acquisition" if slice_flags else "lines 2-69 acquired of the encoding limits 0-127 (an equispaced pattern of spacing 4)"
+    assert f"slice 2 (contrast 0, repetition 0): {reason}" in joined, joined
+    assert "slice 3: no data arrived, though the header's encoding limits give 4 slices" in joined, joined
+    kept = read_images(tmp_path / "out.h5", group="g")
+    assert [meta["CycGuard.Verdict"] for _, meta in kept] == ["clean", "clean"]  # what was good is kept
+    with pytest.raises(MRDError, match="slice 3 has no acquisitions"):
+        read_raw(raw)

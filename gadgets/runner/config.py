@@ -13,9 +13,9 @@ import difflib
 import importlib.util
 import xml.etree.ElementTree as ET  # noqa: S405 - serialising only; parsing goes through defusedxml
 from dataclasses import dataclass
-from xml.parsers import expat  # noqa: S410 - line numbers of a document defusedxml already accepted
 from importlib import resources
 from pathlib import Path
+from xml.parsers import expat  # noqa: S410 - line numbers of a document defusedxml already accepted
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException

@@ -30,6 +30,7 @@ from gadgets.convert import image_key, image_pixels, meta_of, meta_value
 from gadgets.runner.chain import run_pipeline
 from gadgets.runner.config import Pipeline, check, load_pipeline, with_stage_properties
 from gadgets.runner.frontend import check_header
+from gadgets.stages import SliceError
 from recon.io.mrd import SKIPPED_FLAGS, MRDError, parse_header, read_header_text
 from recon.io.mrd_write import check_output, read_images
 from recon.io.pacs import PacsTarget
@@ -200,6 +201,8 @@ def replay(
                     bar.update(1)
                     if on_image is not None:
                         on_image()
+                elif isinstance(item, SliceError):  # in process; over the wire it arrives as the gadget's ERROR
+                    failures.append(item.message)
                 elif isinstance(item, ReconData) or isinstance(item, ImageArray):
                     failures.append(f"a {type(item).__name__} left the chain: end it with gadgets.export or set forward_internal=false")
                 else:

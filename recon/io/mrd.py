@@ -63,6 +63,9 @@ class Protocol:
         acceleration: nominal acceleration along ky (1 when not stated).
         receiver_bandwidth: relative receiver noise bandwidth (Gadgetron's 0.793 when the
             header has none); it sets the noise level of prewhitened data.
+        line_limits: ``kspace_encoding_step_1`` minimum and maximum of the encoding limits
+            (the whole encoded matrix when not stated).
+        slices: slices the encoding limits announce (0 when not stated).
     """
 
     encoded: tuple[int, int]
@@ -72,6 +75,8 @@ class Protocol:
     center_line: int
     acceleration: int
     receiver_bandwidth: float = GADGETRON_RECEIVER_BANDWIDTH
+    line_limits: tuple[int, int] = (0, 0)
+    slices: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,10 @@ def parse_header(xml: str, source: str = "header") -> Protocol:
     bandwidth = system.relativeReceiverNoiseBandwidth if system else None
     limits = enc.encodingLimits.kspace_encoding_step_1 if enc.encodingLimits else None
     center = limits.center if limits is not None and limits.center is not None else e.y // 2
+    low = limits.minimum if limits is not None and limits.minimum is not None else 0
+    high = limits.maximum if limits is not None and limits.maximum else e.y - 1
+    slice_limits = enc.encodingLimits.slice if enc.encodingLimits else None
+    slices = int(slice_limits.maximum) + 1 if slice_limits is not None and slice_limits.maximum is not None else 0
     accel = 1
     if enc.parallelImaging is not None and enc.parallelImaging.accelerationFactor is not None:
         accel = int(enc.parallelImaging.accelerationFactor.kspace_encoding_step_1 or 1)
@@ -138,6 +147,8 @@ def parse_header(xml: str, source: str = "header") -> Protocol:
         center_line=int(center),
         acceleration=accel,
         receiver_bandwidth=float(bandwidth) if bandwidth else GADGETRON_RECEIVER_BANDWIDTH,
+        line_limits=(int(low), int(high)),
+        slices=slices,
     )
 
 
@@ -163,6 +174,49 @@ def _geometry(acq: ismrmrd.Acquisition, protocol: Protocol) -> SliceGeometry:
     if not any(read) or not any(phase):  # ismrmrd-tools 1.8 writes zero direction vectors
         read, phase, normal = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
     return SliceGeometry(vec(acq.position), read, phase, normal, protocol.recon_fov_mm)
+
+
+def coverage_problem(rows: np.ndarray, limits: tuple[int, int], acceleration: int, offset: int = 0) -> str | None:
+    """Why a slice's acquired lines cannot be all it should have, or ``None``.
+
+    Args:
+        rows: ``(ny,)`` bool, the acquired lines on the grid.
+        limits: the encoding limits' first and last line, on the grid.
+        acceleration: the header's nominal acceleration.
+        offset: grid row -> ``kspace_encode_step_1`` (for the message).
+
+    An equispaced pattern (every line outside the central block one spacing from the next)
+    must reach within one spacing of both encoding limits. Random and variable-density
+    patterns leave the edges sparser: their acquired lines must reach within 40 % of the
+    encoded lines (or twice the acceleration, if more) of both limits. Lines that stop
+    further short are a cut-off acquisition.
+    """
+    acquired = np.flatnonzero(rows)
+    if acquired.size == 0:
+        return "no lines acquired"
+    low, high = limits
+    block = acs_block(np.asarray(rows, dtype=bool), int(np.clip((low + high + 1) // 2, 0, rows.size - 1)))
+    outer = np.flatnonzero(np.asarray(rows, dtype=bool) & ~block)
+    below, above = outer[outer < np.flatnonzero(block)[0]] if block.any() else outer, outer[outer > np.flatnonzero(block)[-1]] if block.any() else outer[:0]
+    steps = set(np.diff(below).tolist()) | set(np.diff(above).tolist())
+    if len(steps) == 1 and below.size + above.size >= 4:
+        margin = steps.pop()
+        pattern = f"an equispaced pattern of spacing {margin}"
+    else:
+        margin = max(2 * max(acceleration, 1), (2 * (high - low + 1)) // 5)
+        pattern = f"a pattern at acceleration {acceleration}"
+    if acquired[0] - low >= margin or high - acquired[-1] >= margin:
+        return (
+            f"lines {acquired[0] + offset}-{acquired[-1] + offset} acquired of the encoding limits "
+            f"{low + offset}-{high + offset} ({pattern}): the data are truncated"
+        )
+    return None
+
+
+def missing_slices(protocol: Protocol, present: Iterable[int]) -> list[int]:
+    """Slices the header's encoding limits announce that have no data."""
+    seen = set(present)
+    return [n for n in range(protocol.slices) if n not in seen]
 
 
 def acs_block(rows: np.ndarray, center: int) -> np.ndarray:
@@ -345,6 +399,11 @@ def _assemble(
         if acc.uses_slice_flags and not acc.saw_last:
             problems.append(f"{name} has no ACQ_LAST_IN_SLICE acquisition: the data are truncated")
             continue
+        offset = protocol.center_line - ny // 2
+        coverage = coverage_problem(acc.counts > 0, (protocol.line_limits[0] - offset, protocol.line_limits[1] - offset), protocol.acceleration, offset)
+        if coverage is not None:
+            problems.append(f"{name}: {coverage}")
+            continue
         acs = acs_block(acc.calibration, ny // 2) if acc.calibration.any() else acs_block(acc.counts > 0, ny // 2)
         if acs.sum() < MIN_AUTO_ACS:
             problems.append(f"{name} has {int(acs.sum())} contiguous calibration lines at the centre, {MIN_AUTO_ACS} needed")
@@ -358,6 +417,8 @@ def _assemble(
             problems.append(f"{name} holds non-finite or absurdly large samples: corrupt data")
             continue
         out.append(SliceKSpace(kspace, acc.imaging, acs, key, acc.geometry))
+    for number in missing_slices(protocol, (key.slice for key in slices)):
+        problems.append(f"{path}: slice {number} has no acquisitions, though the header's encoding limits give {protocol.slices} slices (truncated file?)")
     if problems and strict:
         raise MRDError("; ".join(problems))
     for problem in problems:
