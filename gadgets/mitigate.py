@@ -71,6 +71,7 @@ class MitigateStage(CheckedImageStage):
             values.update(
                 {
                     "CycGuard.Verdict": "mitigated",
+                    "CycGuard.MitigationMethod": self.settings.method,
                     "GADGETRON_ImageComment": "CycGuard mitigated",
                     "ImageProcessingHistory": ["CYCGUARD_MODL", "CYCGUARD_MITIGATION"],
                     "SeriesDescriptionAdditional": "CYCGUARD_MITIGATED",

@@ -241,3 +241,55 @@ def test_replay_onto_a_full_spool_disk_fails_loudly_and_keeps_the_images_before(
     images = read_images(tmp_path / "out.h5", group="g")  # what passed export before the disk filled is kept
     assert len(images) == 2 and all(meta["CycGuard.Verdict"] in ("clean", "flagged", "mitigated") for _, meta in images)
     assert len(list(spool.glob("*.dcm"))) == 2 and not list(spool.glob("*.part"))
+
+
+def test_each_verdict_but_clean_has_a_series_saying_what_it_holds(rng: np.random.Generator) -> None:
+    info = header_info(XML)
+    series = {verdict: to_dicom(_image(rng, verdict), info) for verdict in ("clean", "mitigated", "flagged", "unverified")}
+    assert len({ds.SeriesInstanceUID for ds in series.values()}) == 4
+    assert [series[v].SeriesNumber - series["clean"].SeriesNumber for v in ("mitigated", "flagged", "unverified")] == [1000, 2000, 3000]
+    assert "FLAGGED (failed check, not rewritten)" in series["flagged"].SeriesDescription
+    assert "UNVERIFIED (not checked)" in series["unverified"].SeriesDescription
+    assert list(series["flagged"].ImageType)[-1] == "FLAGGED"
+    long = header_info(build_header(ScanDescription(protocol_name="x" * 80), 1))
+    assert to_dicom(_image(rng, "flagged"), long).SeriesDescription.endswith("CycGuard FLAGGED (failed check, not rewritten)")
+
+
+def test_different_pixels_get_a_new_sop_instance_uid_and_the_same_keep_it(rng: np.random.Generator) -> None:
+    info = header_info(XML)
+    image = _image(rng, "mitigated")
+    again = to_dicom(image, info).SOPInstanceUID
+    assert to_dicom(image, info).SOPInstanceUID == again
+    other = ismrmrd.Image.from_array(np.asarray(image.data) * np.complex64(1.5), transpose=False)
+    other.setHead(image.getHead())
+    other.attribute_string = image.attribute_string
+    assert to_dicom(other, info).SOPInstanceUID != again  # rewritten another way: a new instance, not a silent overwrite
+
+
+def test_the_mitigation_method_is_named_and_dates_are_never_invented(rng: np.random.Generator, caplog: pytest.LogCaptureFixture) -> None:
+    info = header_info(XML)
+    image = _image(rng, "mitigated")
+    meta = ismrmrd.Meta.deserialize(image.attribute_string)
+    meta["CycGuard.MitigationMethod"] = "prior"
+    image.attribute_string = meta.serialize()
+    ds = to_dicom(image, info)
+    assert "prior weighted more" in ds.DerivationDescription and "cyclic mitigation" not in ds.DerivationDescription
+    assert ds.StudyDate == "" and ds.StudyTime == ""  # the header has none: not the time of the export
+    anonymous = build_header(ScanDescription(), 1).replace("<patientID>CYCGUARD-DEMO-001</patientID>", "")
+    with caplog.at_level("WARNING"):
+        nameless = to_dicom(_image(rng), header_info(anonymous))
+    assert nameless.PatientID == "" and "no patientID" in caplog.text
+
+
+def test_dciodvfy_finds_no_error_in_any_verdicts_file(tmp_path: Path, rng: np.random.Generator) -> None:
+    import subprocess
+
+    from tests.conftest import require_binary
+
+    tool = require_binary("dciodvfy")
+    info = header_info(XML)
+    for verdict in ("clean", "mitigated", "flagged", "unverified"):
+        path = write_dicom(to_dicom(_image(rng, verdict), info), tmp_path)
+        report = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], (verdict, errors)

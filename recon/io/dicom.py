@@ -6,17 +6,24 @@
   system); magnitude pixels as uint16 with RescaleSlope (``max / 65535``); window from the
   pixel percentiles.
 * UIDs: ``2.25.<uuid>`` (ISO/IEC 9834-8: UUID-derived UIDs need no registered root), derived
-  by uuid5 from the study, series, slice counters, model and verdict. They are stable: the
-  same image exported twice gets the same SOPInstanceUID, so a PACS stores it once.
-* Mitigated images are ``DERIVED\\SECONDARY`` in their own series (series number + 1000)
-  whose description says they were rewritten; every image's ImageComments states verdict,
-  score, threshold and model.
+  by uuid5 from the study, series, slice counters, model, verdict and a digest of the pixels.
+  The same image exported twice gets the same SOPInstanceUID, so a PACS stores it once; an
+  image whose pixels differ (a reconstruction rewritten another way) gets a new one.
+* Each verdict but ``clean`` has its own series, its description saying what the images are:
+  ``mitigated`` (series number + 1000, ``DERIVED\\SECONDARY``, rewritten, with the method in
+  DerivationDescription), ``flagged`` (+ 2000: failed the check, not rewritten) and
+  ``unverified`` (+ 3000: not checked); a radiologist browsing series sees which is which.
+  Every image's ImageComments states verdict, score, threshold and model.
+* Conformance (``dciodvfy`` of dicom3tools, in the tests): Type 2 attributes are present,
+  empty when the header does not know them (StudyDate and StudyTime too: never the time of
+  the export); a header without a patient ID leaves PatientID empty, with a warning.
 * File names come from UIDs only, never from free-text header fields.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -28,8 +35,20 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
 
+log = logging.getLogger(__name__)
 NAMESPACE = uuid.UUID("6f0b1c7e-3c55-4d0e-9a43-637963677561")  # CycGuard's uuid5 namespace
 MITIGATED_SERIES_OFFSET = 1000
+SERIES = {  # verdict -> (series number offset, description suffix, ImageType)
+    "clean": (0, "CycGuard", ["ORIGINAL", "PRIMARY", "OTHER", "CYCGUARD"]),
+    "mitigated": (MITIGATED_SERIES_OFFSET, "CycGuard MITIGATED (rewritten)", ["DERIVED", "SECONDARY", "OTHER", "CYCGUARD", "MITIGATED"]),
+    "flagged": (2000, "CycGuard FLAGGED (failed check, not rewritten)", ["ORIGINAL", "PRIMARY", "OTHER", "CYCGUARD", "FLAGGED"]),
+    "unverified": (3000, "CycGuard UNVERIFIED (not checked)", ["ORIGINAL", "PRIMARY", "OTHER", "CYCGUARD", "UNVERIFIED"]),
+}
+METHODS = {
+    "correct": "data corrected until the network's image stopped moving, then reconstructed with a heavier prior",
+    "prior": "reconstructed again with the network's prior weighted more",
+    "cyclic": "cyclic mitigation (the paper's)",
+}
 
 
 def uid(*parts: object) -> str:
@@ -90,15 +109,17 @@ def header_info(xml: str) -> HeaderInfo:
     def time(obj: object, name: str) -> str:
         return text(obj, name).replace(":", "").split(".")[0][:6]
 
+    if not text(subject, "patientID"):
+        log.warning("the ISMRMRD header has no patientID: DICOM PatientID is left empty (the PACS may file the images as unknown)")
     return HeaderInfo(
-        patient_name=text(subject, "patientName") or "Anonymous",
+        patient_name=text(subject, "patientName"),
         patient_id=text(subject, "patientID"),
         birth_date=date(subject, "patientBirthdate"),
         sex={"M": "M", "F": "F", "O": "O"}.get(text(subject, "patientGender"), ""),
         study_uid=text(study, "studyInstanceUID") or uid("study", digest),
         study_id=text(study, "studyID")[:16],
-        study_date=date(study, "studyDate") or datetime.now().strftime("%Y%m%d"),
-        study_time=time(study, "studyTime") or datetime.now().strftime("%H%M%S"),
+        study_date=date(study, "studyDate"),
+        study_time=time(study, "studyTime"),
         accession=text(study, "accessionNumber")[:16],
         study_description=text(study, "studyDescription")[:64],
         series_description=(text(measurement, "seriesDescription") or text(measurement, "protocolName"))[:64],
@@ -165,24 +186,29 @@ def to_dicom(image: ismrmrd.Image, info: HeaderInfo) -> Dataset:
     read, phase = np.array(image.read_dir, float), np.array(image.phase_dir, float)
     position = np.array(image.position, float)
     corner = position - (nx / 2) * dx * read - (ny / 2) * dy * phase
-    mitigated = verdict == "mitigated"
-    series_number = int(image.image_series_index) + (MITIGATED_SERIES_OFFSET if mitigated else 0)
+    offset, suffix, image_type = SERIES.get(verdict, SERIES["unverified"])
+    series_number = int(image.image_series_index) + offset
     model = meta.get("CycGuard.Model", "unknown")
     series_uid = uid("series", info.study_uid, series_number, model)
     slice_key = (image.slice, image.contrast, image.repetition, image.set, image.phase, image.average)
-    sop_uid = uid("image", series_uid, slice_key, image.image_index, verdict)
+    content = hashlib.sha256(pixels.tobytes() + _ds(slope).encode()).hexdigest()[:32]
+    sop_uid = uid("image", series_uid, slice_key, image.image_index, verdict, content)
 
     ds = Dataset()
     ds.SOPClassUID = MRImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.Modality = "MR"
-    ds.ImageType = ["DERIVED", "SECONDARY", "OTHER", "CYCGUARD", "MITIGATED"] if mitigated else ["ORIGINAL", "PRIMARY", "OTHER", "CYCGUARD"]
+    ds.ImageType = image_type
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = info.patient_name, info.patient_id, info.birth_date, info.sex
     ds.StudyInstanceUID, ds.StudyID, ds.AccessionNumber = info.study_uid, info.study_id, info.accession
     ds.StudyDate, ds.StudyTime, ds.StudyDescription = info.study_date, info.study_time, info.study_description
     ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, series_number
-    description = info.series_description or "CycGuard"
-    ds.SeriesDescription = (f"{description} CycGuard MITIGATED (rewritten)" if mitigated else f"{description} CycGuard")[:64]
+    description = info.series_description[: 63 - len(suffix)]  # the verdict's words are never cut
+    ds.SeriesDescription = f"{description} {suffix}".strip()
+    ds.ReferringPhysicianName = ""
+    ds.Laterality = ""
+    ds.PositionReferenceIndicator = ""
+    ds.EchoTrainLength = 1
     ds.ProtocolName = info.protocol
     ds.FrameOfReferenceUID = uid("frame", info.study_uid)
     ds.Manufacturer, ds.ManufacturerModelName = info.manufacturer, info.model
@@ -213,8 +239,10 @@ def to_dicom(image: ismrmrd.Image, info: HeaderInfo) -> Dataset:
     low, high = np.percentile(pixels, [1, 99.5]) * slope
     ds.WindowCenter, ds.WindowWidth = _ds((low + high) / 2), _ds(max(high - low, slope))
     ds.ImageComments = image_comment(meta)
-    if mitigated:
-        ds.DerivationDescription = ("Rewritten by CycGuard cyclic mitigation after failing the cyclic consistency check: " + meta.get("ImageComment", ""))[:1024]
+    if verdict == "mitigated":
+        method = meta.get("CycGuard.MitigationMethod", "")
+        how = METHODS.get(method, f"method {method or 'not recorded'}")
+        ds.DerivationDescription = (f"Rewritten by CycGuard ({how}) after failing the cyclic consistency check: " + meta.get("ImageComment", ""))[:1024]
     ds.PixelData = pixels.tobytes()
     now = datetime.now()
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
