@@ -63,7 +63,7 @@ def _report_replay(result: Any) -> int:
     if result.dicom_files:
         _out(f"DICOM: {result.dicom_files} files")
     if result.pacs_pending is not None:
-        _out(f"PACS: {result.pacs_pending} image(s) pending in {result.spool}" + (" (resent on the next run)" if result.pacs_pending else ""))
+        _out(f"PACS: {result.pacs_pending} image(s) pending in {result.spool}" + (" (resent on the next run or `cycguard pacs push`)" if result.pacs_pending else ""))
     for failure in result.failures:
         log.error("FAILED: %s", failure)
     return 0 if result.ok else 1
@@ -133,6 +133,8 @@ def _cmd_send(args: argparse.Namespace) -> int:
         Path(args.input), Path(args.output), args.config, Path(args.config_script) if args.config_script else None,
         args.host, args.port, args.group, args.pace, args.tr_ms, tls_ca=args.tls_ca,
     )
+    if result.images:
+        _out(_image_verdicts(result.output, result.group))
     _out(f"{result.images} image(s) in {result.output} (group {result.group!r}), {result.seconds:.1f} s")
     if result.latency:
         values = sorted(result.latency.values())
@@ -140,6 +142,73 @@ def _cmd_send(args: argparse.Namespace) -> int:
     for error in result.errors:
         log.error("%s", error)
     return 0 if result.ok else 1
+
+
+def _image_verdicts(path: Path, group: str) -> str:
+    """Each image's slice and verdict, as ``replay`` prints them."""
+    import h5py
+    import ismrmrd
+
+    lines = [f"{'slice':<16} {'verdict':<11} {'score':>8} {'thresh':>8}"]
+    with h5py.File(path, "r") as handle:
+        for series in handle[group].values():
+            if not isinstance(series, h5py.Group) or "header" not in series:
+                continue
+            for head, text in zip(series["header"][()], series["attributes"][()], strict=True):
+                meta = ismrmrd.Meta.deserialize(text.decode() if isinstance(text, bytes) else str(text))
+
+                def value(key: str, meta: ismrmrd.Meta = meta) -> str:
+                    found = meta[key] if key in meta else "-"
+                    return str(found[0] if isinstance(found, list) else found)
+
+                name = f"slice {head['slice']} rep {head['repetition']}"
+                lines.append(f"{name:<16} {value('CycGuard.Verdict'):<11} {value('CycGuard.Score'):>8} {value('CycGuard.Threshold'):>8}")
+    return "\n".join(lines)
+
+
+def _cmd_pipelines(args: argparse.Namespace) -> int:
+    import re
+
+    from gadgets.runner.config import installed_pipelines
+
+    shipped = installed_pipelines()
+    for name, path in sorted(shipped.items()):
+        comment = re.search(r"<!--\s*(.*?)\s*-->", path.read_text(), re.S)
+        summary = " ".join(comment.group(1).split()) if comment else ""
+        _out(f"{name:<20} {summary.removeprefix('CycGuard: ')}")
+    folder = next(iter(shipped.values())).parent if shipped else None
+    _out(f"\nfiles: {folder}/*.xml (copy them into Gadgetron's share/gadgetron/config/ to use them there)")
+    return 0
+
+
+def _cmd_pacs(args: argparse.Namespace) -> int:
+    from gadgets.params import ExportSettings
+    from recon.io.pacs import PacsTarget, Pusher, destinations, rejected
+
+    root = Path(args.spool or ExportSettings().spool_folder())
+    found = destinations(root) if root.is_dir() else []
+    if args.destination:
+        wanted = PacsTarget.parse(args.destination, args.calling_aet)
+        found = [(t, f) for t, f in found if (t.ae_title, t.host, t.port, t.calling_ae) == (wanted.ae_title, wanted.host, wanted.port, wanted.calling_ae)]
+        if not found:
+            raise ValueError(f"no spool for {wanted} under {root}")
+    if not found:
+        _out(f"no destination has a spool under {root}")
+        return 0
+    status = 0
+    for target, folder in found:
+        if args.action == "push":
+            pusher = Pusher(target, root, timeout=args.timeout)
+            sent = pusher.flush()
+            _out(f"{target}: {sent} delivered now")
+        pending = sorted(folder.glob("*.dcm"))
+        refused = rejected(folder)
+        _out(f"{target}: {len(pending)} pending, {len(refused)} rejected ({folder})")
+        for path, reason in refused:
+            _out(f"  rejected {path.name}: {reason}")
+        if args.action == "push" and (pending or refused):
+            status = 1
+    return status
 
 
 def _node_name(node: Any) -> str:
@@ -269,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     snd.add_argument("--query", help="send this QUERY and print the answer instead")
     snd.add_argument("--tls-ca", help="connect over TLS, checking the server's certificate against this CA (PEM)")
     snd.set_defaults(func=_cmd_send)
+
+    pls = sub.add_parser("pipelines", help="list the installed pipelines and where their XML files are")
+    pls.set_defaults(func=_cmd_pipelines)
+
+    pacs = sub.add_parser("pacs", help="what waits in the PACS spools, and push it without a reconstruction")
+    pacs.add_argument("action", choices=["status", "push"], help="status: pending and rejected per destination; push: send what is pending")
+    pacs.add_argument("--spool", help="spool root (default ~/.local/state/cycguard/spool)")
+    pacs.add_argument("--destination", help="only this AET@host:port")
+    pacs.add_argument("--calling-aet", default="CYCGUARD", help="our AE title (default CYCGUARD)")
+    pacs.add_argument("--timeout", type=float, default=10.0, help="seconds per network step")
+    pacs.set_defaults(func=_cmd_pacs)
 
     chk = sub.add_parser("check", help="validate Gadgetron pipelines (exit 1 naming what is wrong)")
     chk.add_argument("pipelines", nargs="+", help="installed names or XML files")

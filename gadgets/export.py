@@ -6,8 +6,10 @@ every image carries a verdict: an image that reaches it without one (made outsid
 CycGuard, or by a chain without a check) leaves tagged ``unverified`` with a warning, never
 looking verified. With ``dicom_folder`` every image is written as DICOM (MR Image Storage,
 :mod:`recon.io.dicom`); with ``pacs_host`` it is spooled and pushed by C-STORE
-(:mod:`recon.io.pacs`); images the PACS has not acknowledged stay in the spool and are
-resent with the next push, in this run or the next. Images are forwarded unchanged.
+(:mod:`recon.io.pacs`), in the spool of that destination; images the PACS has not
+acknowledged stay there and are resent with the next push, in this run or the next; an image
+the PACS rejects is quarantined and reported as an error of the run. Images are forwarded
+unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from gadgetron.types.recon_data import ReconData
 
 from gadgets.convert import is_maps, meta_of, meta_value, set_meta
 from gadgets.params import ExportSettings
-from gadgets.stages import Resources, gadget_logging, serve
+from gadgets.stages import Resources, SliceError, gadget_logging, serve
 from recon.io.dicom import header_info, to_dicom, write_dicom
 from recon.io.pacs import PacsTarget, Pusher
 from recon.pipeline import VERDICTS
@@ -40,6 +42,7 @@ class ExportStage:
         self.info = header_info(resources.header_xml) if settings.dicom_folder or settings.pacs_host else None
         self.folder = Path(settings.dicom_folder) if settings.dicom_folder else None
         self.pusher = None
+        self.reported = 0
         if settings.pacs_host:
             target = PacsTarget.of(settings.pacs_aet, settings.pacs_host, settings.pacs_port, settings.calling_aet, settings.pacs_tls_ca)
             self.pusher = Pusher(target, Path(settings.spool_folder()), settings.pacs_timeout)
@@ -68,15 +71,24 @@ class ExportStage:
                     write_dicom(ds, self.folder)
                 if self.pusher is not None:
                     self.pusher.push(ds)
+                    return [item, *self._rejections()]
         return [item]
 
+    def _rejections(self) -> list[SliceError]:
+        """A PACS rejection is an error of the run (not an outage to wait out): reported once each."""
+        assert self.pusher is not None
+        out = [SliceError(message) for message in self.pusher.rejections[self.reported:]]
+        self.reported = len(self.pusher.rejections)
+        return out
+
     def close(self) -> Iterable[Any]:
-        if self.pusher is not None:
-            self.pusher.flush()
-            pending = self.pusher.pending()
-            if pending:
-                log.warning("PACS %s: %d image(s) pending in %s (resent on the next push)", self.pusher.target, len(pending), self.pusher.spool)
-        return []
+        if self.pusher is None:
+            return []
+        self.pusher.flush()
+        pending = self.pusher.pending()
+        if pending:
+            log.warning("PACS %s: %d image(s) pending in %s (resent on the next push)", self.pusher.target, len(pending), self.pusher.spool)
+        return self._rejections()
 
 
 def export(connection: Any) -> None:

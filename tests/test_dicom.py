@@ -215,7 +215,7 @@ def test_a_full_spool_disk_fails_loudly_and_keeps_what_was_spooled(orthanc: obje
     assert pusher.push(datasets[0]) is False  # the PACS is down: spooled
     with pytest.raises(OSError, match=f"cannot spool image {datasets[1].SOPInstanceUID} .*No space left.*not delivered"):
         pusher.push(datasets[1])
-    assert [p.name for p in pusher.spool.iterdir()] == [f"{datasets[0].SOPInstanceUID}.dcm"]  # no partial file left
+    assert sorted(p.name for p in pusher.spool.iterdir() if p.name != "destination.json") == [f"{datasets[0].SOPInstanceUID}.dcm"]  # no partial file left
     assert dcmread(pusher.pending()[0]).SOPInstanceUID == datasets[0].SOPInstanceUID  # the spooled one is intact
     with pytest.raises(OSError, match=r"cannot write .*\.dcm: No space left on device$"):
         write_dicom(datasets[1], small_disk / "dicom")  # the DICOM folder on the same disk
@@ -240,7 +240,7 @@ def test_replay_onto_a_full_spool_disk_fails_loudly_and_keeps_the_images_before(
     assert any("2 of 4 slices came out without an image" in f for f in result.failures), result.failures
     images = read_images(tmp_path / "out.h5", group="g")  # what passed export before the disk filled is kept
     assert len(images) == 2 and all(meta["CycGuard.Verdict"] in ("clean", "flagged", "mitigated") for _, meta in images)
-    assert len(list(spool.glob("*.dcm"))) == 2 and not list(spool.glob("*.part"))
+    assert len(list(spool.glob("*/*.dcm"))) == 2 and not list(spool.glob("*/*.part"))  # in the spool of that destination
 
 
 def test_each_verdict_but_clean_has_a_series_saying_what_it_holds(rng: np.random.Generator) -> None:
@@ -293,3 +293,91 @@ def test_dciodvfy_finds_no_error_in_any_verdicts_file(tmp_path: Path, rng: np.ra
         report = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
         errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
         assert errors == [], (verdict, errors)
+
+
+def test_a_spooled_image_only_ever_goes_to_the_destination_it_was_spooled_for(orthanc: object, tmp_path: Path, rng: np.random.Generator) -> None:
+    from recon.io.pacs import destinations
+
+    down = Pusher(PacsTarget.parse(f"OTHERPACS@127.0.0.1:{_closed_port()}"), tmp_path / "spool", timeout=2)
+    ds = to_dicom(_image(rng), header_info(XML))
+    assert down.push(ds) is False  # that PACS is down: spooled for it
+    up = Pusher(PacsTarget.parse(orthanc.target), tmp_path / "spool")  # type: ignore[attr-defined]
+    assert up.flush() == 0 and up.pending() == []  # the next run's PACS gets nothing of it
+    assert _instances(orthanc) == []
+    assert [str(target) for target, _ in destinations(tmp_path / "spool")] == sorted([str(down.target), str(up.target)])
+    assert [p.name for p in down.pending()] == [f"{ds.SOPInstanceUID}.dcm"]
+
+
+def test_a_permanent_rejection_is_quarantined_and_reported_not_retried(orthanc: object, tmp_path: Path, rng: np.random.Generator) -> None:
+    from recon.io.pacs import rejected
+
+    wrong = PacsTarget.parse(orthanc.target.replace("ORTHANC@", "NOTTHEPACS@"))  # type: ignore[attr-defined]
+    pusher = Pusher(wrong, tmp_path / "spool", timeout=5)
+    ds = to_dicom(_image(rng), header_info(XML))
+    assert pusher.push(ds) is False
+    assert pusher.pending() == [] and len(pusher.rejections) == 1 and "rejected permanently" in pusher.rejections[0]
+    [(path, reason)] = rejected(pusher.spool)
+    assert path.name == f"{ds.SOPInstanceUID}.dcm" and "Called AE title not recognised" in reason or "called" in reason.lower()
+    result = replay(DEMO_RAW, "defended_composed", tmp_path / "out.h5", None, group="g", progress=False, echo_stderr=False,
+                    pacs=str(wrong), spool=tmp_path / "spool2")
+    assert not result.ok and result.pacs_pending == 0
+    assert sum("rejected" in failure and "quarantined" in failure for failure in result.failures) >= 1, result.failures
+
+
+def test_a_pacs_that_accepts_no_mr_storage_is_a_rejection(tmp_path: Path, rng: np.random.Generator) -> None:
+    import json
+
+    from tests.conftest import OrthancServer, require_binary
+
+    server = OrthancServer(tmp_path / "orthanc", require_binary("Orthanc"))
+    config = json.loads(server.config.read_text())
+    config["AcceptedTransferSyntaxes"] = ["1.2.840.10008.1.2.4.50"]  # JPEG baseline only: our contexts are refused
+    server.config.write_text(json.dumps(config))
+    server.start()
+    try:
+        pusher = Pusher(PacsTarget.parse(server.target), tmp_path / "spool", timeout=5)
+        assert pusher.push(to_dicom(_image(rng), header_info(XML))) is False
+        assert pusher.pending() == [] and "accepts no MR Image Storage" in pusher.rejections[0]
+    finally:
+        server.stop()
+
+
+@pytest.mark.e2e
+def test_pacs_status_and_push_per_destination_without_a_reconstruction(tmp_path: Path, rng: np.random.Generator) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import OrthancServer, require_binary
+
+    def cycguard(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gadgets.cli", *args], capture_output=True, text=True, timeout=300)
+
+    server = OrthancServer(tmp_path / "orthanc", require_binary("Orthanc"))
+    spool = tmp_path / "spool"
+    ds = to_dicom(_image(rng), header_info(XML))
+    assert Pusher(PacsTarget.parse(server.target), spool, timeout=2).push(ds) is False  # not started yet: spooled
+    wrong = Pusher(PacsTarget.parse(server.target.replace("ORTHANC@", "NOBODY@")), spool, timeout=2)
+    server.start()
+    try:
+        assert wrong.push(to_dicom(_image(rng, slice_=1), header_info(XML))) is False  # rejected, quarantined
+        status = cycguard("pacs", "status", "--spool", str(spool))
+        assert status.returncode == 0, status.stderr
+        assert f"{server.target}: 1 pending, 0 rejected" in status.stdout
+        assert "NOBODY@" in status.stdout and "0 pending, 1 rejected" in status.stdout and "rejected permanently" in status.stdout
+        push = cycguard("pacs", "push", "--spool", str(spool), "--destination", server.target)
+        assert push.returncode == 0 and "1 delivered now" in push.stdout, push.stdout + push.stderr
+        assert [i["SOPInstanceUID"] for i in _instances(server)] == [ds.SOPInstanceUID]
+        assert cycguard("pacs", "push", "--spool", str(spool)).returncode == 1  # the rejected one is still there, listed
+    finally:
+        server.stop()
+
+
+def test_pipelines_lists_what_is_installed_and_where() -> None:
+    import subprocess
+    import sys
+
+    listing = subprocess.run([sys.executable, "-m", "gadgets.cli", "pipelines"], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0
+    names = [line.split()[0] for line in listing.stdout.splitlines() if line and not line.startswith("files:")]
+    assert set(names) >= {"recon", "detect", "defended", "defended_composed", "defended_connect", "redteam"}
+    assert "share/gadgetron/config/" in listing.stdout

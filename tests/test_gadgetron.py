@@ -70,13 +70,10 @@ def test_real_gadgetron_and_replay_agree(gadgetron: Gadgetron, raw_files: dict[s
     verdicts = {image.meta["CycGuard.Verdict"] for image in real.values()}
     if pipeline == "recon":
         assert verdicts == {"unverified"}
-    elif name != "shepp_logan_114":  # a digital phantom: no calibration may call it clean
+    elif name != "shepp_logan_114":
         assert "unverified" not in verdicts, {k: v.meta.get("ImageComment") for k, v in real.items()}
-
-
-def test_the_demo_gives_the_readmes_verdicts_under_real_gadgetron(gadgetron: Gadgetron, tmp_path: Path) -> None:
-    real = _real(gadgetron, DEMO_RAW, tmp_path / "real.h5", config="redteam.xml")
-    assert [real[key].meta["CycGuard.Verdict"] for key in sorted(real)] == ["clean", "mitigated", "clean", "mitigated"]
+    if (pipeline, name) == ("redteam", "demo"):  # the README's verdicts, under the real Gadgetron
+        assert [real[key].meta["CycGuard.Verdict"] for key in sorted(real)] == ["clean", "mitigated", "clean", "mitigated"]
 
 
 @pytest.mark.parametrize("name", FILES)

@@ -90,6 +90,8 @@ def test_two_clients_at_once_get_only_their_own_images(server: Server, tmp_path:
     demo, small = read_images(tmp_path / "out-demo.h5", group="g"), read_images(tmp_path / "out-small.h5", group="g")
     assert [image.shape for image, _ in demo] == [(128, 128)] * 4
     assert [image.shape for image, _ in small] == [(32, 32)] * 2
+    printed = outputs[0][0].decode()  # send prints each slice's verdict, as replay does
+    assert [line.split()[4] for line in printed.splitlines() if line.startswith("slice ") and " rep " in line] == ["unverified"] * 4, printed
 
 
 def _raw_session(port: int, *messages: bytes) -> tuple[list[str], bool]:

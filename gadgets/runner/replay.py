@@ -33,7 +33,7 @@ from gadgets.runner.frontend import check_header
 from gadgets.stages import SliceError
 from recon.io.mrd import SKIPPED_FLAGS, MRDError, parse_header, read_header_text
 from recon.io.mrd_write import check_output, read_images
-from recon.io.pacs import PacsTarget
+from recon.io.pacs import PacsTarget, destination_spool
 from recon.metrics import quality
 from recon.pipeline import VERDICTS
 from recon.report import SliceReport, montage, write_report
@@ -224,7 +224,8 @@ def replay(
     pending = None
     spool_used = None
     if pacs:
-        spool_used = Path(export.get("spool") or params.ExportSettings().spool_folder())
+        target = PacsTarget.parse(pacs, calling_aet)
+        spool_used = destination_spool(Path(export.get("spool") or params.ExportSettings().spool_folder()), target)
         pending = len(list(spool_used.glob("*.dcm"))) if spool_used.exists() else 0
     return ReplayResult(
         output, group, tuple(rows), json_path, html_path, tuple(failures), time.perf_counter() - started, len(expected),

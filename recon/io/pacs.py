@@ -1,26 +1,38 @@
 """PACS push by DICOM C-STORE (pynetdicom), with a spool so that no image is dropped.
 
-Every image is first written to the spool folder (``<SOPInstanceUID>.dcm``, atomically), then
-sent; a file leaves the spool only after the PACS acknowledged it (status 0x0000 or a
-warning status). When the PACS is unreachable or refuses, files stay spooled and are sent
-with the next push (that run or the next one). Resending is safe: UIDs are stable
-(:mod:`recon.io.dicom`), so a PACS that already holds an instance keeps one copy. Optional
-TLS. A spool that cannot be written (disk full) is an error: the image would be lost.
+Every destination (called AE title, host, port, calling AE title, TLS CA) has a spool folder
+of its own under the spool root (``destination_spool``, with a ``destination.json`` naming
+it): an image spooled for one PACS is only ever sent to that PACS. Every image is first
+written there (``<SOPInstanceUID>.dcm``, atomically), then sent; a file leaves the spool only
+after the PACS acknowledged it (status 0x0000 or a warning status).
+
+An outage (PACS unreachable, association rejected as transient, out of resources, no
+answer) keeps files spooled for the next push (that run or the next one). A rejection (the
+association rejected as permanent, e.g. an unknown called AE title; MR Image Storage not
+accepted; a failure status of the C-STORE) is not an outage: the file moves to the
+destination's ``rejected/`` folder with a ``.reason`` file beside it, out of the retry loop,
+and the push reports it (:attr:`Pusher.rejections`). Resending is safe: UIDs are stable for
+the same pixels (:mod:`recon.io.dicom`), so a PACS that already holds an instance keeps one
+copy. Optional TLS. A spool that cannot be written (disk full) is an error: the image would
+be lost.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 from recon.io.dicom import save_atomically
 
@@ -28,6 +40,12 @@ log = logging.getLogger(__name__)
 
 _TARGET = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[A-Za-z0-9.\-:\[\]]+):(?P<port>\d{1,5})$")
 SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
+DESTINATION_FILE = "destination.json"
+
+
+def _transient(status: int) -> bool:
+    """C-STORE failure statuses that may pass on a retry: out of resources (0xA7xx)."""
+    return status >> 8 == 0xA7
 
 
 class PacsError(ValueError):
@@ -68,25 +86,61 @@ class PacsTarget:
         return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls_ca else "")
 
 
+def destination_spool(root: Path, target: PacsTarget) -> Path:
+    """The spool folder of one destination under ``root`` (readable name, digest of every field)."""
+    fields = json.dumps(asdict(target), sort_keys=True)
+    readable = re.sub(r"[^A-Za-z0-9.\-]", "_", f"{target.ae_title}@{target.host}_{target.port}")
+    return root / f"{readable}-{hashlib.sha256(fields.encode()).hexdigest()[:10]}"
+
+
+def destinations(root: Path) -> list[tuple[PacsTarget, Path]]:
+    """Every destination with a spool folder under ``root``."""
+    out = []
+    for folder in sorted(root.glob(f"*/{DESTINATION_FILE}")):
+        fields = json.loads(folder.read_text())
+        out.append((PacsTarget(**fields), folder.parent))
+    return out
+
+
+def rejected(spool: Path) -> list[tuple[Path, str]]:
+    """Quarantined files of a destination's spool with their reasons."""
+    folder = spool / "rejected"
+    return [(path, path.with_suffix(".reason").read_text().strip() if path.with_suffix(".reason").exists() else "?")
+            for path in sorted(folder.glob("*.dcm"))]
+
+
 class Pusher:
     """Spools and sends datasets to one PACS."""
 
-    def __init__(self, target: PacsTarget, spool: Path, timeout: float = 10.0) -> None:
+    def __init__(self, target: PacsTarget, spool_root: Path, timeout: float = 10.0) -> None:
         self.target = target
-        self.spool = spool
+        self.spool = destination_spool(spool_root, target)
         self.timeout = timeout
         self.delivered = 0
-        spool.mkdir(parents=True, exist_ok=True)
+        self.rejections: list[str] = []
+        self.spool.mkdir(parents=True, exist_ok=True)
+        description = self.spool / DESTINATION_FILE
+        if not description.exists():
+            description.write_text(json.dumps(asdict(self.target), sort_keys=True))
 
     def pending(self) -> list[Path]:
         """Spooled files not yet acknowledged by the PACS."""
         return sorted(self.spool.glob("*.dcm"))
 
+    def _reject(self, path: Path, reason: str) -> None:
+        folder = self.spool / "rejected"
+        folder.mkdir(exist_ok=True)
+        (folder / path.with_suffix(".reason").name).write_text(reason + "\n")
+        path.replace(folder / path.name)
+        message = f"PACS {self.target} rejected {path.name}: {reason}; quarantined in {folder} (not retried)"
+        log.error("%s", message)
+        self.rejections.append(message)
+
     def push(self, ds: Dataset) -> bool:
         """Spool ``ds`` and send everything pending; whether ``ds`` was delivered now."""
         path = self._spool(ds)
         self.flush()
-        return not path.exists()
+        return not path.exists() and not (self.spool / "rejected" / path.name).exists()
 
     def _spool(self, ds: Dataset) -> Path:
         try:
@@ -111,7 +165,11 @@ class Pusher:
         if self.target.tls_ca:
             context = ssl.create_default_context(cafile=self.target.tls_ca)
             tls = (context, self.target.host)
-        assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.ae_title, tls_args=tls)
+        answers: list[Any] = []
+        assoc = ae.associate(
+            self.target.host, self.target.port, ae_title=self.target.ae_title, tls_args=tls,
+            evt_handlers=[(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))],
+        )
         if not assoc.is_established:
             transport = getattr(assoc.dul, "socket", None)
             raw = getattr(transport, "socket", None)
@@ -119,7 +177,16 @@ class Pusher:
                 transport.close()
             if raw is not None:
                 raw.close()
-            log.warning("PACS %s unreachable or refused the association: %d image(s) stay spooled in %s", self.target, len(files), self.spool)
+            answer = next((a for a in answers if getattr(a, "result", None) is not None), None)
+            if assoc.is_rejected and answer is not None and answer.result == 0x01:
+                reason = f"association rejected permanently ({answer.source_str}: {answer.reason_str})"
+                for path in files:
+                    self._reject(path, reason)
+            elif answer is not None and answer.result == 0x00 and not assoc.accepted_contexts:
+                for path in files:
+                    self._reject(path, "the PACS accepts no MR Image Storage (presentation context refused)")
+            else:
+                log.warning("PACS %s unreachable or refused the association for now: %d image(s) stay spooled in %s", self.target, len(files), self.spool)
             return 0
         sent = 0
         try:
@@ -129,8 +196,10 @@ class Pusher:
                 if code in SUCCESS_OR_WARNING:
                     path.unlink()
                     sent += 1
+                elif code is not None and not _transient(code):
+                    self._reject(path, f"C-STORE failed with status {code:#06x}")
                 else:
-                    log.warning("PACS %s refused %s (status %s): kept in the spool", self.target, path.name, hex(code) if code is not None else "none")
+                    log.warning("PACS %s did not store %s (status %s): kept in the spool", self.target, path.name, hex(code) if code is not None else "none")
                     if not assoc.is_established:
                         break
         finally:
