@@ -179,3 +179,46 @@ def test_check_names_the_line_of_a_misspelt_gadget_and_of_a_missing_file(tmp_pat
         assert f"{path}:{line}:" in result.stdout and reason in result.stdout, result.stdout
         replay = _run("replay", str(root / "recon" / "data" / "demo" / "demo_raw.h5"), "-c", str(path), "-o", str(tmp_path / f"{name}.h5"))
         assert replay.returncode == 2 and reason in replay.stderr and "Traceback" not in replay.stderr, replay.stderr
+
+
+def test_replay_refuses_bad_files_before_starting_any_gadget(tmp_path: Path) -> None:
+    """Too few calibration lines in every slice, or a header claiming a matrix far beyond what
+    the file holds: status 2 in seconds, no traceback, no gadget started, memory bounded."""
+    import resource
+    import shutil
+    import time
+
+    import h5py
+    import ismrmrd
+
+    from recon.data.demo import DEMO_RAW
+
+    def with_header(name: str, old: str, new: str) -> Path:
+        path = tmp_path / name
+        shutil.copyfile(DEMO_RAW, path)
+        with h5py.File(path, "r+") as handle:
+            xml = handle["dataset/xml"][()]
+            xml = (xml[0] if getattr(xml, "shape", ()) else xml).decode()
+            del handle["dataset/xml"]
+        assert old in xml
+        dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
+        dataset.write_xml_header(xml.replace(old, new))
+        dataset.close()
+        return path
+
+    few_acs = tmp_path / "few_acs.h5"
+    shutil.copyfile(DEMO_RAW, few_acs)
+    with h5py.File(few_acs, "r+") as handle:  # keep 4 of the 16 calibration lines of every slice
+        data = handle["dataset/data"]
+        rows = data[()]
+        e1 = rows["head"]["idx"]["kspace_encode_step_1"]
+        rows = rows[(e1 < 62) | (e1 > 65) | ((rows["head"]["flags"] & (1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1))) != 0)]
+        del handle["dataset/data"]
+        handle.create_dataset("dataset/data", data=rows, maxshape=(None,), chunks=True)
+    huge = with_header("huge.h5", "<y>128</y>", "<y>8192</y>")
+    for raw, reason in ((few_acs, "contiguous calibration lines at the centre"), (huge, "refusing a claim over 32 times what the file holds")):
+        start = time.monotonic()
+        result = _run("replay", str(raw), "-c", "defended", "-o", str(tmp_path / f"{raw.stem}.out.h5"))
+        assert result.returncode == 2 and reason in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert time.monotonic() - start < 30
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_500_000  # kB: no buffer sized by the claim

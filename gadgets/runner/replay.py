@@ -31,7 +31,7 @@ from gadgets.runner.chain import run_pipeline
 from gadgets.runner.config import Pipeline, check, load_pipeline, with_stage_properties
 from gadgets.runner.frontend import check_header
 from gadgets.stages import SliceError
-from recon.io.mrd import SKIPPED_FLAGS, MRDError, parse_header, read_header_text
+from recon.io.mrd import SKIPPED_FLAGS, MRDError, parse_header, read_header_text, survey
 from recon.io.mrd_write import check_output, read_images
 from recon.io.pacs import PacsTarget, destination_spool
 from recon.metrics import quality
@@ -93,11 +93,6 @@ def expected_slices(raw: Path, dataset: str = "dataset") -> list[SliceKey]:
     for row in idx:
         seen.setdefault(SliceKey(int(row["slice"]), int(row["contrast"]), int(row["repetition"]), int(row["set"]), int(row["phase"])))
     return list(seen)
-
-
-def _acquisitions(raw: Path, dataset: str = "dataset") -> int:
-    with h5py.File(raw, "r") as handle:
-        return len(handle[f"{dataset}/data"])
 
 
 def stream_raw(raw: Path, dataset: str = "dataset") -> Generator[Any, None, None]:
@@ -168,9 +163,10 @@ def replay(
     for warning in check(pipeline):
         log.warning("%s", warning)
     header_xml = read_header(raw)
+    problems = survey(raw, parse_header(header_xml, str(raw)))  # before any gadget starts: exit 2 in seconds
     expected = expected_slices(raw)
-    if not expected:
-        raise MRDError(f"{raw}: no imaging acquisitions (the data set holds {_acquisitions(raw)} acquisitions, none of them imaging data)")
+    if len(problems) >= len({key.slice for key in expected}):
+        raise MRDError("; ".join(problems) + " (no slice could be reconstructed)")
     check_output(output, [raw] + ([reference] if reference is not None else []))
     references = [image for image, _ in read_images(reference)] if reference is not None else None
     if references is not None and len(references) != len(expected):

@@ -264,6 +264,64 @@ def read_header_text(path: str | Path, dataset: str = "dataset") -> str:
     return xml
 
 
+MAX_LINE_RATIO = 32
+"""A header may claim at most this many encoded lines per line a slice holds (acceleration,
+partial Fourier and a margin): memory follows what a file holds, not what its header says."""
+
+
+def survey(path: str | Path, protocol: Protocol, dataset: str = "dataset") -> list[str]:
+    """Check a raw file's acquisition headers against its XML header before any k-space is read.
+
+    Raises :class:`MRDError` for what makes the whole file unreadable: acquisitions whose
+    sizes contradict the header, or a header whose matrix would need far more memory than
+    the file holds (a claim of 8192 lines for a file of 64). Returns the problems of single
+    slices (too few calibration lines at the centre) for the caller to weigh.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as handle:
+            heads = handle[f"{dataset}/data"].fields("head")[()]
+    except (OSError, KeyError, ValueError) as err:
+        raise MRDError(f"{path}: cannot read acquisition headers (truncated or corrupt data?): {err}") from err
+    skip = np.uint64(0)
+    for flag in (ismrmrd.ACQ_IS_NOISE_MEASUREMENT, *SKIPPED_FLAGS.values()):
+        skip |= np.uint64(1) << np.uint64(flag - 1)
+    keep = (heads["flags"].astype(np.uint64) & skip) == 0
+    imaging = heads[keep]
+    if imaging.size == 0:
+        raise MRDError(f"{path}: no imaging acquisitions (the data set holds {heads.size} acquisitions, none of them imaging data)")
+    ny, nx = protocol.encoded
+    numbers = np.flatnonzero(keep)
+    wrong = np.flatnonzero(imaging["number_of_samples"] != nx)
+    if wrong.size:
+        raise MRDError(
+            f"{path}: acquisition {numbers[wrong[0]]} has {imaging['number_of_samples'][wrong[0]]} readout samples, "
+            f"the header's encoded x is {nx} (partial echo is not supported)"
+        )
+    wrong = np.flatnonzero(imaging["active_channels"] != protocol.coils) if protocol.coils else np.array([], int)
+    if wrong.size:
+        raise MRDError(f"{path}: acquisition {numbers[wrong[0]]} has {imaging['active_channels'][wrong[0]]} channels, the header says {protocol.coils}")
+    problems = []
+    calibration = np.uint64((1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION - 1)) | (1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING - 1)))
+    keys = imaging["idx"]
+    for number in np.unique(keys["slice"]):
+        mine = imaging[keys["slice"] == number]
+        lines = np.unique(mine["idx"]["kspace_encode_step_1"])
+        if ny > MAX_LINE_RATIO * lines.size:
+            raise MRDError(
+                f"{path}: the header's encoded matrix has {ny} lines but slice {number} holds {lines.size}: "
+                f"refusing a claim over {MAX_LINE_RATIO} times what the file holds (corrupt or hostile header?)"
+            )
+        rows = np.zeros(ny, bool)
+        flagged = mine[(mine["flags"].astype(np.uint64) & calibration) != 0]
+        chosen = np.unique(flagged["idx"]["kspace_encode_step_1"]) if flagged.size else lines
+        rows[np.clip(chosen.astype(np.int64) - protocol.center_line + ny // 2, 0, ny - 1)] = True
+        acs = int(acs_block(rows, ny // 2).sum())
+        if acs < MIN_AUTO_ACS:
+            problems.append(f"{path}: slice {number} has {acs} contiguous calibration lines at the centre, {MIN_AUTO_ACS} needed")
+    return problems
+
+
 def read_raw(
     path: str | Path,
     dataset: str = "dataset",
@@ -289,6 +347,7 @@ def read_raw(
     path = Path(path)
     xml = read_header_text(path, dataset)
     protocol = parse_header(xml, str(path))
+    survey(path, protocol, dataset)  # before any k-space buffer is sized by the header
     try:
         with ismrmrd.File(str(path), "r") as handle:
             acquisitions = handle[dataset].acquisitions
