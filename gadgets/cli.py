@@ -118,7 +118,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from gadgets.runner.server import serve
 
-    return serve(args.bind, args.port, args.threads, args.allow_redteam, args.max_sessions, args.tls_cert, args.tls_key)
+    return serve(args.bind, args.port, args.threads, args.allow_redteam, args.max_sessions, args.tls_cert, args.tls_key, args.grace, args.hello_timeout)
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-sessions", type=int, default=4, help="sessions at once; more wait for a slot (default 4; each runs its own gadget processes)")
     srv.add_argument("--tls-cert", help="PEM certificate: serve over TLS (with --tls-key)")
     srv.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    srv.add_argument("--grace", type=float, default=60.0, help="on SIGTERM, seconds the sessions in flight get to finish before they are ended with an error (default 60; a second signal stops at once)")
+    srv.add_argument("--hello-timeout", type=float, default=10.0, help="seconds a client has to send configuration and header; no session slot is held before (default 10)")
     srv.set_defaults(func=_cmd_serve)
 
     snd = sub.add_parser("send", help="send a raw file to a Gadgetron-protocol server, write the images")

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Server:
     def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
         self.process, self.port = process, port
+        self.log: list[str] = []  # the server's stderr, as it comes
 
 
 def _free_port() -> int:
@@ -47,8 +48,9 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     assert process.stderr is not None
     while b"listening on" not in (line := process.stderr.readline()):
         assert line, "the server exited before listening"
-    threading.Thread(target=lambda: [None for _ in iter(process.stderr.readline, b"")], daemon=True).start()  # type: ignore[union-attr]
-    yield Server(process, port)
+    running = Server(process, port)
+    threading.Thread(target=lambda: [running.log.append(line.decode(errors="replace")) for line in iter(process.stderr.readline, b"")], daemon=True).start()  # type: ignore[union-attr]
+    yield running
     try:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -256,3 +258,93 @@ def test_tls_wire_times_out_on_a_silent_peer(tls_files: tuple[Path, Path]) -> No
     with server_side, client_side:
         with pytest.raises(TimeoutError):
             p.wire_for(server_side).read(2)
+
+
+def _read_to_end(sock: socket.socket, seconds: float = 30) -> bytes:
+    sock.settimeout(seconds)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("server", [["--max-sessions", "1", "--hello-timeout", "3"]], indirect=True)
+def test_idle_connections_hold_no_slot_and_are_closed_after_the_hello_deadline(server: Server, tmp_path: Path) -> None:
+    import time
+
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(4)]
+    started = time.monotonic()
+    result = send(DEMO_RAW, tmp_path / "o.h5", "recon", port=server.port, echo_text=False)
+    assert result.ok, result.errors
+    assert time.monotonic() - started < 120  # not behind the idle ones' 300 s
+    for sock in idle:
+        with sock:
+            assert b"no configuration and header within 3 s" in _read_to_end(sock)
+
+
+@pytest.mark.parametrize("server", [["--max-sessions", "1"]], indirect=True)
+def test_a_queued_client_is_told_and_one_that_leaves_costs_nothing(server: Server, tmp_path: Path) -> None:
+    import time
+
+    from gadgets.runner.replay import read_header
+
+    outcome: dict[str, object] = {}
+    first = threading.Thread(target=lambda: outcome.update(r=send(DEMO_RAW, tmp_path / "a.h5", "recon", port=server.port, pace="tr", tr_ms=40, echo_text=False)))
+    first.start()
+    time.sleep(2.0)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        wire = SafeSocket(sock)
+        wire.write(p.config_file_message("recon"))
+        wire.write(p.string_message(p.HEADER, read_header(DEMO_RAW)))
+        assert p.read_id(wire) == p.TEXT
+        assert "[cycguard] queued: 1 session(s) in flight" in p.read_string(wire, "TEXT")
+    first.join(300)
+    assert outcome["r"].ok, outcome["r"].errors  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while not any("left while queued: nothing was run for it" in line for line in server.log) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any("left while queued: nothing was run for it" in line for line in server.log), server.log[-20:]
+    assert sum("pipeline 'recon'" in line for line in server.log) == 2 and sum("image(s) sent" in line for line in server.log) == 1
+
+
+def test_sigterm_with_an_idle_client_stops_at_once(server: Server) -> None:
+    import time
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as idle:
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 10
+        assert b"shutting down" in _read_to_end(idle)
+
+
+@pytest.mark.parametrize("server", [["--grace", "3"]], indirect=True)
+def test_sigterm_ends_a_session_past_its_grace_with_an_error(server: Server, tmp_path: Path) -> None:
+    import time
+
+    outcome: dict[str, object] = {}
+    sender = threading.Thread(target=lambda: outcome.update(r=send(DEMO_RAW, tmp_path / "o.h5", "recon", port=server.port, pace="tr", tr_ms=300, echo_text=False)))
+    sender.start()
+    time.sleep(3.0)  # mid-stream: 180 acquisitions take 54 s
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0
+    assert time.monotonic() - started < 20
+    sender.join(60)
+    result = outcome["r"]
+    assert not result.ok and any("ended after the 3 s grace" in e for e in result.errors), result.errors  # type: ignore[attr-defined]
+
+
+def test_a_second_signal_stops_the_server_at_once(server: Server, tmp_path: Path) -> None:
+    import time
+
+    sender = threading.Thread(target=lambda: send(DEMO_RAW, tmp_path / "o.h5", "recon", port=server.port, pace="tr", tr_ms=300, echo_text=False), daemon=True)
+    sender.start()
+    time.sleep(3.0)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGINT)
+    server.process.wait(timeout=30)
+    assert time.monotonic() - started < 10  # not the 60 s grace

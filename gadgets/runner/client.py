@@ -29,7 +29,7 @@ from gadgets.convert import image_key
 from gadgets.runner import protocol as p
 from gadgets.runner.replay import expected_slices, read_header, stream_raw
 from gadgets.stages import SafeSocket
-from recon.io.mrd import MRDError
+from recon.io.mrd import MRDError, parse_header, survey
 from recon.io.mrd_write import check_output
 from recon.types import SliceKey
 
@@ -74,9 +74,10 @@ def send(
     if (config_name is None) == (config_script is None):
         raise ValueError("give a pipeline name (-c) or an XML file (-C), not both")
     header = read_header(raw)
+    problems = survey(raw, parse_header(header, str(raw)))  # before anything is sent
     expected = expected_slices(raw)
-    if not expected:
-        raise MRDError(f"{raw}: no imaging acquisitions (the data set is empty)")
+    if len(problems) >= len({key.slice for key in expected}):
+        raise MRDError("; ".join(problems) + " (no slice could be reconstructed)")
     check_output(output, [raw])
     group = group or datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
     result = SendResult(output, group)

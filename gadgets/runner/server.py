@@ -22,6 +22,7 @@ import socketserver
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from importlib.metadata import PackageNotFoundError, version
@@ -76,12 +77,23 @@ class Session:
         self.server = server
         self.send_lock = threading.Lock()
         self.images = 0
+        self.started = False  # the pipeline runs (before that, a shutdown ends the session at once)
 
     def send(self, data: bytes) -> None:
         with self.send_lock:
             self.wire.write(data)
 
     def run(self) -> None:
+        self.server.register(self)
+        try:
+            self._serve()
+        finally:
+            self.server.unregister(self)
+
+    def _serve(self) -> None:
+        """Configuration and header under a short deadline, before a slot is taken; then wait
+        for a slot (the client is told it is queued), then the pipeline."""
+        self.sock.settimeout(self.server.hello_timeout)  # an idle client holds nothing for long
         if isinstance(self.sock, ssl.SSLSocket):
             try:
                 self.sock.do_handshake()
@@ -89,16 +101,83 @@ class Session:
                 log.warning("%s: TLS handshake failed: %s", self.peer, err)
                 return
             self.wire = p.wire_for(self.sock)  # the pipeline's output is sent while items are read
-        if not self.server.slots.acquire(timeout=self.server.queue_timeout):
-            log.warning("%s: refused, %d sessions busy for %.0f s", self.peer, self.server.max_sessions, self.server.queue_timeout)
-            self._text(f"[cycguard] ERROR: server busy ({self.server.max_sessions} sessions in flight); retry later")
+        try:
+            try:
+                pipeline = self._configure()
+                header = self._header() if pipeline is not None else None
+            except TimeoutError:
+                raise ClientError(f"no configuration and header within {self.server.hello_timeout:.0f} s: connection closed") from None
+            if pipeline is None or header is None:
+                return
+            for warning in check(pipeline, allow_foreign=False):
+                log.info("%s: %s", self.peer, warning)
+            if not self.server.allow_redteam and any("attack" in stage_names(n) for n in pipeline.externals):
+                raise ClientError("pipelines with the red-team attack stage are disabled on this server (cycguard serve --allow-redteam)")
+        except (ClientError, PipelineError, p.ProtocolError, ValueError, OSError) as err:
+            log.error("%s: %s", self.peer, err)
+            self._text(f"[cycguard] ERROR: {err}")
             self._close()
             return
+        self.sock.settimeout(self.server.idle_timeout)
+        if not self._wait_for_slot():
+            self._close()
+            return
+        self.started = True
         try:
             with self.server.active():
-                self._run()
+                self._run(pipeline, header)
         finally:
             self.server.slots.release()
+
+    def _wait_for_slot(self) -> bool:
+        """Take a session slot; while all are busy, tell the client once and wait, giving up
+        when it leaves, the server stops, or ``queue_timeout`` passes."""
+        if self.server.slots.acquire(blocking=False):
+            return True
+        busy = self.server.max_sessions
+        log.info("%s: queued (%d sessions in flight)", self.peer, busy)
+        self._text(f"[cycguard] queued: {busy} session(s) in flight; this one starts when a slot frees (at most {self.server.queue_timeout:.0f} s)")
+        deadline = time.monotonic() + self.server.queue_timeout
+        while time.monotonic() < deadline:
+            if self.server.stopping.is_set():
+                self._text("[cycguard] ERROR: the server is shutting down; retry later")
+                return False
+            if self.server.slots.acquire(timeout=0.5):
+                if self._gone():
+                    self.server.slots.release()
+                    log.info("%s: left while queued: nothing was run for it", self.peer)
+                    return False
+                return True
+            if self._gone():
+                log.info("%s: left while queued: nothing was run for it", self.peer)
+                return False
+        log.warning("%s: refused, %d sessions busy for %.0f s", self.peer, busy, self.server.queue_timeout)
+        self._text(f"[cycguard] ERROR: server busy ({busy} sessions in flight for {self.server.queue_timeout:.0f} s); retry later")
+        return False
+
+    def _gone(self) -> bool:
+        """Whether the client closed its connection (plain TCP; a TLS client is found out when read)."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def abort(self, reason: str) -> None:
+        """End this session now (server shutdown): ERROR text and CLOSE if the line is free,
+        then the socket, which ends its pipeline."""
+        if self.send_lock.acquire(timeout=2):
+            try:
+                self.wire.write(p.string_message(p.TEXT, f"[cycguard] ERROR: {reason}") + struct.pack("<H", p.CLOSE))
+            except OSError:
+                pass
+            finally:
+                self.send_lock.release()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def _close(self) -> None:
         try:
@@ -106,18 +185,8 @@ class Session:
         except OSError:
             pass
 
-    def _run(self) -> None:
+    def _run(self, pipeline: Pipeline, header: str) -> None:
         try:
-            pipeline = self._configure()
-            if pipeline is None:
-                return
-            header = self._header()
-            if header is None:
-                return
-            for warning in check(pipeline, allow_foreign=False):
-                log.info("%s: %s", self.peer, warning)
-            if not self.server.allow_redteam and any("attack" in stage_names(n) for n in pipeline.externals):
-                raise ClientError("pipelines with the red-team attack stage are disabled on this server (cycguard serve --allow-redteam)")
             threads = self.server.threads or self.server.thread_budget(len(pipeline.externals))
             with closing(run_pipeline(pipeline, header, self._items(), threads=threads, echo_stderr=True)) as stream:
                 for item in stream:
@@ -213,6 +282,10 @@ class CycGuardServer(socketserver.ThreadingTCPServer):
         self.threads = threads
         self.allow_redteam = allow_redteam
         self.idle_timeout = 300.0
+        self.hello_timeout = 10.0  # configuration and header must come within this, before a slot is taken
+        self.grace = 60.0  # on SIGTERM, sessions in flight get this long to finish (systemd stops after 90 s)
+        self.stopping = threading.Event()
+        self._sessions: set[Session] = set()
         self.max_sessions = max_sessions  # each session runs its own gadget processes (~0.3 GB each)
         self.slots = threading.BoundedSemaphore(max_sessions)
         self.queue_timeout = 600.0  # a connection waits this long for a free slot
@@ -222,6 +295,19 @@ class CycGuardServer(socketserver.ThreadingTCPServer):
             log.warning("listening on %s: anyone who can reach this port can send data and read images (no authentication)", address[0])
         super().__init__(address, _Handler)
 
+
+    def register(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.add(session)
+
+    def unregister(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+
+    def sessions_where(self, started: bool | None = None) -> list[Session]:
+        """The sessions open now (those whose pipeline runs, or not, when ``started`` is given)."""
+        with self._lock:
+            return [s for s in self._sessions if started is None or s.started == started]
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept; with TLS, wrap without the handshake (done in the session's thread, so a
@@ -255,12 +341,23 @@ class _Handler(socketserver.BaseRequestHandler):
         Session(self.request, self.client_address, self.server).run()  # type: ignore[arg-type]
 
 
+def abort_in_background(sessions: list[Session], reason: str) -> None:
+    """End sessions from a thread (a signal handler must not wait on a session's send lock)."""
+    def run() -> None:
+        for session in sessions:
+            session.abort(reason)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def serve(
     bind: str = "127.0.0.1", port: int = 9002, threads: int | None = None, allow_redteam: bool = False, max_sessions: int = 4,
-    tls_cert: str | None = None, tls_key: str | None = None,
+    tls_cert: str | None = None, tls_key: str | None = None, grace: float = 60.0, hello_timeout: float = 10.0,
 ) -> int:
-    """Run until SIGTERM/SIGINT; connections in flight are finished first. At most
-    ``max_sessions`` run at once; more connections wait for a slot (then are refused)."""
+    """Run until SIGTERM/SIGINT. The first signal stops accepting, ends the sessions whose
+    pipeline has not started, and gives those in flight ``grace`` seconds to finish before
+    they are ended with an ERROR; a second signal ends everything at once. At most
+    ``max_sessions`` run at once; more wait for a slot, told that they are queued."""
     import signal
 
     tls = None
@@ -268,13 +365,29 @@ def serve(
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(tls_cert, tls_key)
     server = CycGuardServer((bind, port), threads, allow_redteam, max_sessions, tls)
-    stopping = threading.Event()
+    server.grace, server.hello_timeout = grace, hello_timeout
+
+    def end_after_grace() -> None:
+        deadline = time.monotonic() + server.grace
+        while server.sessions_where() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        late = server.sessions_where()
+        for session in late:
+            session.abort(f"the server is shutting down: session ended after the {server.grace:.0f} s grace")
+        if late:
+            log.warning("grace of %.0f s over: %d session(s) ended with an error", server.grace, len(late))
 
     def stop(signum: int, _: Any) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            log.info("signal %d: no new connections; finishing those in flight", signum)
-            threading.Thread(target=server.shutdown, daemon=True).start()
+        if server.stopping.is_set():
+            log.warning("signal %d again: stopping now", signum)
+            abort_in_background(server.sessions_where(), "the server was stopped")
+            threading.Timer(3.0, os._exit, args=(1,)).start()  # the sessions' gadget processes get 3 s to end
+            return
+        server.stopping.set()
+        log.info("signal %d: no new connections; %.0f s for the sessions in flight (a second signal stops at once)", signum, server.grace)
+        abort_in_background(server.sessions_where(started=False), "the server is shutting down; retry later")
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        threading.Thread(target=end_after_grace, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
