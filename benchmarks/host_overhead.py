@@ -96,6 +96,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=120)
+            if server.stderr is not None:
+                server.stderr.close()
             gadgetron.stop()
     assert slices
     for pipeline in PIPELINES:
