@@ -147,7 +147,7 @@ class ExportSettings:
     pacs_port: int = prop(104, "PACS DICOM port", low=1, high=65535)
     pacs_aet: str = prop("ANY-SCP", "the PACS's AE title (called AE)")
     calling_aet: str = prop("CYCGUARD", "our AE title towards the PACS")
-    spool: str = prop("", "folder of images not yet acknowledged by the PACS (resent on every push); empty: ~/.local/state/cycguard/spool")
+    spool: str = prop("", "spool root: one folder per PACS destination of the images it has not acknowledged (resent on every push) and of those it rejected; empty: ~/.local/state/cycguard/spool")
     pacs_tls_ca: str = prop("", "CA certificate (PEM) to reach the PACS over TLS; empty: no TLS")
     pacs_timeout: float = prop(10.0, "network timeout towards the PACS", unit="s", low=0.1, high=600.0)
 

@@ -30,6 +30,47 @@ def require_binary(name: str) -> str:
     return path
 
 
+def passive_listener(folder: Path) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """``python -m gadgets.listen gadgets.composed composed`` on a free port, listening, and the
+    ``defended_connect`` pipeline pointed at it (in ``folder``), and its port."""
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    pipeline = folder / "connect.xml"
+    shipped = Path(__file__).resolve().parents[1] / "pipelines" / "defended_connect.xml"
+    pipeline.write_text(shipped.read_text().replace('port="18000"', f'port="{port}"'))
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "gadgets.listen", "gadgets.composed", "composed", "--port", str(port), "--timeout", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert listener.stderr is not None
+    while b"waiting for Gadgetron" not in listener.stderr.readline():  # it imports torch first
+        assert listener.poll() is None, "the listener exited before listening"
+    return listener, pipeline, port
+
+
+def demo_with_header(path: Path, old: str, new: str) -> Path:
+    """A copy of the demo raw file at ``path`` whose XML header has ``old`` replaced by ``new``."""
+    import h5py
+    import ismrmrd
+
+    from recon.data.demo import DEMO_RAW
+
+    shutil.copyfile(DEMO_RAW, path)
+    with h5py.File(path, "r+") as handle:
+        xml = handle["dataset/xml"][()]
+        xml = (xml[0] if getattr(xml, "shape", ()) else xml).decode()
+        del handle["dataset/xml"]
+    assert old in xml, f"{old!r} not in the demo header"
+    dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
+    dataset.write_xml_header(xml.replace(old, new))
+    dataset.close()
+    return path
+
+
 def disc_phantom(shape: tuple[int, int]) -> np.ndarray:
     """A smooth-edged ellipse with two inserts, values in [0, 1]."""
     y, x = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")

@@ -192,19 +192,7 @@ def test_replay_refuses_bad_files_before_starting_any_gadget(tmp_path: Path) -> 
     import ismrmrd
 
     from recon.data.demo import DEMO_RAW
-
-    def with_header(name: str, old: str, new: str) -> Path:
-        path = tmp_path / name
-        shutil.copyfile(DEMO_RAW, path)
-        with h5py.File(path, "r+") as handle:
-            xml = handle["dataset/xml"][()]
-            xml = (xml[0] if getattr(xml, "shape", ()) else xml).decode()
-            del handle["dataset/xml"]
-        assert old in xml
-        dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
-        dataset.write_xml_header(xml.replace(old, new))
-        dataset.close()
-        return path
+    from tests.conftest import demo_with_header
 
     few_acs = tmp_path / "few_acs.h5"
     shutil.copyfile(DEMO_RAW, few_acs)
@@ -215,7 +203,7 @@ def test_replay_refuses_bad_files_before_starting_any_gadget(tmp_path: Path) -> 
         rows = rows[(e1 < 62) | (e1 > 65) | ((rows["head"]["flags"] & (1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1))) != 0)]
         del handle["dataset/data"]
         handle.create_dataset("dataset/data", data=rows, maxshape=(None,), chunks=True)
-    huge = with_header("huge.h5", "<y>128</y>", "<y>8192</y>")
+    huge = demo_with_header(tmp_path / "huge.h5", "<y>128</y>", "<y>8192</y>")
     for raw, reason in ((few_acs, "contiguous calibration lines at the centre"), (huge, "refusing a claim over 32 times what the file holds")):
         start = time.monotonic()
         result = _run("replay", str(raw), "-c", "defended", "-o", str(tmp_path / f"{raw.stem}.out.h5"))

@@ -19,7 +19,7 @@ from gadgets import params
 from gadgets.convert import meta_of, meta_value
 from gadgets.runner import protocol as p
 from gadgets.runner.config import PipelineError, check, parse_pipeline
-from gadgets.runner.server import Session
+from gadgets.runner.server import CycGuardServer, Session
 from gadgets.stages import SafeSocket
 from recon.io.mrd import MRDError, read_raw
 from recon.pipeline import VERDICTS
@@ -61,29 +61,20 @@ def test_any_properties_parse_or_fail_with_property_errors(gadget: tuple[str, st
         pass
 
 
-class _Server:
-    threads = 1
-    allow_redteam = False
-    idle_timeout = 5.0
-    max_sessions = 1
-    queue_timeout = 5.0
-    slots = threading.BoundedSemaphore(1)
-
-    def thread_budget(self, gadgets: int) -> int:
-        return 1
-
-    def active(self):  # type: ignore[no-untyped-def]
-        import contextlib
-
-        return contextlib.nullcontext()
+def _server() -> CycGuardServer:
+    """The real server object (bound to a loopback port it never serves), with short deadlines."""
+    server = CycGuardServer(("127.0.0.1", 0), threads=1, max_sessions=1)
+    server.idle_timeout = server.queue_timeout = server.hello_timeout = 5.0
+    return server
 
 
 def _session(data: bytes, wait: float = 20.0) -> list[int]:
     """Run a server session on ``data`` (then EOF); the message ids it answered with. Images
     must carry a CycGuard verdict, TEXT must be an error."""
     ours, theirs = socket.socketpair()
+    server = _server()
     with ours, theirs:
-        session = Session(ours, "fuzz", _Server())  # type: ignore[arg-type]
+        session = Session(ours, "fuzz", server)
         worker = threading.Thread(target=session.run)
         worker.start()
 
@@ -117,6 +108,7 @@ def _session(data: bytes, wait: float = 20.0) -> list[int]:
         assert not worker.is_alive(), "the session hung"
         ours.close()  # as the server does once a session ends: a feeder still writing gets EPIPE
         feeder.join(wait)
+        server.server_close()
         return ids
 
 

@@ -19,6 +19,7 @@ from gadgets.runner.replay import replay
 from recon.data.demo import DEMO_RAW
 from recon.io.mrd_write import ScanDescription
 from tests import gadgetron_host as host
+from tests.conftest import demo_with_header, passive_listener
 from tests.gadgetron_host import Gadgetron
 
 pytestmark = [pytest.mark.gadgetron, pytest.mark.slow]
@@ -78,17 +79,8 @@ def test_real_gadgetron_and_replay_agree(gadgetron: Gadgetron, raw_files: dict[s
 
 @pytest.mark.parametrize("name", FILES)
 def test_passive_connect_pipeline_under_real_gadgetron(gadgetron: Gadgetron, raw_files: dict[str, Path], name: str, tmp_path: Path) -> None:
-    port = host.free_port()
-    pipeline = tmp_path / "connect.xml"
-    pipeline.write_text((ROOT / "pipelines" / "defended_connect.xml").read_text().replace('port="18000"', f'port="{port}"'))
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "gadgets.listen", "gadgets.composed", "composed", "--port", str(port), "--timeout", "300"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    listener, pipeline, _ = passive_listener(tmp_path)
     try:
-        assert listener.stderr is not None
-        while b"waiting for Gadgetron" not in listener.stderr.readline():
-            assert listener.poll() is None, "the listener exited before listening"
         real = _real(gadgetron, raw_files[name], tmp_path / "real.h5", script=pipeline)
     finally:
         stdout, _ = listener.communicate(timeout=120)
@@ -168,18 +160,7 @@ def test_errors_reach_the_real_client_once_and_nothing_hangs(gadgetron: Gadgetro
 
 
 def test_a_header_our_library_rejects_reaches_the_real_client(gadgetron: Gadgetron, tmp_path: Path) -> None:
-    import h5py
-    import ismrmrd
-
-    raw = tmp_path / "radial.h5"
-    raw.write_bytes(DEMO_RAW.read_bytes())
-    with h5py.File(raw, "r+") as handle:
-        xml = handle["dataset/xml"][()]
-        xml = (xml[0] if getattr(xml, "shape", ()) else xml).decode()
-        del handle["dataset/xml"]
-    dataset = ismrmrd.Dataset(str(raw), "dataset", create_if_needed=False)
-    dataset.write_xml_header(xml.replace(">cartesian<", ">radial<"))
-    dataset.close()
+    raw = demo_with_header(tmp_path / "radial.h5", ">cartesian<", ">radial<")
     run = gadgetron.client(raw, tmp_path / "real.h5", config="detect.xml", timeout=int(ERROR_DEADLINE_S))
     assert run.seconds < ERROR_DEADLINE_S and not run.wrote
     assert run.output.count("trajectory 'radial' is not supported") >= 1, run.output
@@ -187,18 +168,7 @@ def test_a_header_our_library_rejects_reaches_the_real_client(gadgetron: Gadgetr
 
 
 def test_noise_scans_without_a_measurement_id_are_refused_as_gadgetron_refuses_them(gadgetron: Gadgetron, tmp_path: Path) -> None:
-    import h5py
-    import ismrmrd
-
-    raw = tmp_path / "nomeas.h5"
-    raw.write_bytes(DEMO_RAW.read_bytes())
-    with h5py.File(raw, "r+") as handle:
-        xml = handle["dataset/xml"][()]
-        xml = (xml[0] if getattr(xml, "shape", ()) else xml).decode()
-        del handle["dataset/xml"]
-    dataset = ismrmrd.Dataset(str(raw), "dataset", create_if_needed=False)
-    dataset.write_xml_header(xml.replace("<measurementID>CYCGUARD_SIM_00001</measurementID>", ""))
-    dataset.close()
+    raw = demo_with_header(tmp_path / "nomeas.h5", "<measurementID>CYCGUARD_SIM_00001</measurementID>", "")
     run = gadgetron.client(raw, tmp_path / "real.h5", config="recon.xml", timeout=int(ERROR_DEADLINE_S))
     assert run.seconds < ERROR_DEADLINE_S and not run.wrote and "NoiseAdjustGadget" in run.output
     result = replay(raw, "recon", tmp_path / "ours.h5", None, group="g", progress=False)

@@ -26,6 +26,7 @@ from recon.io.mrd import MRDError, read_raw
 from recon.io.mrd_write import read_images
 from recon.models.weights import DEFAULT_WEIGHTS, load_model
 from recon.pipeline import reconstruct
+from tests.conftest import passive_listener
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,24 +83,9 @@ def test_replay_matches_the_pure_pipeline(case: Case, in_process_images: list[np
     assert result.report_html is not None and result.report_html.is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_passive_connect_pipeline(tmp_path: Path, in_process_images: list[np.ndarray]) -> None:
-    port = _free_port()
-    pipeline = tmp_path / "connect.xml"
-    pipeline.write_text((ROOT / "pipelines" / "defended_connect.xml").read_text().replace('port="18000"', f'port="{port}"'))
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "gadgets.listen", "gadgets.composed", "composed", "--port", str(port), "--timeout", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    listener, pipeline, port = passive_listener(tmp_path)
     try:
-        assert listener.stderr is not None
-        while b"waiting for Gadgetron" not in listener.stderr.readline():  # it imports torch first
-            assert listener.poll() is None, "the listener exited before listening"
         socket.create_connection(("127.0.0.1", port), timeout=5).close()  # a port probe must not hang it
         result = replay(DEMO_RAW, str(pipeline), tmp_path / "out.h5", None, group="g", progress=False)
     finally:
