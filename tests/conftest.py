@@ -151,6 +151,7 @@ class OrthancServer:
         return f"{self.aet}@127.0.0.1:{self.dicom_port}"
 
     def start(self) -> None:
+        import socket
         import time
         import urllib.error
 
@@ -161,6 +162,7 @@ class OrthancServer:
         while True:
             try:
                 self.rest("/system")
+                socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2).close()  # its DICOM listener starts after HTTP
                 return
             except (urllib.error.URLError, ConnectionError, OSError):
                 if self.process.poll() is not None or time.monotonic() > deadline:

@@ -312,12 +312,12 @@ def test_a_permanent_rejection_is_quarantined_and_reported_not_retried(orthanc: 
     from recon.io.pacs import rejected
 
     wrong = PacsTarget.parse(orthanc.target.replace("ORTHANC@", "NOTTHEPACS@"))  # type: ignore[attr-defined]
-    pusher = Pusher(wrong, tmp_path / "spool", timeout=5)
+    pusher = Pusher(wrong, tmp_path / "spool", timeout=30)  # a loaded machine must not turn a rejection into an outage
     ds = to_dicom(_image(rng), header_info(XML))
     assert pusher.push(ds) is False
     assert pusher.pending() == [] and len(pusher.rejections) == 1 and "rejected permanently" in pusher.rejections[0]
     [(path, reason)] = rejected(pusher.spool)
-    assert path.name == f"{ds.SOPInstanceUID}.dcm" and "Called AE title not recognised" in reason or "called" in reason.lower()
+    assert path.name == f"{ds.SOPInstanceUID}.dcm" and "rejected permanently" in reason, reason
     result = replay(DEMO_RAW, "defended_composed", tmp_path / "out.h5", None, group="g", progress=False, echo_stderr=False,
                     pacs=str(wrong), spool=tmp_path / "spool2")
     assert not result.ok and result.pacs_pending == 0
@@ -335,7 +335,7 @@ def test_a_pacs_that_accepts_no_mr_storage_is_a_rejection(tmp_path: Path, rng: n
     server.config.write_text(json.dumps(config))
     server.start()
     try:
-        pusher = Pusher(PacsTarget.parse(server.target), tmp_path / "spool", timeout=5)
+        pusher = Pusher(PacsTarget.parse(server.target), tmp_path / "spool", timeout=30)
         assert pusher.push(to_dicom(_image(rng), header_info(XML))) is False
         assert pusher.pending() == [] and "accepts no MR Image Storage" in pusher.rejections[0]
     finally:

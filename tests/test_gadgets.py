@@ -124,7 +124,9 @@ def _external(module: str, target: str, **values: str) -> str:
         (_pipeline(_external("gadgets.recon", "recon")).replace('value="slice"', 'value="slice@Acc"'), "holds '@'"),
         (_pipeline(_external("gadgets.recon", "recon")).replace('value="slice"', 'value="slices"'), "'trigger_dimension' = 'slices'"),
         (_pipeline(_external("gadgets.recon", "recon")).replace("<version>2</version>", ""), "<version>2</version> missing"),
-        (_pipeline(_external("gadgets.nothing", "x")), None),
+        (_pipeline(_external("tests.faulty_gadgets", "explode_on_second_buffer")), None),
+        (_pipeline(_external("gadgets.reconn", "recon")), "gadgets.reconn:recon is not a CycGuard gadget \\(did you mean gadgets.recon:recon\\?\\)"),
+        (_pipeline(_external("nosuchpackage.gadget", "x")), "'nosuchpackage.gadget' is not installed"),
         ('<!DOCTYPE x [<!ENTITY a "aaaa">]><configuration/>', "safe XML"),
     ],
 )
