@@ -17,6 +17,7 @@ from gadgetron.types.recon_data import ReconData
 from gadgets.convert import buffer_slices, maps_message
 from gadgets.params import ReconSettings
 from gadgets.stages import Resources, SliceError, gadget_logging, model_tag, serve
+from recon.io.mrd import missing_slices
 from recon.io.mrd_write import to_ismrmrd_image
 from recon.pipeline import reconstruct
 from recon.types import ReconImage
@@ -33,8 +34,7 @@ class ReconStage:
         self.settings = settings
         self.model, self.manifest, self.device = resources.model(settings.weights, settings.device)
         self.bandwidth = resources.receiver_bandwidth()
-        self.acceleration = resources.acceleration()
-        self.expected_slices = resources.protocol().slices
+        self.protocol = resources.protocol()
         self.seen_slices: set[int] = set()
         self.count = 0
 
@@ -42,7 +42,7 @@ class ReconStage:
         if not isinstance(item, ReconData):
             return [item]
         parts = buffer_slices(item, self.bandwidth)
-        problems = {id(part): part.problem(self.acceleration) for part in parts}
+        problems = {id(part): part.problem(self.protocol.acceleration) for part in parts}
         # downstream stages keep a forwarded buffer until its image comes: forward it only when
         # every slice in it gets one
         forward = self.settings.forward_internal and not any(problems.values())
@@ -72,10 +72,9 @@ class ReconStage:
         return out
 
     def close(self) -> Iterable[Any]:
-        missing = [n for n in range(self.expected_slices) if n not in self.seen_slices]
         return [
-            SliceError(f"slice {n}: no data arrived, though the header's encoding limits give {self.expected_slices} slices (truncated acquisition?)")
-            for n in missing
+            SliceError(f"slice {n}: no data arrived, though the header's encoding limits give {self.protocol.slices} slices (truncated acquisition?)")
+            for n in missing_slices(self.protocol, self.seen_slices)
         ]
 
 

@@ -72,6 +72,7 @@ class Resources:
 
     header_xml: str
     _models: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _protocol: Any = None
 
     def model(self, weights: str, device: str) -> tuple[Any, Any, Any]:
         """``(model, manifest, torch_device)`` for a weights path ("" = shipped default), loaded once."""
@@ -86,10 +87,12 @@ class Resources:
         return self._models[key]
 
     def protocol(self) -> Any:
-        """The header's :class:`recon.io.mrd.Protocol`."""
+        """The header's :class:`recon.io.mrd.Protocol` (parsed once)."""
         from recon.io.mrd import parse_header
 
-        return parse_header(self.header_xml)
+        if self._protocol is None:
+            self._protocol = parse_header(self.header_xml)
+        return self._protocol
 
     def acceleration(self) -> int:
         """Nominal acceleration from the header."""
@@ -98,9 +101,7 @@ class Resources:
     def receiver_bandwidth(self) -> float:
         """The header's relative receiver noise bandwidth (Gadgetron's default when absent):
         it sets the noise level NoiseAdjust leaves in whitened data."""
-        from recon.io.mrd import parse_header
-
-        return parse_header(self.header_xml).receiver_bandwidth
+        return float(self.protocol().receiver_bandwidth)
 
 
 def model_tag(manifest: Any) -> str:

@@ -260,6 +260,14 @@ def test_tls_wire_times_out_on_a_silent_peer(tls_files: tuple[Path, Path]) -> No
             p.wire_for(server_side).read(2)
 
 
+def _paced_sender(server: Server, out: Path, tr_ms: float) -> tuple[threading.Thread, dict[str, object]]:
+    """A client sending the demo at one acquisition every ``tr_ms`` (started; its result lands in ``["r"]``)."""
+    outcome: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: outcome.update(r=send(DEMO_RAW, out, "recon", port=server.port, pace="tr", tr_ms=tr_ms, echo_text=False)), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 def _read_to_end(sock: socket.socket, seconds: float = 30) -> bytes:
     sock.settimeout(seconds)
     chunks = []
@@ -288,9 +296,7 @@ def test_a_queued_client_is_told_and_one_that_leaves_costs_nothing(server: Serve
 
     from gadgets.runner.replay import read_header
 
-    outcome: dict[str, object] = {}
-    first = threading.Thread(target=lambda: outcome.update(r=send(DEMO_RAW, tmp_path / "a.h5", "recon", port=server.port, pace="tr", tr_ms=40, echo_text=False)))
-    first.start()
+    first, outcome = _paced_sender(server, tmp_path / "a.h5", 40)
     time.sleep(2.0)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         wire = SafeSocket(sock)
@@ -323,9 +329,7 @@ def test_sigterm_with_an_idle_client_stops_at_once(server: Server) -> None:
 def test_sigterm_ends_a_session_past_its_grace_with_an_error(server: Server, tmp_path: Path) -> None:
     import time
 
-    outcome: dict[str, object] = {}
-    sender = threading.Thread(target=lambda: outcome.update(r=send(DEMO_RAW, tmp_path / "o.h5", "recon", port=server.port, pace="tr", tr_ms=300, echo_text=False)))
-    sender.start()
+    sender, outcome = _paced_sender(server, tmp_path / "o.h5", 300)
     time.sleep(3.0)  # mid-stream: 180 acquisitions take 54 s
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
@@ -339,8 +343,7 @@ def test_sigterm_ends_a_session_past_its_grace_with_an_error(server: Server, tmp
 def test_a_second_signal_stops_the_server_at_once(server: Server, tmp_path: Path) -> None:
     import time
 
-    sender = threading.Thread(target=lambda: send(DEMO_RAW, tmp_path / "o.h5", "recon", port=server.port, pace="tr", tr_ms=300, echo_text=False), daemon=True)
-    sender.start()
+    _paced_sender(server, tmp_path / "o.h5", 300)
     time.sleep(3.0)
     server.process.send_signal(signal.SIGTERM)
     time.sleep(1.0)

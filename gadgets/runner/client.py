@@ -27,9 +27,8 @@ import ismrmrd
 
 from gadgets.convert import image_key
 from gadgets.runner import protocol as p
-from gadgets.runner.replay import expected_slices, read_header, stream_raw
+from gadgets.runner.replay import preflight, stream_raw
 from gadgets.stages import SafeSocket
-from recon.io.mrd import MRDError, parse_header, survey
 from recon.io.mrd_write import check_output
 from recon.types import SliceKey
 
@@ -73,11 +72,7 @@ def send(
     (over TLS, checking the server against ``tls_ca``, when given)."""
     if (config_name is None) == (config_script is None):
         raise ValueError("give a pipeline name (-c) or an XML file (-C), not both")
-    header = read_header(raw)
-    problems = survey(raw, parse_header(header, str(raw)))  # before anything is sent
-    expected = expected_slices(raw)
-    if len(problems) >= len({key.slice for key in expected}):
-        raise MRDError("; ".join(problems) + " (no slice could be reconstructed)")
+    header, expected = preflight(raw)  # before anything is sent
     check_output(output, [raw])
     group = group or datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
     result = SendResult(output, group)

@@ -344,7 +344,7 @@ def with_stage_properties(pipeline: Pipeline, stage: str, values: dict[str, str]
             if stage in stage_names(node):
                 found = True
                 merged = {**dict(node.properties), **values}
-                node = ExternalNode(node.module, node.target, _config_with(merged, "", ""), tuple(merged.items()), node.connect)
+                node = ExternalNode(node.module, node.target, _config_with(merged, "", ""), tuple(merged.items()), node.connect, node.where)
         nodes.append(node)
     if not found:
         raise PipelineError(f"{pipeline.source}: no {stage} stage (gadgets.{stage}) to take {', '.join(values)}")

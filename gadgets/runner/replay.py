@@ -31,7 +31,7 @@ from gadgets.runner.chain import run_pipeline
 from gadgets.runner.config import Pipeline, check, load_pipeline, with_stage_properties
 from gadgets.runner.frontend import check_header
 from gadgets.stages import SliceError
-from recon.io.mrd import SKIPPED_FLAGS, MRDError, parse_header, read_header_text, survey
+from recon.io.mrd import NOT_IMAGING, MRDError, parse_header, read_header_text, survey
 from recon.io.mrd_write import check_output, read_images
 from recon.io.pacs import PacsTarget, destination_spool
 from recon.metrics import quality
@@ -84,15 +84,24 @@ def expected_slices(raw: Path, dataset: str = "dataset") -> list[SliceKey]:
     """The 2-D slices the file holds imaging data for, in order of first appearance."""
     with h5py.File(raw, "r") as handle:
         heads = handle[f"{dataset}/data"]["head"]
-    mask = np.uint64(0)
-    for flag in (ismrmrd.ACQ_IS_NOISE_MEASUREMENT, *SKIPPED_FLAGS.values()):
-        mask |= np.uint64(1) << np.uint64(flag - 1)
-    keep = (heads["flags"].astype(np.uint64) & mask) == 0
+    keep = (heads["flags"].astype(np.uint64) & NOT_IMAGING) == 0
     idx = heads["idx"][keep]
     seen: dict[SliceKey, None] = {}
     for row in idx:
         seen.setdefault(SliceKey(int(row["slice"]), int(row["contrast"]), int(row["repetition"]), int(row["set"]), int(row["phase"])))
     return list(seen)
+
+
+def preflight(raw: Path) -> tuple[str, list[SliceKey]]:
+    """The checked header and the expected slices of a raw file, before any gadget starts
+    (exit 2 in seconds): header as ours and as Gadgetron's, acquisition headers against it,
+    and at least one slice that can be reconstructed."""
+    header_xml = read_header(raw)
+    problems = survey(raw, parse_header(header_xml, str(raw)))
+    expected = expected_slices(raw)
+    if len(problems) >= len({key.slice for key in expected}):
+        raise MRDError("; ".join(problems) + " (no slice could be reconstructed)")
+    return header_xml, expected
 
 
 def stream_raw(raw: Path, dataset: str = "dataset") -> Generator[Any, None, None]:
@@ -162,11 +171,7 @@ def replay(
         pipeline = with_stage_properties(pipeline, "export", export)
     for warning in check(pipeline):
         log.warning("%s", warning)
-    header_xml = read_header(raw)
-    problems = survey(raw, parse_header(header_xml, str(raw)))  # before any gadget starts: exit 2 in seconds
-    expected = expected_slices(raw)
-    if len(problems) >= len({key.slice for key in expected}):
-        raise MRDError("; ".join(problems) + " (no slice could be reconstructed)")
+    header_xml, expected = preflight(raw)
     check_output(output, [raw] + ([reference] if reference is not None else []))
     references = [image for image, _ in read_images(reference)] if reference is not None else None
     if references is not None and len(references) != len(expected):

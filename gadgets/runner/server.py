@@ -124,8 +124,7 @@ class Session:
             return
         self.started = True
         try:
-            with self.server.active():
-                self._run(pipeline, header)
+            self._run(pipeline, header)
         finally:
             self.server.slots.release()
 
@@ -289,7 +288,6 @@ class CycGuardServer(socketserver.ThreadingTCPServer):
         self.max_sessions = max_sessions  # each session runs its own gadget processes (~0.3 GB each)
         self.slots = threading.BoundedSemaphore(max_sessions)
         self.queue_timeout = 600.0  # a connection waits this long for a free slot
-        self.sessions = 0
         self._lock = threading.Lock()
         if address[0] not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s: anyone who can reach this port can send data and read images (no authentication)", address[0])
@@ -317,21 +315,9 @@ class CycGuardServer(socketserver.ThreadingTCPServer):
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Count a session in flight."""
-        with self._lock:
-            self.sessions += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.sessions -= 1
-
     def thread_budget(self, gadgets: int) -> int:
         """Torch threads per gadget process so that the sessions in flight share the cores."""
-        with self._lock:
-            sessions = max(1, self.sessions)
+        sessions = max(1, len(self.sessions_where(started=True)))
         return max(1, (os.cpu_count() or 1) // max(1, gadgets * sessions))
 
 

@@ -46,6 +46,18 @@ SKIPPED_FLAGS = {
 }
 
 
+def flag_mask(*flags: int) -> np.uint64:
+    """The bits of ISMRMRD acquisition ``flags`` (1-based) as one mask of the header's flag word."""
+    mask = np.uint64(0)
+    for flag in flags:
+        mask |= np.uint64(1) << np.uint64(flag - 1)
+    return mask
+
+
+NOT_IMAGING = flag_mask(ismrmrd.ACQ_IS_NOISE_MEASUREMENT, *SKIPPED_FLAGS.values())
+"""Acquisitions that carry no imaging line: noise scans and the skipped kinds."""
+
+
 class MRDError(ValueError):
     """A raw file that cannot be read as Cartesian 2-D multi-coil data, with the reason."""
 
@@ -191,13 +203,14 @@ def coverage_problem(rows: np.ndarray, limits: tuple[int, int], acceleration: in
     encoded lines (or twice the acceleration, if more) of both limits. Lines that stop
     further short are a cut-off acquisition.
     """
+    rows = np.asarray(rows, dtype=bool)
     acquired = np.flatnonzero(rows)
     if acquired.size == 0:
         return "no lines acquired"
     low, high = limits
-    block = acs_block(np.asarray(rows, dtype=bool), int(np.clip((low + high + 1) // 2, 0, rows.size - 1)))
-    outer = np.flatnonzero(np.asarray(rows, dtype=bool) & ~block)
-    below, above = outer[outer < np.flatnonzero(block)[0]] if block.any() else outer, outer[outer > np.flatnonzero(block)[-1]] if block.any() else outer[:0]
+    block = np.flatnonzero(acs_block(rows, int(np.clip((low + high + 1) // 2, 0, rows.size - 1))))
+    outer = np.setdiff1d(acquired, block)
+    below, above = (outer[outer < block[0]], outer[outer > block[-1]]) if block.size else (outer, outer[:0])
     steps = set(np.diff(below).tolist()) | set(np.diff(above).tolist())
     if len(steps) == 1 and below.size + above.size >= 4:
         margin = steps.pop()
@@ -283,10 +296,7 @@ def survey(path: str | Path, protocol: Protocol, dataset: str = "dataset") -> li
             heads = handle[f"{dataset}/data"].fields("head")[()]
     except (OSError, KeyError, ValueError) as err:
         raise MRDError(f"{path}: cannot read acquisition headers (truncated or corrupt data?): {err}") from err
-    skip = np.uint64(0)
-    for flag in (ismrmrd.ACQ_IS_NOISE_MEASUREMENT, *SKIPPED_FLAGS.values()):
-        skip |= np.uint64(1) << np.uint64(flag - 1)
-    keep = (heads["flags"].astype(np.uint64) & skip) == 0
+    keep = (heads["flags"].astype(np.uint64) & NOT_IMAGING) == 0
     imaging = heads[keep]
     if imaging.size == 0:
         raise MRDError(f"{path}: no imaging acquisitions (the data set holds {heads.size} acquisitions, none of them imaging data)")
@@ -302,7 +312,7 @@ def survey(path: str | Path, protocol: Protocol, dataset: str = "dataset") -> li
     if wrong.size:
         raise MRDError(f"{path}: acquisition {numbers[wrong[0]]} has {imaging['active_channels'][wrong[0]]} channels, the header says {protocol.coils}")
     problems = []
-    calibration = np.uint64((1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION - 1)) | (1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING - 1)))
+    calibration = flag_mask(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION, ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
     keys = imaging["idx"]
     for number in np.unique(keys["slice"]):
         mine = imaging[keys["slice"] == number]
