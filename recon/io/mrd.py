@@ -270,7 +270,7 @@ def read_header_text(path: str | Path, dataset: str = "dataset") -> str:
             xml = raw_xml.decode("utf-8") if isinstance(raw_xml, bytes) else str(raw_xml)
     except UnicodeDecodeError as err:
         raise MRDError(f"{path}: the XML header is not UTF-8 text (corrupt file?): {err}") from err
-    except (OSError, KeyError, RuntimeError, ValueError) as err:  # h5py's errors for corrupt metadata
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:  # h5py's errors for corrupt metadata (a bad string encoding: TypeError)
         if isinstance(err, MRDError):
             raise
         raise MRDError(f"{path}: not a readable HDF5 file (truncated or corrupt): {err}") from err
@@ -294,7 +294,7 @@ def survey(path: str | Path, protocol: Protocol, dataset: str = "dataset") -> li
     try:
         with h5py.File(path, "r") as handle:
             heads = handle[f"{dataset}/data"].fields("head")[()]
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError, TypeError) as err:
         raise MRDError(f"{path}: cannot read acquisition headers (truncated or corrupt data?): {err}") from err
     keep = (heads["flags"].astype(np.uint64) & NOT_IMAGING) == 0
     imaging = heads[keep]
