@@ -128,6 +128,14 @@ def test_absurd_lengths_are_refused_before_reading(length: int, tail: bytes) -> 
     assert ids[-1] == p.CLOSE and p.TEXT in ids  # too long, too short, or not an ISMRMRD header: an error either way
 
 
+def test_a_close_before_the_data_is_answered_with_close() -> None:
+    """Gadgetron answers a client's early CLOSE (before configuration or header) with CLOSE;
+    so does the server (found by benchmarks/fuzz_campaign.py: it hung up without one)."""
+    close = p.CLOSE.to_bytes(2, "little")
+    assert _session(close + b"\0\0\0\0") == [p.CLOSE]
+    assert _session(p.config_file_message("recon") + close) == [p.CLOSE]
+
+
 def _acquisitions(slices: int = 1) -> list[bytes]:
     """The demo's noise scans and the acquisitions of its first ``slices`` slices, as messages."""
     import ismrmrd

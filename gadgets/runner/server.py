@@ -107,7 +107,8 @@ class Session:
                 header = self._header() if pipeline is not None else None
             except TimeoutError:
                 raise ClientError(f"no configuration and header within {self.server.hello_timeout:.0f} s: connection closed") from None
-            if pipeline is None or header is None:
+            if pipeline is None or header is None:  # the client closed first: answered with CLOSE, as Gadgetron does
+                self._close()
                 return
             for warning in check(pipeline, allow_foreign=False):
                 log.info("%s: %s", self.peer, warning)
