@@ -42,19 +42,26 @@ def _summary(rows: Sequence[object]) -> str:
         zf = f"{z.psnr:8.2f}" if z else f"{'-':>8}"
         seconds = sum(row.timings.values())  # type: ignore[attr-defined]
         lines.append(f"{row.name:<18} {row.verdict:<11} {psnr} {zf} {seconds:6.2f}")  # type: ignore[attr-defined]
-    return "\n".join(lines)
+    return "\n".join(lines + [_counts(rows)])
 
 
 def _verdicts(result: Any) -> str:
     rows = result.rows
-    lines = [f"{'slice':<16} {'attacked':<9} {'verdict':<11} {'score':>8} {'thresh':>8} {'PSNR dB':>8} {'sec':>6}"]
+    lines = [f"{'slice':<16} {'attacked':<9} {'verdict':<11} {'score':>8} {'thresh':>8} {'PSNR dB':>8} {'received':>8} {'sec':>6}"]
     for row in rows:
         attacked = "-" if row.attacked is None else ("yes" if row.attacked else "no")
         score = f"{row.score:8.3f}" if row.score is not None else f"{'-':>8}"
         threshold = f"{row.threshold:8.3f}" if row.threshold is not None else f"{'-':>8}"
         psnr = f"{row.quality.psnr:8.2f}" if row.quality else f"{'-':>8}"
-        lines.append(f"{row.name:<16} {attacked:<9} {row.verdict:<11} {score} {threshold} {psnr} {sum(row.timings.values()):6.2f}")
-    return "\n".join(lines)
+        before = f"{row.received_quality.psnr:8.2f}" if row.received_quality else f"{'-':>8}"  # a rewritten slice as received
+        lines.append(f"{row.name:<16} {attacked:<9} {row.verdict:<11} {score} {threshold} {psnr} {before} {sum(row.timings.values()):6.2f}")
+    return "\n".join(lines + [_counts(rows)])
+
+
+def _counts(rows: Sequence[Any]) -> str:
+    from recon.report import verdict_counts
+
+    return "verdicts: " + ", ".join(f"{verdict} {n}" for verdict, n in verdict_counts(rows).items())
 
 
 def _report_replay(result: Any) -> int:
@@ -264,6 +271,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         _out("scales: " + ", ".join(f"{name} {scale:.4g}" for name, scale in calibration.scales))
     if calibration.gates:
         _out("mitigation gates: " + ", ".join(f"{name} {gate:.4g}" for name, gate in calibration.gates))
+    if calibration.signal_range is not None:
+        low, high = calibration.signal_range
+        _out(f"covers signal levels {low:.3g}-{high:.3g} noise sigmas (ACS RMS); a slice outside cannot be clean (unverified)")
     _out(
         f"mitigation rewrites only a flagged slice scoring above {calibration.clean_max:.6g}, the largest of the {len(scores)} clean "
         "scores (rewrite_beyond_clean)"

@@ -9,6 +9,11 @@ run as its own ``<external>`` node, or several in one process):
   the recon estimated, data ``[x, y, 1, coil, 1, 1, 1]``; downstream never re-estimates them.
 * ``Image`` (1022), complex64, ``[coil=1, z=1, y, x]``: the reconstruction with its verdict
   meta (``CycGuard.Verdict`` etc.).
+* ``Image`` with meta ``GADGETRON_DataRole = CycGuard.Received`` (only when the mitigate
+  stage's ``send_received`` is on): a rewritten slice's image as received, before the rewrite,
+  in series ``image_series_index + RECEIVED_SERIES_OFFSET``, right after the rewritten image.
+  It reaches the client for before/after reports; the export stage never writes it to DICOM
+  or a PACS.
 
 Per slice they arrive in that order (buffer, maps, image), matched by the ISMRMRD counters
 ``(slice, contrast, repetition, set, phase)``. A stage forwards buffer and maps only when
@@ -32,6 +37,8 @@ from recon.types import SliceGeometry, SliceKey, SliceKSpace
 
 ROLE_KEY = "GADGETRON_DataRole"
 ROLE_MAPS = "CycGuard.CoilMaps"
+ROLE_RECEIVED = "CycGuard.Received"
+RECEIVED_SERIES_OFFSET = 100
 VERDICT_KEY = "CycGuard.Verdict"
 
 
@@ -261,6 +268,19 @@ def is_maps(item: object) -> bool:
     if not isinstance(item, ImageArray) or not item.meta:
         return False
     return meta_value(ismrmrd.Meta.deserialize(item.meta[0]), ROLE_KEY) == ROLE_MAPS
+
+
+def received_copy(image: ismrmrd.Image) -> ismrmrd.Image:
+    """A copy of a flagged image as received, tagged as such (before its rewrite)."""
+    copy_ = with_pixels(image, image_pixels(image))
+    copy_.image_series_index = image.image_series_index + RECEIVED_SERIES_OFFSET
+    set_meta(copy_, {ROLE_KEY: ROLE_RECEIVED})
+    return copy_
+
+
+def is_received(item: object) -> bool:
+    """Whether an item is the as-received copy of a rewritten image (:func:`received_copy`)."""
+    return isinstance(item, ismrmrd.Image) and meta_value(meta_of(item), ROLE_KEY) == ROLE_RECEIVED
 
 
 def maps_of(item: ImageArray) -> tuple[SliceKey, np.ndarray]:

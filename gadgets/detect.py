@@ -21,9 +21,10 @@ import ismrmrd
 
 from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, set_meta
 from gadgets.params import DetectSettings
-from gadgets.stages import InternalStore, Resources, SliceContext, gadget_logging, is_ours, model_tag, serve
-from recon.calibrate import load_defense, protocol_of
+from gadgets.stages import InternalStore, Resources, SliceContext, gadget_logging, is_ours, serve
+from recon.calibrate import fit_defense, protocol_of
 from recon.detect.calibration import ProtocolKey
+from recon.models.weights import model_tag
 from recon.physics.noise import estimate_noise_sigma
 from recon.pipeline import Defense, check, prepare_with_maps
 
@@ -38,17 +39,18 @@ class DefenseCache:
         self.model, self.manifest, self.device = resources.model(weights, device)
         self.calibration = Path(calibration) if calibration else None
         self.acceleration = resources.acceleration()
-        self.cache: dict[ProtocolKey, Defense | None] = {}
+        self.cache: dict[ProtocolKey, Defense | str] = {}
 
     def check_model(self, image: ismrmrd.Image) -> None:
         tag = meta_value(meta_of(image), "CycGuard.Model")
         if tag != model_tag(self.manifest):
             raise ContractError(f"{self.stage}: image made by model {tag}, but this gadget loaded {model_tag(self.manifest)}")
 
-    def defense(self, data: Any) -> Defense | None:
+    def defense(self, data: Any) -> Defense | str:
+        """The defense for ``data``'s protocol, or why no calibration fits it."""
         protocol = protocol_of(data, self.manifest, self.acceleration)
         if protocol not in self.cache:
-            self.cache[protocol] = load_defense(self.model, self.manifest, protocol, self.calibration)
+            self.cache[protocol] = fit_defense(self.model, self.manifest, protocol, self.calibration)
         return self.cache[protocol]
 
 
@@ -113,8 +115,9 @@ class DetectStage(CheckedImageStage):
         self.defenses.check_model(item)
         data = context.part.data
         defense = self.defenses.defense(data)
-        if defense is None:
-            set_meta(item, {"ImageComment": "unverified: no calibration fits this model and protocol, no consistency check ran"})
+        protocol = protocol_of(data, self.defenses.manifest, self.defenses.acceleration)
+        if isinstance(defense, str):
+            set_meta(item, {"ImageComment": f"unverified: no consistency check ran: {defense}", "CycGuard.Protocol": protocol.describe()})
             return [item]
         sigma, doubt = noise_sigma(data, self.settings.noise_level)
         defense = replace(defense, noise_sigma=sigma)
@@ -133,6 +136,9 @@ class DetectStage(CheckedImageStage):
                 "CycGuard.PValue": f"{checked.p_value:.4g}",
                 "CycGuard.Statistic": defense.statistic,
                 "CycGuard.NoiseSigma": f"{sigma:.6g}",
+                "CycGuard.SignalLevel": f"{checked.scores.signal_level:.4g}" if checked.scores is not None and checked.scores.signal_level is not None else "unknown",
+                "CycGuard.Calibration": defense.calibration.sha256[:12],
+                "CycGuard.Protocol": protocol.describe(),
                 "CycGuard.Seconds.detect": f"{checked.seconds:.4f}",
                 "ImageComment": checked.reason,
                 "GADGETRON_ImageComment": f"CycGuard {checked.verdict}",

@@ -22,7 +22,7 @@ from typing import Any
 import ismrmrd
 from gadgetron.types.recon_data import ReconData
 
-from gadgets.convert import is_maps, meta_of, meta_value, set_meta
+from gadgets.convert import is_maps, is_received, meta_of, meta_value, set_meta
 from gadgets.params import ExportSettings
 from gadgets.stages import Resources, SliceError, gadget_logging, serve
 from recon.io.dicom import header_info, to_dicom, write_dicom
@@ -53,6 +53,8 @@ class ExportStage:
     def process(self, item: Any) -> Iterable[Any]:
         if isinstance(item, ReconData) or is_maps(item):
             return []
+        if is_received(item):  # a before/after copy for the client's report, never an export
+            return [item]
         if isinstance(item, ismrmrd.Image):
             verdict = meta_value(meta_of(item), "CycGuard.Verdict")
             if verdict not in VERDICTS:

@@ -17,7 +17,7 @@ import math
 from dataclasses import fields, replace
 from typing import Any
 
-from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, set_meta, with_pixels
+from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, received_copy, set_meta, with_pixels
 from gadgets.detect import CheckedImageStage
 from gadgets.params import MitigateSettings
 from gadgets.stages import Resources, SliceContext, gadget_logging, serve
@@ -48,8 +48,8 @@ class MitigateStage(CheckedImageStage):
             return [item]
         self.defenses.check_model(item)
         defense = self.defenses.defense(context.part.data)
-        if defense is None:
-            raise ContractError("mitigate: a flagged image, but no calibration fits this model and protocol here")
+        if isinstance(defense, str):
+            raise ContractError(f"mitigate: a flagged image, but no calibration fits it here: {defense}")
         checked = _checked(meta, defense.statistic)
         if not math.isclose(checked.threshold, defense.calibration.threshold, rel_tol=1e-5):
             raise ContractError(
@@ -66,7 +66,10 @@ class MitigateStage(CheckedImageStage):
         values: dict[str, str | list[str]] = {"ImageComment": outcome.reason, "CycGuard.Seconds.mitigate": f"{outcome.seconds:.4f}"}
         if outcome.mitigated_score is not None:
             values["CycGuard.MitigatedScore"] = f"{outcome.mitigated_score:.6g}"
+        received = None
         if outcome.verdict == "mitigated":
+            if self.settings.send_received:
+                received = received_copy(item)
             item = with_pixels(item, outcome.image)
             values.update(
                 {
@@ -79,7 +82,7 @@ class MitigateStage(CheckedImageStage):
             )
         set_meta(item, values)
         log.info("mitigate %s: %s", context.part.data.key, outcome.reason)
-        return [item]
+        return [item] if received is None else [item, received]
 
 
 def _checked(meta: Any, statistic: str) -> CheckResult:

@@ -103,6 +103,10 @@ class MitigateSettings:
         0.25, "safeguard: a rewrite may not move further from the received data than this", unit="noise norms", low=0.0, high=100.0
     )
     time_budget: float = prop(60.0, "per-slice time for a rewrite; past it the original image leaves flagged", unit="s", low=0.001, high=3600.0)
+    send_received: bool = prop(
+        False, "also send the image as received (before its rewrite) after each rewritten one, tagged GADGETRON_DataRole=CycGuard.Received in series +100, for "
+        "before/after reports; the export stage never writes it to DICOM or a PACS"
+    )
     device: str = prop("auto", "compute device: auto, cpu, cuda or cuda:N")
     forward_internal: bool = prop(False, "also forward the k-space buffer and coil maps for downstream CycGuard stages")
 

@@ -16,9 +16,10 @@ from gadgetron.types.recon_data import ReconData
 
 from gadgets.convert import buffer_slices, maps_message
 from gadgets.params import ReconSettings
-from gadgets.stages import Resources, SliceError, gadget_logging, model_tag, serve
+from gadgets.stages import Resources, SliceError, gadget_logging, serve
 from recon.io.mrd import missing_slices
 from recon.io.mrd_write import to_ismrmrd_image
+from recon.models.weights import model_tag
 from recon.pipeline import reconstruct
 from recon.types import ReconImage
 

@@ -104,11 +104,6 @@ class Resources:
         return float(self.protocol().receiver_bandwidth)
 
 
-def model_tag(manifest: Any) -> str:
-    """The ``CycGuard.Model`` meta value of a model."""
-    return f"{manifest.name}:{manifest.sha256[:12]}"
-
-
 # ------------------------------------------------------------------ the internal messages
 
 

@@ -26,6 +26,7 @@ from recon.detect.calibration import (
     ProtocolKey,
     calibrate,
     calibrate_combined,
+    signal_range,
 )
 from recon.detect.cyclic import COMBINED_STATISTICS, SENSITIVE_STATISTICS, CyclicDetector, DetectionScores
 from recon.io.mrd import RawScan, read_raw
@@ -152,18 +153,29 @@ def build_calibration(
     statistic: str = DEFAULT_STATISTIC,
     target_fpr: float = 0.01,
 ) -> Calibration:
-    """Threshold one statistic of clean scores for a target false-positive rate."""
+    """Threshold one statistic of clean scores for a target false-positive rate; the
+    calibration covers the signal levels (SNR) of those slices and no others."""
     key = DetectorKey.of(statistic, detector)
     scores = list(scores)
     if statistic in COMBINED_STATISTICS:
         components = {name: [s.get(name) for s in scores] for name in COMBINED_STATISTICS[statistic]}
-        return calibrate_combined(components, target_fpr, manifest.sha256, protocol, key)
-    return calibrate([s.get(statistic) for s in scores], target_fpr, manifest.sha256, protocol, key)
+        made = calibrate_combined(components, target_fpr, manifest.sha256, protocol, key)
+    else:
+        made = calibrate([s.get(statistic) for s in scores], target_fpr, manifest.sha256, protocol, key)
+    return replace(made, signal_range=signal_range([s.signal_level for s in scores]))
 
 
 def load_defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, calibration: Path | None) -> Defense | None:
     """The defense for a protocol, or ``None`` (with a warning) when the default calibration
-    does not fit; a calibration the caller named must fit (:class:`CalibrationError` otherwise).
+    does not fit; a calibration the caller named must fit (:class:`CalibrationError` otherwise)."""
+    defense = fit_defense(model, manifest, protocol, calibration)
+    return None if isinstance(defense, str) else defense
+
+
+def fit_defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, calibration: Path | None) -> Defense | str:
+    """The defense for a protocol, or why the default calibration does not fit it (logged as
+    a warning; the slices stay ``unverified``); a calibration the caller named must fit
+    (:class:`CalibrationError` otherwise).
 
     The detector's sensitive directions are keyed by ``CYCGUARD_DETECTOR_KEY`` when the site
     sets it (the calibration, made with the public seed, holds either way)."""
@@ -182,7 +194,7 @@ def load_defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, ca
         if calibration is not None:
             raise
         log.warning("%s; images will be tagged unverified", err)
-        return None
+        return str(err)
     return Defense(model, detector, loaded, statistic)
 
 
@@ -198,15 +210,20 @@ class ScanDefenses:
 
     def __init__(self, model: MoDL, manifest: ModelManifest, scan: RawScan, calibration: Path | None = None) -> None:
         self.model, self.manifest, self.scan, self.calibration = model, manifest, scan, calibration
-        self._loaded: dict[ProtocolKey, Defense | None] = {}
+        self._loaded: dict[ProtocolKey, Defense | str] = {}
 
     def for_slice(self, data: SliceKSpace) -> Defense | None:
         """``data``'s defense with its noise sigma, or ``None`` when no calibration fits its protocol."""
+        defense = self.fit(data)
+        return None if isinstance(defense, str) else defense
+
+    def fit(self, data: SliceKSpace) -> Defense | str:
+        """``data``'s defense with its noise sigma, or why no calibration fits its protocol."""
         protocol = protocol_of(data, self.manifest, self.scan.protocol.acceleration)
         if protocol not in self._loaded:
-            self._loaded[protocol] = load_defense(self.model, self.manifest, protocol, self.calibration)
+            self._loaded[protocol] = fit_defense(self.model, self.manifest, protocol, self.calibration)
         defense = self._loaded[protocol]
-        return None if defense is None else replace(defense, noise_sigma=slice_noise_sigma(data, self.scan.whitened))
+        return defense if isinstance(defense, str) else replace(defense, noise_sigma=slice_noise_sigma(data, self.scan.whitened))
 
 
 def calibration_statistic(path: Path) -> str:

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recon.calibrate import ScanDefenses
+from recon.calibrate import ScanDefenses, protocol_of
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import check_output, read_images, write_images
 from recon.metrics import quality
-from recon.models.weights import load_model
+from recon.models.weights import load_model, model_tag
 from recon.pipeline import defend, reconstruct
-from recon.report import SliceReport, montage, write_report
+from recon.report import RunContext, SliceReport, montage, write_report
 from recon.types import ReconImage
 
 log = logging.getLogger(__name__)
@@ -85,34 +85,48 @@ def reconstruct_file(
         raise ValueError(f"{reference} holds {len(references)} images, {raw} has {len(scan.slices)} slices")
     report_dir.mkdir(parents=True, exist_ok=True)
     defenses = ScanDefenses(model, manifest, scan, calibration)
+    tag = model_tag(manifest)
     images, rows = [], []
     for n, data in enumerate(tqdm(scan.slices, desc="recon", unit="slice", disable=not progress)):
-        defense = defenses.for_slice(data)
-        tag = f"{manifest.name}:{manifest.sha256[:12]}"
-        if defense is None:
+        defense = defenses.fit(data)
+        protocol = protocol_of(data, manifest, scan.protocol.acceleration).describe()
+        checked: dict[str, str] = {}
+        if isinstance(defense, str):
             result = reconstruct(data, model, torch_device)
-            image, verdict, timings = result.image, "unverified", dict(result.timings)
+            image = received = result.image
+            verdict, timings = "unverified", dict(result.timings)
             x_zf = result.prepared.x_zf[0].cpu().numpy()
-            score = threshold = p_value = None
-            reason = "unverified: no calibration for this model and protocol, no consistency check ran"
+            score = threshold = p_value = level = None
+            reason = f"unverified: no consistency check ran: {defense}"
         else:
             defended = defend(data, defense, torch_device)
-            image, verdict, timings = defended.image, defended.verdict, dict(defended.timings)
+            image, received, verdict, timings = defended.image, defended.received, defended.verdict, dict(defended.timings)
             x_zf = defended.prepared.x_zf[0].cpu().numpy()
             score, threshold, p_value, reason = defended.score, defended.threshold, defended.p_value, defended.reason
+            level = defended.scores.signal_level
+            checked = {
+                "CycGuard.Score": f"{score:.6g}",
+                "CycGuard.Threshold": f"{threshold:.6g}",
+                "CycGuard.PValue": f"{p_value:.4g}",
+                "CycGuard.Statistic": defense.statistic,
+                "CycGuard.NoiseSigma": f"{defense.noise_sigma:.6g}",
+                "CycGuard.SignalLevel": "unknown" if level is None else f"{level:.4g}",
+                "CycGuard.Calibration": defense.calibration.sha256[:12],
+            }
         meta = [
             ("CycGuard.Verdict", verdict),
             ("CycGuard.Model", tag),
+            ("CycGuard.Protocol", protocol),
             ("GADGETRON_ImageComment", f"CycGuard {verdict}"),
             ("ImageComment", reason),
             ("ImageProcessingHistory", "CYCGUARD_MODL" + ("\\CYCGUARD_MITIGATION" if verdict == "mitigated" else "")),
+            *checked.items(),
         ]
-        if score is not None:
-            meta += [("CycGuard.Score", f"{score:.6g}"), ("CycGuard.Threshold", f"{threshold:.6g}"), ("CycGuard.PValue", f"{p_value:.4g}")]
         images.append(ReconImage(image, data.key, data.geometry, tuple(meta)))
         ref = references[n] if references is not None else None
         name = f"slice {data.key.slice} rep {data.key.repetition}"
-        panels = [("zero-filled", x_zf), ("CycGuard", image)] + ([("reference", ref)] if ref is not None else [])
+        rewritten = verdict == "mitigated"
+        panels = [("zero-filled", x_zf)] + ([("received", received)] if rewritten else []) + [("CycGuard", image)] + ([("reference", ref)] if ref is not None else [])
         picture = montage(report_dir / f"slice_{n:03d}.png", panels).name
         rows.append(
             SliceReport(
@@ -126,11 +140,15 @@ def reconstruct_file(
                 threshold=threshold,
                 p_value=p_value,
                 reason=reason,
+                received_quality=quality(received, ref) if ref is not None and rewritten else None,
+                protocol=protocol,
+                calibration=checked.get("CycGuard.Calibration", ""),
+                signal_level=level,
             )
         )
     out.unlink(missing_ok=True)
     write_images(out, images, xml=scan.xml)
-    json_path, html_path = write_report(report_dir, f"CycGuard reconstruction of {raw.name}", str(raw), rows)
+    json_path, html_path = write_report(report_dir, f"CycGuard reconstruction of {raw.name}", str(raw), rows, RunContext(tag))
     if references is not None:
         log.info("mean PSNR %.2f dB", float(np.mean([r.quality.psnr for r in rows if r.quality])))
     return OfflineResult(out, json_path, html_path, tuple(rows))

@@ -224,6 +224,8 @@ class DefendedResult:
         network_passes: single-slice network evaluations per stage.
         prepared: the slice's operator, measured lines and zero-filled image (for reuse
             downstream: reports, gadgets).
+        received: the network's reconstruction of the received data, before any rewrite
+            (the same array as ``image`` unless the verdict is ``mitigated``).
     """
 
     image: np.ndarray
@@ -237,6 +239,7 @@ class DefendedResult:
     timings: tuple[tuple[str, float], ...]
     network_passes: tuple[tuple[str, int], ...]
     prepared: PreparedSlice
+    received: np.ndarray
 
 
 def _dc_norm(op: SenseOp, y: Tensor, x: Tensor) -> float:
@@ -288,7 +291,18 @@ def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> Check
     reason = f"{verdict}: {defense.statistic} {score:.4g} {relation} threshold {calibration.threshold:.4g}"
     if calibration.scales:  # which component decided
         reason += " (" + ", ".join(f"{name} {scores.get(name):.4g} / {scale:.4g}" for name, scale in calibration.scales) + ")"
+    if verdict == "clean" and not calibration.covers(scores.signal_level):
+        verdict, reason = "unverified", f"unverified: {coverage_doubt(scores.signal_level, calibration)}; the passing score ({reason}) is not trusted"
     return CheckResult(verdict, score, calibration.threshold, calibration.p_value(score), scores, reason, seconds)
+
+
+def coverage_doubt(level: float | None, calibration: Calibration) -> str:
+    """Why a slice's signal level is outside what ``calibration`` covers."""
+    if calibration.signal_range is None:
+        return "the calibration records no signal range (the SNR its clean slices covered): recalibrate (cycguard calibrate)"
+    shown = "unknown" if level is None else f"{level:.3g}"
+    low, high = calibration.signal_range
+    return f"signal level {shown} noise sigmas (ACS RMS) outside the {low:.3g}-{high:.3g} of the calibration's clean slices"
 
 
 @dataclass(frozen=True, eq=False)
@@ -572,4 +586,5 @@ def defend(data: SliceKSpace, defense: Defense, device: torch.device | str = "cp
         timings=tuple(timings),
         network_passes=tuple(passes),
         prepared=recon.prepared,
+        received=recon.image,
     )

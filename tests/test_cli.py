@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,22 @@ def test_demo_replays_the_red_team_chain_over_the_wire(tmp_path: Path) -> None:
     assert rows[1]["quality"]["psnr"] < rows[0]["quality"]["psnr"] - 3  # the attack does damage
     for row in rows:
         assert (tmp_path / "report" / row["picture"]).stat().st_size > 1000
-    assert "<table>" in (tmp_path / "report" / "report.html").read_text()
+        assert row["protocol"] == "128x128, 8 coils, equispaced R=4, 16 ACS lines" and len(row["calibration"]) == 12
+        assert row["signal_level"] > 0
+    # a rewritten slice shows the image as received and as rewritten, each with its PSNR
+    rewritten = [row for row in rows if row["verdict"] == "mitigated"]
+    assert rewritten and all(row["received_quality"]["psnr"] < row["quality"]["psnr"] for row in rewritten)
+    assert all(row["received_quality"] is None for row in rows if row["verdict"] != "mitigated")
+    received = read_images(tmp_path / "demo_images.h5", series_index=101)  # the before images, never exported
+    assert [meta["GADGETRON_DataRole"] for _, meta in received] == ["CycGuard.Received"] * len(rewritten)
+    assert report["verdicts"] == {v: verdicts.count(v) for v in ("clean", "flagged", "mitigated", "unverified")}
+    assert report["model"].startswith("modl_default:") and report["calibrations"] == [rows[0]["calibration"]]
+    assert report["software"]["cycguard"] and report["software"]["torch"] and datetime.fromisoformat(report["created"]).tzinfo
+    assert report["properties"]["attack.slices"] == "1,3" and report["properties"]["mitigate.send_received"] == "true"
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<table>" in page and "zero-filled" not in page and " received<br>&rarr; " in page
     assert [line.split()[5] for line in result.stdout.splitlines()[1:5]] == verdicts
+    assert "verdicts: " + ", ".join(f"{v} {verdicts.count(v)}" for v in ("clean", "flagged", "mitigated", "unverified")) in result.stdout
     assert "Warning" not in result.stderr, result.stderr  # gadgets and runner log, they do not warn
     assert len(list((tmp_path / "dicom").rglob("*.dcm"))) == 4
 
@@ -55,6 +70,7 @@ def test_calibrate_from_clean_raw_files_and_use_it(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     assert "4 clean slices" in made.stdout
     assert "mitigation rewrites only a flagged slice scoring above " in made.stdout
+    assert "covers signal levels " in made.stdout and "a slice outside cannot be clean" in made.stdout
     assert "scales: null_shift " in made.stdout and "mitigation gates: prior_shift " in made.stdout  # the deployed statistic's
     # two backstops scaled by the largest of 4 clean slices: each may add 1/5 on new clean slices
     assert "backstops: dc_spike, prior_shift (false-positive rate on new clean slices up to 0.65;" in made.stdout
@@ -88,7 +104,7 @@ def test_a_calibration_for_another_protocol_is_refused(small_raw: tuple, tmp_pat
     default = DEFAULT_WEIGHTS.with_name("modl_default.calibration.json")
     result = _run("recon", str(small_raw[0]), "-o", str(tmp_path / "o.h5"), "--calibration", str(default))
     assert result.returncode == 2
-    assert "was made for protocol" in result.stderr
+    assert "was made for another protocol" in result.stderr
     assert not (tmp_path / "o.h5").exists()
 
 

@@ -313,7 +313,7 @@ def test_calibration_refuses_other_model_protocol_detector_or_edits(tmp_path: Pa
     path = calibrate(np.linspace(0, 1, 99), 0.05, "ab" * 32, PROTOCOL, DETECTOR).save(tmp_path / "cal.json")
     with pytest.raises(CalibrationError, match="made for model abababababab"):
         Calibration.load(path, "cd" * 32, PROTOCOL, DETECTOR)
-    with pytest.raises(CalibrationError, match="made for protocol"):
+    with pytest.raises(CalibrationError, match="made for another protocol"):
         Calibration.load(path, "ab" * 32, ProtocolKey((64, 64), 4, "equispaced", 4, 8), DETECTOR)
     with pytest.raises(CalibrationError, match="made with detector"):
         Calibration.load(path, "ab" * 32, PROTOCOL, DetectorKey("dc", 3, 6.0, 0))
@@ -734,3 +734,31 @@ def test_the_before_after_montage_has_a_row_per_case(tmp_path: Path) -> None:
     three = before_after(tmp_path / "three.png", [("a", reference + 0.1, reference)] * 3, reference)
     (h1, w1), (h3, w3) = imread(one).shape[:2], imread(three).shape[:2]
     assert w1 == w3 and h3 > 1.8 * h1  # 2 rows against 4: reference on top, then one per case
+
+
+def test_a_calibration_covers_the_signal_levels_of_its_clean_slices_only(tmp_path: Path) -> None:
+    from recon.detect.calibration import signal_range
+
+    assert signal_range([3.0, 1.5, 7.25]) == (1.5, 7.25)
+    for bad in ([], [1.0, None], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="finite signal level"):
+            signal_range(bad)
+    cal = replace(calibrate(np.linspace(0, 1, 99), 0.05, "ab" * 32, PROTOCOL, DETECTOR), signal_range=(1.5, 7.25))
+    assert [cal.covers(v) for v in (1.5, 4.0, 7.25)] == [True] * 3
+    assert not any(cal.covers(v) for v in (1.49, 7.26, None, float("nan"), float("inf")))
+    assert not replace(cal, signal_range=None).covers(4.0)  # no range covers nothing
+    path = cal.save(tmp_path / "cal.json")
+    assert json.loads(path.read_text())["signal_range"] == [1.5, 7.25]
+    assert Calibration.load(path, "ab" * 32, PROTOCOL, DETECTOR) == cal
+    raw = json.loads(path.read_text())
+    raw["signal_range"] = [7.25, 1.5]
+    raw.pop("sha256")
+    path.write_text(json.dumps({**raw, "sha256": hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()}))
+    with pytest.raises(CalibrationError, match="signal_range"):
+        Calibration.load(path, "ab" * 32, PROTOCOL, DETECTOR)
+
+
+def test_a_protocol_mismatch_names_the_fields_that_differ(tmp_path: Path) -> None:
+    path = calibrate(np.linspace(0, 1, 99), 0.05, "ab" * 32, PROTOCOL, DETECTOR).save(tmp_path / "cal.json")
+    with pytest.raises(CalibrationError, match=r"32x32, 4 coils, equispaced R=4, 8 ACS lines\); this scan differs in coils 4 vs 12, acs_lines 8 vs 20$"):
+        Calibration.load(path, "ab" * 32, ProtocolKey((32, 32), 12, "equispaced", 4, 20), DETECTOR)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recon.detect import CyclicDetector, calibrate
-from recon.detect.calibration import DetectorKey, ProtocolKey
+from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey
 from recon.io.mrd import read_raw
 from recon.models.modl import MoDL, MoDLConfig
 from recon.physics.masks import MaskFamily
@@ -27,10 +27,17 @@ def tiny() -> MoDL:
     return model
 
 
+def _covering(calibration: Calibration) -> Calibration:
+    """A calibration covering every signal level (the tests' slices are not the shipped SNR)."""
+    from dataclasses import replace
+
+    return replace(calibration, signal_range=(0.0, 1e9))
+
+
 def _defense(model: MoDL, threshold_scores: list[float], mitigation: MitigationSettings | None = None) -> Defense:
     detector = CyclicDetector(model, MaskFamily("equispaced", 2, 8), alternatives=1)
     key = DetectorKey("cyclic", 1, detector.jitter_scale, detector.seed)
-    calibration = calibrate(threshold_scores, 0.05, "00" * 32, PROTOCOL, key)
+    calibration = _covering(calibrate(threshold_scores, 0.05, "00" * 32, PROTOCOL, key))
     return Defense(model, detector, calibration, "cyclic", noise_sigma=1.0, mitigation=mitigation or MitigationSettings(method="cyclic", iterations=3))
 
 
@@ -39,7 +46,7 @@ def _prior_defense(model: MoDL, gate_scores: list[float], statistic: str = "prio
     prior_shift threshold), with a gated mitigation (by default the product's default)."""
     detector = CyclicDetector(model, MaskFamily("equispaced", 2, 8), alternatives=1)
     key = DetectorKey.of(statistic, detector)
-    calibration = calibrate(gate_scores, 0.05, "00" * 32, PROTOCOL, key)
+    calibration = _covering(calibrate(gate_scores, 0.05, "00" * 32, PROTOCOL, key))
     return Defense(model, detector, calibration, statistic, noise_sigma=1.0, mitigation=MitigationSettings(method=method))
 
 
@@ -137,7 +144,7 @@ def _null_defense(model: MoDL, shift_gate: float, null_gate: float, correct_null
 
     detector = CyclicDetector(model, MaskFamily("equispaced", 2, 8), alternatives=1)
     key = DetectorKey.of("null_first_union", detector)
-    calibration = calibrate_combined({"null_shift": [1.0] * 20, "dc_spike": [1.0] * 20, "prior_shift": [1.0] * 20}, 0.05, "00" * 32, PROTOCOL, key)
+    calibration = _covering(calibrate_combined({"null_shift": [1.0] * 20, "dc_spike": [1.0] * 20, "prior_shift": [1.0] * 20}, 0.05, "00" * 32, PROTOCOL, key))
     calibration = replace(calibration, threshold=1e-9, scales=(("null_shift", null_gate), ("dc_spike", spike_scale), ("prior_shift", 1e9)), gates=(("prior_shift", shift_gate),))
     return Defense(model, detector, calibration, "null_first_union", noise_sigma=1.0, mitigation=MitigationSettings(correct_null=correct_null))
 
@@ -237,7 +244,7 @@ def test_a_flagged_slice_that_does_not_move_ships_unchanged(tiny: MoDL, small_ra
     detector = CyclicDetector(tiny, MaskFamily("equispaced", 2, 8), alternatives=1, folds=2, directions=1, power_iterations=1)
     key = DetectorKey.of("holdout_shift_union", detector)
     parts = {"holdout_noise": [1e-9] * 20, "holdout_sensitive": [1e-9] * 20, "prior_shift": [1e6] * 20}
-    union = calibrate_combined(parts, 0.05, "00" * 32, PROTOCOL, key)
+    union = _covering(calibrate_combined(parts, 0.05, "00" * 32, PROTOCOL, key))
     result = defend(data, Defense(tiny, detector, union, "holdout_shift_union", noise_sigma=1.0))
     assert result.verdict == "flagged" and "does not move like an attacked one" in result.reason
     np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)
@@ -258,6 +265,25 @@ def test_mitigation_settings_are_checked() -> None:
     for bad in ({"correct_stop": 1.0}, {"correct_radius": 0.0}, {"correct_steps": -1}):
         with pytest.raises(ValueError, match="correct_radius must be > 0"):
             MitigationSettings(**bad)  # type: ignore[arg-type]
+
+
+def test_a_passing_score_outside_the_calibrated_snr_is_unverified(tiny: MoDL, small_raw: tuple) -> None:
+    """Data whose signal level no clean calibration slice had cannot be ``clean``."""
+    from dataclasses import replace
+
+    data = read_raw(small_raw[0]).slices[0]
+    covered = _defense(tiny, [1e6] * 19 + [2e6])
+    result = defend(data, covered)
+    level = result.scores.signal_level
+    assert result.verdict == "clean" and level is not None and level > 0
+    for signal_range in ((2 * level, 3 * level), (0.1 * level, 0.5 * level), None):
+        outside = defend(data, replace(covered, calibration=replace(covered.calibration, signal_range=signal_range)))
+        assert outside.verdict == "unverified", signal_range
+        assert outside.reason.startswith("unverified: ") and "the passing score (clean: cyclic" in outside.reason
+        assert ("records no signal range" if signal_range is None else f"signal level {level:.3g} noise sigmas") in outside.reason
+        np.testing.assert_array_equal(outside.image, result.image)  # never rewritten
+    flagged = defend(data, replace(covered, calibration=replace(_defense(tiny, [1e-9] * 20).calibration, signal_range=(2 * level, 3 * level))))
+    assert flagged.verdict in ("flagged", "mitigated")  # a failed check stays failed whatever the SNR
 
 
 def test_non_finite_score_is_flagged(tiny: MoDL) -> None:
@@ -282,6 +308,7 @@ def test_offline_without_calibration_tags_unverified(small_raw: tuple, tmp_path:
     manifest_path(weights).write_text(json.dumps(manifest))
     result = reconstruct_file(small_raw[0], tmp_path / "out.h5", tmp_path / "report", weights=weights, device="cpu", progress=False)
     assert [r.verdict for r in result.rows] == ["unverified", "unverified"]
+    assert all(r.reason.startswith("unverified: no consistency check ran: calibration ") and r.reason.endswith("not found") for r in result.rows)
     metas = [meta for _, meta in read_images(tmp_path / "out.h5")]
     assert all(m["CycGuard.Verdict"] == "unverified" and "CycGuard.Score" not in m for m in metas)
 
@@ -382,5 +409,27 @@ def test_scan_defenses_load_each_protocol_once_and_give_each_slice_its_noise(tmp
     other = ProtocolKey((64, 64), 8, "equispaced", 4, 16)
     key = DetectorKey.of("cyclic", detector_for(model, manifest))
     path = calibrate([0.1] * 20, 0.05, manifest.sha256, other, key).save(tmp_path / "other.json")
-    with pytest.raises(CalibrationError, match="was made for protocol"):
+    with pytest.raises(CalibrationError, match="was made for another protocol"):
         ScanDefenses(model, manifest, scan, path).for_slice(scan.slices[0])
+
+
+@pytest.mark.parametrize(("noise", "verdicts"), [("0.05", {"clean"}), ("0.5", {"unverified"})])
+def test_noise_dominated_data_outside_the_calibrated_snr_are_not_clean(tmp_path: Path, noise: str, verdicts: set[str]) -> None:
+    """ISMRMRD's Shepp-Logan at the shipped protocol: at noise 0.5 (signal level about 1.2
+    noise sigmas, the calibration covers about 5-71) no slice may pass as clean."""
+    import subprocess
+
+    from recon.offline import reconstruct_file
+    from tests.conftest import require_binary
+
+    raw = tmp_path / "sl.h5"
+    subprocess.run(
+        [require_binary("ismrmrd_generate_cartesian_shepp_logan"), "-m", "128", "-c", "8", "-a", "4", "-w", "16", "-n", noise, "-C", "-o", str(raw)],
+        check=True, capture_output=True,
+    )
+    result = reconstruct_file(raw, tmp_path / "out.h5", tmp_path / "report", device="cpu", progress=False)
+    assert {row.verdict for row in result.rows} == verdicts
+    for row in result.rows:
+        assert row.signal_level is not None and row.protocol == "128x128, 8 coils, equispaced R=4, 16 ACS lines"
+        if row.verdict == "unverified":
+            assert "noise sigmas (ACS RMS) outside the 5.22-71.3 of the calibration's clean slices" in row.reason

@@ -26,9 +26,17 @@ from gadgetron.types.recon_data import ReconData
 from tqdm import tqdm
 
 from gadgets import params
-from gadgets.convert import image_key, image_pixels, meta_of, meta_value
+from gadgets.convert import image_key, image_pixels, is_received, meta_of, meta_value
 from gadgets.runner.chain import run_pipeline
-from gadgets.runner.config import Pipeline, check, load_pipeline, with_stage_properties
+from gadgets.runner.config import (
+    ExternalNode,
+    Pipeline,
+    PipelineError,
+    check,
+    load_pipeline,
+    stage_names,
+    with_stage_properties,
+)
 from gadgets.runner.frontend import check_header
 from gadgets.stages import SliceError
 from recon.io.mrd import NOT_IMAGING, MRDError, parse_header, read_header_text, survey
@@ -36,7 +44,7 @@ from recon.io.mrd_write import check_output, read_images
 from recon.io.pacs import PacsTarget, destination_spool
 from recon.metrics import quality
 from recon.pipeline import VERDICTS
-from recon.report import SliceReport, montage, write_report
+from recon.report import RunContext, SliceReport, montage, write_report
 from recon.types import SliceKey
 
 log = logging.getLogger("cycguard.replay")
@@ -169,6 +177,11 @@ def replay(
             export["spool"] = str(spool.resolve())
     if export:
         pipeline = with_stage_properties(pipeline, "export", export)
+    if report_dir is not None:  # the report shows each rewritten slice before and after
+        try:
+            pipeline = with_stage_properties(pipeline, "mitigate", {"send_received": "true"})
+        except PipelineError:
+            pass  # no mitigate stage: nothing is rewritten
     for warning in check(pipeline):
         log.warning("%s", warning)
     header_xml, expected = preflight(raw)
@@ -184,6 +197,7 @@ def replay(
     except OSError as err:
         raise ValueError(f"cannot write the output {output}: {err.strerror or err}") from err
     collected: list[_Collected] = []
+    received: dict[SliceKey, np.ndarray] = {}
     failures: list[str] = []
     dataset = ismrmrd.Dataset(str(output), group, create_if_needed=True)
     dataset.write_xml_header(header_xml)
@@ -193,7 +207,10 @@ def replay(
         # closes every object of a file when one handle to it closes, even another reader's
         with closing(stream_raw(raw)) as source, closing(run_pipeline(pipeline, header_xml, source, in_process=in_process, threads=threads, echo_stderr=echo_stderr)) as stream:
             for item in stream:
-                if isinstance(item, ismrmrd.Image):
+                if is_received(item):
+                    dataset.append_image(f"image_{item.image_series_index}", item)
+                    received[image_key(item)] = image_pixels(item)
+                elif isinstance(item, ismrmrd.Image):
                     dataset.append_image(f"image_{item.image_series_index}", item)
                     meta = meta_of(item)
                     collected.append(
@@ -216,11 +233,13 @@ def replay(
         dataset.close()
     failures += _completeness(expected, collected)
     attacked = attacked_slices(pipeline)
-    rows = _rows(collected, expected, references, attacked, report_dir) if report_dir is not None else []
+    rows = _rows(collected, received, expected, references, attacked, report_dir) if report_dir is not None else []
     json_path = html_path = None
     if report_dir is not None:
         title = f"CycGuard replay of {raw.name} through {Path(pipeline.source).name}"
-        json_path, html_path = write_report(report_dir, title, str(raw), rows)
+        models = sorted({item.meta.get("CycGuard.Model", "") for item in collected} - {""})
+        context = RunContext(", ".join(models) or "none (no CycGuard image)", str(pipeline.source), pipeline_properties(pipeline))
+        json_path, html_path = write_report(report_dir, title, str(raw), rows, context)
     dicom_files = len(list(dicom.rglob("*.dcm"))) if dicom is not None and dicom.exists() else 0
     pending = None
     spool_used = None
@@ -254,13 +273,27 @@ def _completeness(expected: list[SliceKey], collected: list[_Collected]) -> list
     return problems
 
 
-def _rows(collected: list[_Collected], expected: list[SliceKey], references: list[np.ndarray] | None, attacked: frozenset[int] | None, folder: Path) -> list[SliceReport]:
+def pipeline_properties(pipeline: Pipeline) -> dict[str, str]:
+    """The properties set on the pipeline's CycGuard nodes, ``stage.property -> value``."""
+    return {
+        f"{'+'.join(stage_names(node))}.{name}": value
+        for node in pipeline.nodes
+        if isinstance(node, ExternalNode) and node.ours
+        for name, value in node.properties
+    }
+
+
+def _rows(
+    collected: list[_Collected], received: dict[SliceKey, np.ndarray], expected: list[SliceKey], references: list[np.ndarray] | None,
+    attacked: frozenset[int] | None, folder: Path,
+) -> list[SliceReport]:
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for number, item in enumerate(collected):
         meta = item.meta
         ref = references[expected.index(item.key)] if references is not None and item.key in expected else None
-        panels = [("CycGuard", item.pixels)] + ([("reference", ref)] if ref is not None else [])
+        before = received.get(item.key) if meta.get("CycGuard.Verdict") == "mitigated" else None
+        panels = ([("received", before)] if before is not None else []) + [("CycGuard", item.pixels)] + ([("reference", ref)] if ref is not None else [])
         picture = montage(folder / f"slice_{number:03d}.png", panels).name
         timings = {k.split(".")[-1]: float(v) for k, v in meta.items() if k.startswith("CycGuard.Seconds.")}
 
@@ -277,10 +310,17 @@ def _rows(collected: list[_Collected], expected: list[SliceKey], references: lis
                 p_value=_number(meta, "CycGuard.PValue"),
                 reason=meta.get("ImageComment", ""),
                 attacked=None if attacked is None else (not attacked or item.key.slice in attacked),
+                received_quality=quality(before, ref) if before is not None and ref is not None else None,
+                protocol=meta.get("CycGuard.Protocol", ""),
+                calibration=meta.get("CycGuard.Calibration", ""),
+                signal_level=_number(meta, "CycGuard.SignalLevel"),
             )
         )
     return rows
 
 
 def _number(meta: dict[str, str], key: str) -> float | None:
-    return float(meta[key]) if key in meta else None
+    try:
+        return float(meta[key]) if key in meta else None
+    except ValueError:  # "unknown"
+        return None

@@ -8,6 +8,12 @@ the file's own digest, and refuses a mismatch with an error that says which.
 Threshold: the conformal quantile ``s_(ceil((n + 1)(1 - alpha)))`` of the n clean scores,
 which keeps the false-positive rate at or below ``alpha`` for exchangeable clean data.
 p-value of a score s: ``(1 + #{clean >= s}) / (n + 1)``.
+
+Coverage: the calibration also records the range of signal levels (RMS of the ACS lines in
+noise sigmas, :func:`recon.detect.cyclic.signal_level`) its clean slices had. A score says
+nothing about a slice whose SNR lies outside that range (noise-dominated data, or far more
+signal than anything calibrated), so such a slice cannot be ``clean``
+(:meth:`Calibration.covers`); nor can any slice under a file without the range.
 """
 
 from __future__ import annotations
@@ -50,6 +56,14 @@ class ProtocolKey:
     acceleration: int
     acs_lines: int
 
+    def describe(self) -> str:
+        """One line a physicist reads, e.g. ``128x128, 8 coils, equispaced R=4, 16 ACS lines``."""
+        return f"{self.matrix[0]}x{self.matrix[1]}, {self.coils} coils, {self.mask_kind} R={self.acceleration}, {self.acs_lines} ACS lines"
+
+    def differences(self, other: ProtocolKey) -> str:
+        """The fields in which ``other`` differs from this protocol, ``name this vs other``."""
+        return ", ".join(f"{name} {getattr(self, name)} vs {getattr(other, name)}" for name in self.__dataclass_fields__ if getattr(self, name) != getattr(other, name))
+
 
 @dataclass(frozen=True)
 class DetectorKey:
@@ -91,6 +105,17 @@ class Calibration:
     # clean thresholds at the same rate of components scaled as backstops
     # (:data:`recon.detect.cyclic.GATES`: the mitigation's gate)
     gates: tuple[tuple[str, float], ...] = ()
+    # (lowest, highest) signal level of the clean slices; ``None`` (bare scores, or a file made
+    # before calibrations recorded it) covers nothing
+    signal_range: tuple[float, float] | None = None
+
+    def covers(self, level: float | None) -> bool:
+        """Whether a slice's signal level lies within the clean slices' range (an unknown or
+        non-finite level, or a calibration without a range, is not covered: fail closed)."""
+        if self.signal_range is None or level is None or not math.isfinite(level):
+            return False
+        low, high = self.signal_range
+        return low <= level <= high
 
     def score_of(self, scores: DetectionScores) -> float:
         """The calibrated statistic of a slice's scores: the named one, or for a combined
@@ -132,13 +157,17 @@ class Calibration:
             "clean_scores": list(self.clean_scores),
             **({"scales": {name: scale for name, scale in self.scales}} if self.scales else {}),
             **({"gates": {name: gate for name, gate in self.gates}} if self.gates else {}),
+            **({"signal_range": list(self.signal_range)} if self.signal_range is not None else {}),
         }
+
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 of the canonical payload (the file's ``sha256``): the calibration's identity."""
+        return hashlib.sha256(json.dumps(self._payload(), sort_keys=True).encode()).hexdigest()
 
     def save(self, path: Path) -> Path:
         """Write JSON with a SHA-256 of its canonical payload."""
-        payload = self._payload()
-        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-        path.write_text(json.dumps({**payload, "sha256": digest}, indent=1) + "\n")
+        path.write_text(json.dumps({**self._payload(), "sha256": self.sha256}, indent=1) + "\n")
         return path
 
     @classmethod
@@ -169,6 +198,7 @@ class Calibration:
                 clean_scores=tuple(float(s) for s in raw["clean_scores"]),
                 scales=tuple((str(name), float(scale)) for name, scale in raw.get("scales", {}).items()),
                 gates=tuple((str(name), float(gate)) for name, gate in raw.get("gates", {}).items()),
+                signal_range=_signal_range(raw["signal_range"]) if "signal_range" in raw else None,
             )
         except CalibrationError:
             raise
@@ -176,7 +206,7 @@ class Calibration:
             raise CalibrationError(f"calibration {path} not found") from err
         except (KeyError, TypeError, ValueError) as err:
             raise CalibrationError(f"calibration {path} is malformed: {err!r}") from err
-        if hashlib.sha256(json.dumps(calibration._payload(), sort_keys=True).encode()).hexdigest() != digest:
+        if calibration.sha256 != digest:
             raise CalibrationError(f"calibration {path} has been modified (SHA-256 mismatch)")
         if calibration.model_sha256 != model_sha256:
             raise CalibrationError(
@@ -184,7 +214,10 @@ class Calibration:
                 f"the loaded model is {model_sha256[:12]}: recalibrate (cycguard calibrate)"
             )
         if calibration.protocol != protocol:
-            raise CalibrationError(f"calibration {path} was made for protocol {calibration.protocol}, this scan is {protocol}")
+            raise CalibrationError(
+                f"calibration {path} was made for another protocol ({calibration.protocol.describe()}); "
+                f"this scan differs in {calibration.protocol.differences(protocol)}"
+            )
         if calibration.detector != detector:
             raise CalibrationError(f"calibration {path} was made with detector {calibration.detector}, configured {detector}")
         for kind, held, needed in (("scales", calibration.scales, COMBINED_STATISTICS), ("gates", calibration.gates, GATES)):
@@ -192,6 +225,27 @@ class Calibration:
             if tuple(name for name, _ in held) != names or any(not (math.isfinite(v) and v > 0) for _, v in held):
                 raise CalibrationError(f"calibration {path} has {kind} {dict(held)}, statistic {detector.statistic} needs positive {kind} of {list(names)}")
         return calibration
+
+
+def _signal_range(value: object) -> tuple[float, float]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError(f"signal_range {value!r} is not [lowest, highest]")
+    low, high = float(value[0]), float(value[1])
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
+        raise ValueError(f"signal_range {value!r} is not [lowest, highest] of finite levels")
+    return low, high
+
+
+def signal_range(levels: Sequence[float | None]) -> tuple[float, float]:
+    """The (lowest, highest) signal level of a calibration's clean slices.
+
+    Raises:
+        ValueError: a slice without a finite signal level.
+    """
+    finite = [float(v) for v in levels if v is not None and math.isfinite(v)]
+    if not finite or len(finite) != len(levels):
+        raise ValueError("every clean slice needs a finite signal level")
+    return min(finite), max(finite)
 
 
 def calibrate(

@@ -205,6 +205,9 @@ class DetectionScores:
     dc_spike: float | None = None  # no extra pass; None only in records from before session 7
     null_shift: float | None = None  # with prior_shift (the same pass); None in records from before session 8
     noise_excess: float | None = None  # no extra pass; None in records from before session 14
+    # not a consistency statistic: the RMS of the ACS lines in noise sigmas (the slice's SNR),
+    # which a calibration must cover (Calibration.covers); None in older records
+    signal_level: float | None = None
 
     def get(self, statistic: str) -> float:
         """The named statistic (one of :data:`STATISTICS`)."""
@@ -333,6 +336,13 @@ def spike_ratios(op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float) -> Tens
 def spike_ratio(op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float) -> Tensor:
     """``dc_spike``: the largest of :func:`spike_ratios`."""
     return spike_ratios(op, y, x1, noise_sigma).amax()
+
+
+def signal_level(y: Tensor, acs: Tensor, noise_sigma: float) -> Tensor:
+    """The RMS of the received ACS lines over every coil and readout sample, in noise sigmas:
+    the slice's signal-to-noise level (``y`` ``(1, C, ky, kx)``, ``acs`` ``(ky,)`` bool)."""
+    lines = y[0][:, acs, :]
+    return torch.linalg.vector_norm(lines) / (noise_sigma * max(lines.numel(), 1) ** 0.5)
 
 
 def noise_excess(op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float) -> Tensor:
@@ -574,6 +584,7 @@ class CyclicDetector:
         cycle = self.cycle(op, y, x1)
         x2, r = cycle.run(self.model, x1)
         values: dict[str, float | None] = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in (*CYCLE_STATISTICS, "dc_spike", "noise_excess")}
+        values["signal_level"] = float(signal_level(y, self.acs(op), noise_sigma))
         shift = holdout if shift is None else shift
         if holdout or shift:
             for name, value in self.data_statistics(op, y, noise_sigma, sensitive, x1, folds=holdout, shift=shift).items():

@@ -65,6 +65,11 @@ class ModelManifest:
             raise ValueError(f"weights manifest {path} is malformed: {err!r}") from err
 
 
+def model_tag(manifest: ModelManifest) -> str:
+    """A model's identity as images carry it (``CycGuard.Model``): ``name:sha256-prefix``."""
+    return f"{manifest.name}:{manifest.sha256[:12]}"
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
