@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import ismrmrd
 import pytest
 
 from gadgets.runner.replay import replay
@@ -75,6 +76,36 @@ def test_real_gadgetron_and_replay_agree(gadgetron: Gadgetron, raw_files: dict[s
         assert "unverified" not in verdicts, {k: v.meta.get("ImageComment") for k, v in real.items()}
     if (pipeline, name) == ("redteam", "demo"):  # the README's verdicts, under the real Gadgetron
         assert [real[key].meta["CycGuard.Verdict"] for key in sorted(real)] == ["clean", "mitigated", "clean", "mitigated"]
+
+
+def test_the_received_images_of_rewritten_slices_come_back_through_real_gadgetron(gadgetron: Gadgetron, tmp_path: Path) -> None:
+    """``send_received``: each rewritten slice's image as received comes back after it, in
+    series 101 with its role, through Gadgetron's own stream and writer; the DICOM export
+    never sees it."""
+    import h5py
+
+    text = (ROOT / "pipelines" / "redteam.xml").read_text()
+    marker = '<execute name="gadgets.mitigate" target="mitigate" type="python"/>\n      <configuration>'
+    assert marker in text
+    script = tmp_path / "redteam_received.xml"
+    script.write_text(text.replace(marker, marker + '\n        <property name="send_received" value="true"/>').replace(
+        "<configuration/>", f'<configuration><property name="dicom_folder" value="{tmp_path / "dicom"}"/></configuration>'
+    ))
+    run = gadgetron.client(DEMO_RAW, tmp_path / "real.h5", script=script)
+    assert run.wrote, run.output
+    series: dict[int, list[tuple[int, dict[str, str]]]] = {}
+    with h5py.File(tmp_path / "real.h5", "r") as handle:
+        for group in handle.values():
+            for images in group.values():
+                for head, attribute in zip(images["header"][()], images["attributes"][()], strict=True):
+                    meta = ismrmrd.Meta.deserialize(attribute.decode() if isinstance(attribute, bytes) else str(attribute))
+                    series.setdefault(int(head["image_series_index"]), []).append((int(head["slice"]), {k: str(meta[k]) for k in meta.keys()}))
+    assert sorted(series) == [1, 101]
+    rewritten = sorted(slice_ for slice_, meta in series[1] if meta["CycGuard.Verdict"] == "mitigated")
+    assert rewritten == [1, 3]
+    assert sorted(slice_ for slice_, _ in series[101]) == rewritten
+    assert all(meta["GADGETRON_DataRole"] == "CycGuard.Received" and meta["CycGuard.Verdict"] == "flagged" for _, meta in series[101])
+    assert len(list((tmp_path / "dicom").rglob("*.dcm"))) == 4  # the four slices, not their before images
 
 
 @pytest.mark.parametrize("name", FILES)
