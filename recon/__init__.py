@@ -1,6 +1,6 @@
 """CycGuard reconstruction core: physics, networks, defense and MRD/DICOM I/O.
 
-Pure library: nothing here imports Gadgetron. Layering (DESIGN.md section 4):
+Pure library: nothing here imports Gadgetron. Layering (docs/DESIGN.md section 2):
 ``recon.pipeline -> recon.detect / recon.mitigate -> recon.models -> recon.physics -> recon.types``.
 """
 

@@ -1,1 +1,1 @@
-"""Training and test data made offline from data that installed packages ship (DESIGN.md section 7)."""
+"""Training and test data made offline from data that installed packages ship (docs/DESIGN.md section 7)."""
