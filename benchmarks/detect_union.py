@@ -164,7 +164,7 @@ def _stored(record: dict[str, Any]) -> DetectionScores:
 
 
 def _stored_statistics(record: dict[str, Any]) -> list[str]:
-    """The statistics whose components a stored record holds (``null_shift`` from session 8 on)."""
+    """The statistics whose components a stored record holds (older records lack ``null_shift``)."""
     return [s for s in STATISTICS if all(k in record for k in COMBINED_STATISTICS.get(s, (s,)))]
 
 
@@ -382,7 +382,7 @@ def keyed_phase(args: argparse.Namespace) -> None:
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
-    deployed = results.get("statistic", "holdout_union")  # files from before session 6 hold holdout_union
+    deployed = results.get("statistic", "holdout_union")  # older files hold holdout_union
     names = [s for s in STATISTICS if s in next(iter(results["attacks"].values()))["auc"]]
     short = " / ".join("prior+spike" if s == "shift_spike_union" else s.replace("holdout_", "").replace("prior_", "") for s in names)
     lines = [

@@ -2,7 +2,7 @@
 
     python -m benchmarks.object_shift [--victims 24] [--seed 606] [--max-shift 20]
 
-Issue #7 counts an attack's damage against the original object: the PSNR the network loses
+The defense's targets count an attack's damage against the original object: the PSNR the network loses
 against the reference of the data before the change. Data of the same head moved ``s`` mm
 through the slice plane are a clean acquisition of another object, with the scanner's
 noise: every detector calibrated on clean acquisitions flags them at its false-positive

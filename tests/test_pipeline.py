@@ -355,8 +355,8 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_mitigated() -> None
 
 def test_the_site_key_reaches_the_deployed_detector(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """``CYCGUARD_DETECTOR_KEY`` keys the shipped defense's sensitive directions, or says
-    that it changes nothing when the shipped statistic has none (``null_first_union``
-    from session 10); the shipped calibration still loads (the key is not part of it)."""
+    that it changes nothing when the shipped statistic has none (``null_first_union``,
+    the shipped default); the shipped calibration still loads (the key is not part of it)."""
     from recon.calibrate import calibration_statistic, default_calibration_path, load_defense, protocol_of
     from recon.data.demo import DEMO_RAW
     from recon.detect.cyclic import SENSITIVE_STATISTICS

@@ -42,7 +42,7 @@ reconstruction the recon stage already made):
   start with a secret (:func:`start_seed`; ``CYCGUARD_DETECTOR_KEY``, read by
   :func:`recon.calibrate.detector_key_from_env`): the directions are
   then reproducible there and unknown to an attacker who has everything but the key.
-* ``holdout_union`` (the deployed default in sessions 4-5): the larger of ``holdout_noise`` and
+* ``holdout_union`` (an earlier default): the larger of ``holdout_noise`` and
   ``holdout_sensitive``, each over its own clean threshold at the target rate (scales kept in
   the calibration). The two fail in opposite places: a large or spiky perturbation raises
   the residual everywhere and dilutes the sensitive share, a small damaging one hides in the
@@ -53,22 +53,22 @@ reconstruction the recon stage already made):
   the denoiser against the data shrinks the data's pull ``s / (s^2 + mu)`` along every
   direction; a clean slice loses a little detail (about 1.8 dB at g = 4), but an image
   that an attacker pulled somewhere with a small perturbation of the data snaps back
-  (RESULTS section 2, session 6): the shift is then far larger than any clean slice's. It
+  (RESULTS section 2): the shift is then far larger than any clean slice's. It
   does not react to noise of the acquisition's level, and it is what the mitigation
   (:mod:`recon.mitigate.prior`) acts on.
-* ``holdout_shift_union`` (deployed in session 6): ``holdout_union`` with ``prior_shift`` as
+* ``holdout_shift_union`` (an earlier default): ``holdout_union`` with ``prior_shift`` as
   a third component, on the same scaled-maximum rule.
-* ``dc_spike`` (ours, session 7): the largest single-sample data residual ``|y - E x1|``
+* ``dc_spike`` (ours): the largest single-sample data residual ``|y - E x1|``
   over the median of its neighbours on the same line and coil (a window of
   :data:`SPIKE_WINDOW` samples along the readout). An impulse in the raw data (a spike:
   herringbone artifacts, or a perturbation concentrated on a few samples) is far larger
   than its neighbours' residual, which the network's misfit and the noise set; a
   perturbation spread over many samples is not (the other statistics see those). No
   extra network pass; with ``holdout_shift_union``'s three components it makes
-  ``holdout_shift_spike_union`` (deployed in session 7); with ``prior_shift``
+  ``holdout_shift_spike_union`` (an earlier default); with ``prior_shift``
   alone, ``shift_spike_union`` (one pass beyond the cycle's, for sites whose CPU cannot
   afford the folds).
-* ``null_shift`` (ours, session 8): where that shift lies in k-space. ``Delta = f(y; g mu)
+* ``null_shift`` (ours): where that shift lies in k-space. ``Delta = f(y; g mu)
   - f(y; mu)`` is taken to each coil's full k-space; the statistic is its norm on the lines
   *not* acquired over its norm on the acquired lines outside the ACS block. On a clean
   slice a heavier prior gives up some fit to the data, so the acquired lines move about as
@@ -79,13 +79,13 @@ reconstruction the recon stage already made):
   A ratio of two parts of the same move, it does not grow with the move's size (which
   varies with the slice's detail), and its clean tail is short: it flags most l2 PGD
   attacks of a third of the noise norm, which no other statistic here does (RESULTS
-  section 2, session 8). No pass beyond ``prior_shift``'s (the same ``Delta``); the ACS
+  section 2). No pass beyond ``prior_shift``'s (the same ``Delta``); the ACS
   block is left out of the denominator because its few low-frequency lines carry most of
   the image's energy.
-* ``shift_null_spike_union`` (deployed in session 8): the scaled maximum of
+* ``shift_null_spike_union`` (an earlier default): the scaled maximum of
   ``prior_shift``, ``null_shift`` and ``dc_spike``: 4 network passes with the cycle's (no
   folds).
-* ``null_spike_union`` (deployed in session 9): ``null_shift`` and ``dc_spike`` share the
+* ``null_spike_union`` (an earlier default): ``null_shift`` and ``dc_spike`` share the
   false-positive budget; ``prior_shift`` is a backstop (:data:`BACKSTOPS`). A maximum over
   components at one false-positive rate raises each component's own threshold (over three
   equal shares each sits near its 0.3 % clean quantile), and at 0.3 noise norms
@@ -96,7 +96,7 @@ reconstruction the recon stage already made):
   calibration instead of its quantile: it takes no share of the budget and still decides
   when an image moves further than any clean one did. Its 1 % clean threshold is kept
   as well, as the mitigation's gate (:data:`GATES`). The same 4 passes.
-* ``null_first_union`` (deployed from session 10): ``null_shift`` takes the whole
+* ``null_first_union`` (the shipped default): ``null_shift`` takes the whole
   false-positive budget; ``dc_spike`` joins ``prior_shift`` as a backstop. Spikes that cost
   3 dB score 4-10x the largest clean ``dc_spike`` of the 1000 calibration slices, so its
   half of the budget bought only the detection of spikes too small to matter (0.3 dB; now
@@ -105,7 +105,7 @@ reconstruction the recon stage already made):
   0.3 noise norms: TPR 0.91 -> 0.98 on 88 damaging slices of four test seeds, RESULTS
   section 2). The threshold is ``null_shift``'s own 1 % quantile (the backstops are at
   most 1 on every calibration slice). The same 4 passes.
-* ``noise_excess`` (ours, session 14): the data residual ``y - E x1`` on the outer quarter of
+* ``noise_excess`` (ours): the data residual ``y - E x1`` on the outer quarter of
   the readout at either end of every acquired line, RMS in noise sigmas. There the data are
   mostly noise, which the network cannot fit, so on clean slices it is the noise level the
   noise scans measured, to within half a percent (median 0.959, sd 0.005 on 200 simulated
@@ -115,7 +115,7 @@ reconstruction the recon stage already made):
   1.35), and it hardly moves for l2 PGD, which puts its budget where the network amplifies
   it. It needs the noise level of whitened data: with a noise sigma estimated from that
   periphery it measures nothing. No extra network pass.
-* ``null_noise_union`` (session 14): ``null_first_union`` with ``noise_excess`` as a third
+* ``null_noise_union`` (opt-in): ``null_first_union`` with ``noise_excess`` as a third
   backstop (scaled by its largest clean calibration value). The same 4 passes.
 * ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
   ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
@@ -202,9 +202,9 @@ class DetectionScores:
     holdout_noise: float | None = None  # computed only when asked (F extra network passes)
     holdout_sensitive: float | None = None  # likewise, and 2 K iterations more
     prior_shift: float | None = None  # computed only when asked (1 extra network pass)
-    dc_spike: float | None = None  # no extra pass; None only in records from before session 7
-    null_shift: float | None = None  # with prior_shift (the same pass); None in records from before session 8
-    noise_excess: float | None = None  # no extra pass; None in records from before session 14
+    dc_spike: float | None = None  # no extra pass; None only in older records
+    null_shift: float | None = None  # with prior_shift (the same pass); None in older records
+    noise_excess: float | None = None  # no extra pass; None in older records
     # not a consistency statistic: the RMS of the ACS lines in noise sigmas (the slice's SNR),
     # which a calibration must cover (Calibration.covers); None in older records
     signal_level: float | None = None

@@ -6,8 +6,8 @@ An attacker who perturbs the measured lines by a fraction of the noise level doe
 through that pull (and the denoiser's response to it). Re-running the *same* weights with
 ``g mu`` (``MoDL(..., prior_gain=g)``) shrinks every such gain; the denoiser's prior decides
 more of the image. On clean slices this costs detail (about 6 dB at g = 30 on the benchmark's
-slices), on attacked ones it removes about half of the attack's damage (RESULTS section 2,
-session 6). So the rewrite must not reach clean slices:
+slices), on attacked ones it removes about half of the attack's damage (RESULTS section 2).
+So the rewrite must not reach clean slices:
 
 * the **gate** (the mitigation's own evidence, calibrated on clean slices): the received
   reconstruction's ``prior_shift`` (how far it moves at the detector's gain, in noise norms)
@@ -20,7 +20,7 @@ session 6). So the rewrite must not reach clean slices:
 Two network passes at most (the gate's, which the detector may already have made, and the
 rewrite), against 160 for the k-space cyclic mitigation and 800 for the paper's.
 
-**Data correction** (:func:`mitigate_correct`, the default from session 7), behind the same
+**Data correction** (:func:`mitigate_correct`, the default), behind the same
 gate: instead of trusting the prior more everywhere, find the small correction ``d`` of the
 measured lines after which the image stops moving, i.e. descend ``prior_shift`` of
 ``y - d`` in ``d`` (normalised steps with backtracking, ``||d||`` within ``radius`` noise
@@ -31,7 +31,7 @@ more; the descent undoes the perturbation along those directions and leaves the 
 data (and so the detail the 30x rewrite loses) alone. Four passes (two forward, two
 backward) per step, at most ``4 (steps + 1) + 1``.
 
-**Where the shift lies** (:class:`NullGate`, session 9): with ``null_shift``'s clean
+**Where the shift lies** (:class:`NullGate`): with ``null_shift``'s clean
 threshold as a second gate, the evidence is either statistic over its own gate, and the
 descent goes on until ``prior_shift`` is at ``stop`` and ``null_shift`` under its gate. The
 smallest damaging attacks (a third of the noise norm) move the image about as far as a
