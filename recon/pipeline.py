@@ -130,7 +130,7 @@ class MitigationSettings:
     clean calibration slice's (``rewrite_beyond_clean``): a slice flagged inside the clean
     range ships ``flagged``, unchanged. A flag costs the reader a warning; a rewrite of a
     clean slice costs it detail (the data correction took 3.2-8.2 dB, 5.0 on average, off
-    the 17 of 1200 clean test slices past its gates: benchmarks/RESULTS.md, section 2), and
+    the 17 of 1200 clean test slices past its gates: benchmarks/HISTORY.md, section 2), and
     at the flag threshold the evidence cannot tell those from an attack.
 
     Attributes:

@@ -4,7 +4,7 @@ demo's second slice (tests/faulty_gadgets.py). Every row: the run fails loudly, 
 failed; the first slice, done before the fault, is kept with its verdict; no image looks
 checked that was not, none is duplicated. Faults that the chain absorbs (mitigation past its
 time budget, PACS down, a full spool disk) are tested where they live: see the last table of
-benchmarks/RESULTS.md, section 5."""
+benchmarks/RESULTS.md, section 9."""
 
 from __future__ import annotations
 

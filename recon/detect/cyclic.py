@@ -121,7 +121,7 @@ reconstruction the recon stage already made):
   ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
   paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
   residual; the noise is outside the attacker's control. On k-space attacks this raised
-  ROC-AUC from 0.43-0.70 to 0.62-1.00 (benchmarks/RESULTS.md).
+  ROC-AUC from 0.43-0.70 to 0.62-1.00 (benchmarks/HISTORY.md, "The first run").
 """
 
 from __future__ import annotations
