@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from recon.io.mrd_write import read_images
+from recon.verdict import VERDICT_KEY
 
 
 def main() -> int:
@@ -29,7 +30,7 @@ def main() -> int:
         return 1
     same, worst = 0, 0.0
     for n, ((image_a, meta_a), (image_b, meta_b)) in enumerate(zip(first, second, strict=True)):
-        verdict_a, verdict_b = meta_a.get("CycGuard.Verdict"), meta_b.get("CycGuard.Verdict")
+        verdict_a, verdict_b = meta_a.get(VERDICT_KEY), meta_b.get(VERDICT_KEY)
         error = float(np.abs(image_a - image_b).max() / max(float(np.abs(image_a).max()), 1e-30))
         worst = max(worst, error)
         same += verdict_a == verdict_b

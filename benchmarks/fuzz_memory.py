@@ -33,7 +33,7 @@ from gadgets.runner.client import query
 from gadgets.runner.replay import read_header, stream_raw
 from gadgets.stages import SafeSocket
 from recon.data.demo import DEMO_RAW
-from recon.pipeline import VERDICTS
+from recon.verdict import VERDICT_KEY, VERDICTS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("garbage before the header", "absurd HEADER length", "garbage in the data phase", "mutated acquisition header")
@@ -107,7 +107,7 @@ def _run(port: int, data: bytes, wait: float = 60.0) -> str:
                         return f"TEXT that is not an error: {text[:80]}"
                     outcome = "error"
                 elif mid == p.IMAGE:
-                    if meta_value(meta_of(p.read_item(mid, wire)), "CycGuard.Verdict") not in VERDICTS:
+                    if meta_value(meta_of(p.read_item(mid, wire)), VERDICT_KEY) not in VERDICTS:
                         return "image without a verdict"
                     outcome = "error" if outcome == "error" else "images"
                 elif mid == p.RESPONSE:

@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from recon.data.demo import DEMO_RAW
+from recon.verdict import VERDICT_KEY
 from tests import gadgetron_host as host
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,7 +51,7 @@ def _timed(command: list[str]) -> float:
 
 def _verdicts(path: Path) -> list[str]:
     images = host.read_output(path)
-    return [images[key].meta.get("CycGuard.Verdict", "?") for key in sorted(images)]
+    return [images[key].meta.get(VERDICT_KEY, "?") for key in sorted(images)]
 
 
 def main() -> None:

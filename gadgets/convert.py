@@ -39,7 +39,6 @@ ROLE_KEY = "GADGETRON_DataRole"
 ROLE_MAPS = "CycGuard.CoilMaps"
 ROLE_RECEIVED = "CycGuard.Received"
 RECEIVED_SERIES_OFFSET = 100
-VERDICT_KEY = "CycGuard.Verdict"
 
 
 class ContractError(ValueError):

@@ -26,7 +26,8 @@ from recon.calibrate import fit_defense, protocol_of
 from recon.detect.calibration import ProtocolKey
 from recon.models.weights import model_tag
 from recon.physics.noise import estimate_noise_sigma
-from recon.pipeline import Defense, check, prepare_with_maps
+from recon.pipeline import Defense, check, check_meta, prepare_with_maps
+from recon.verdict import PROTOCOL_KEY, SECONDS_PREFIX, verdict_meta
 
 log = logging.getLogger("cycguard.gadget.detect")
 
@@ -117,7 +118,7 @@ class DetectStage(CheckedImageStage):
         defense = self.defenses.defense(data)
         protocol = protocol_of(data, self.defenses.manifest, self.defenses.acceleration)
         if isinstance(defense, str):
-            set_meta(item, {"ImageComment": f"unverified: no consistency check ran: {defense}", "CycGuard.Protocol": protocol.describe()})
+            set_meta(item, {"ImageComment": f"unverified: no consistency check ran: {defense}", PROTOCOL_KEY: protocol.describe()})
             return [item]
         sigma, doubt = noise_sigma(data, self.settings.noise_level)
         defense = replace(defense, noise_sigma=sigma)
@@ -130,18 +131,10 @@ class DetectStage(CheckedImageStage):
         set_meta(
             item,
             {
-                "CycGuard.Verdict": checked.verdict,
-                "CycGuard.Score": f"{checked.score:.6g}",
-                "CycGuard.Threshold": f"{checked.threshold:.6g}",
-                "CycGuard.PValue": f"{checked.p_value:.4g}",
-                "CycGuard.Statistic": defense.statistic,
-                "CycGuard.NoiseSigma": f"{sigma:.6g}",
-                "CycGuard.SignalLevel": f"{checked.scores.signal_level:.4g}" if checked.scores is not None and checked.scores.signal_level is not None else "unknown",
-                "CycGuard.Calibration": defense.calibration.sha256[:12],
-                "CycGuard.Protocol": protocol.describe(),
-                "CycGuard.Seconds.detect": f"{checked.seconds:.4f}",
-                "ImageComment": checked.reason,
-                "GADGETRON_ImageComment": f"CycGuard {checked.verdict}",
+                **verdict_meta(checked.verdict, checked.reason),
+                **check_meta(defense, checked.score, checked.threshold, checked.p_value, checked.scores),
+                PROTOCOL_KEY: protocol.describe(),
+                SECONDS_PREFIX + "detect": f"{checked.seconds:.4f}",
             },
         )
         log.info("detect %s: %s", data.key, checked.reason)

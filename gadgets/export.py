@@ -27,7 +27,7 @@ from gadgets.params import ExportSettings
 from gadgets.stages import Resources, SliceError, gadget_logging, serve
 from recon.io.dicom import header_info, to_dicom, write_dicom
 from recon.io.pacs import PacsTarget, Pusher
-from recon.pipeline import VERDICTS
+from recon.verdict import VERDICT_KEY, VERDICTS, verdict_meta
 
 log = logging.getLogger("cycguard.gadget.export")
 
@@ -56,17 +56,10 @@ class ExportStage:
         if is_received(item):  # a before/after copy for the client's report, never an export
             return [item]
         if isinstance(item, ismrmrd.Image):
-            verdict = meta_value(meta_of(item), "CycGuard.Verdict")
+            verdict = meta_value(meta_of(item), VERDICT_KEY)
             if verdict not in VERDICTS:
                 log.warning("image %d reached export with verdict %r: tagged unverified", item.image_index, verdict)
-                set_meta(
-                    item,
-                    {
-                        "CycGuard.Verdict": "unverified",
-                        "ImageComment": "unverified: no CycGuard check ran on this image",
-                        "GADGETRON_ImageComment": "CycGuard unverified",
-                    },
-                )
+                set_meta(item, dict(verdict_meta("unverified", "unverified: no CycGuard check ran on this image")))
             if self.info is not None:
                 ds = to_dicom(item, self.info)
                 if self.folder is not None:

@@ -22,6 +22,7 @@ from gadgets.detect import CheckedImageStage
 from gadgets.params import MitigateSettings
 from gadgets.stages import Resources, SliceContext, gadget_logging, serve
 from recon.pipeline import CheckResult, MitigationSettings, mitigate_flagged, prepare_with_maps
+from recon.verdict import SECONDS_PREFIX, VERDICT_KEY, verdict_meta
 
 log = logging.getLogger("cycguard.gadget.mitigate")
 
@@ -44,7 +45,7 @@ class MitigateStage(CheckedImageStage):
 
     def handle(self, item: Any, context: SliceContext) -> list[Any]:
         meta = meta_of(item)
-        if meta_value(meta, "CycGuard.Verdict") != "flagged":
+        if meta_value(meta, VERDICT_KEY) != "flagged":
             return [item]
         self.defenses.check_model(item)
         defense = self.defenses.defense(context.part.data)
@@ -63,7 +64,7 @@ class MitigateStage(CheckedImageStage):
         assert context.maps is not None
         prepared = prepare_with_maps(context.part.data, context.maps, self.defenses.device)
         outcome = mitigate_flagged(prepared, image_pixels(item), checked, defense)
-        values: dict[str, str | list[str]] = {"ImageComment": outcome.reason, "CycGuard.Seconds.mitigate": f"{outcome.seconds:.4f}"}
+        values: dict[str, str | list[str]] = {"ImageComment": outcome.reason, SECONDS_PREFIX + "mitigate": f"{outcome.seconds:.4f}"}
         if outcome.mitigated_score is not None:
             values["CycGuard.MitigatedScore"] = f"{outcome.mitigated_score:.6g}"
         received = None
@@ -73,9 +74,8 @@ class MitigateStage(CheckedImageStage):
             item = with_pixels(item, outcome.image)
             values.update(
                 {
-                    "CycGuard.Verdict": "mitigated",
+                    **verdict_meta("mitigated", outcome.reason),
                     "CycGuard.MitigationMethod": self.settings.method,
-                    "GADGETRON_ImageComment": "CycGuard mitigated",
                     "ImageProcessingHistory": ["CYCGUARD_MODL", "CYCGUARD_MITIGATION"],
                     "SeriesDescriptionAdditional": "CYCGUARD_MITIGATED",
                 }

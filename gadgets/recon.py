@@ -22,6 +22,7 @@ from recon.io.mrd_write import to_ismrmrd_image
 from recon.models.weights import model_tag
 from recon.pipeline import reconstruct
 from recon.types import ReconImage
+from recon.verdict import MODEL_KEY, SECONDS_PREFIX, verdict_meta
 
 log = logging.getLogger("cycguard.gadget.recon")
 
@@ -58,11 +59,9 @@ class ReconStage:
             self.count += 1
             seconds = sum(t for _, t in result.timings)
             meta = (
-                ("CycGuard.Verdict", "unverified"),
-                ("CycGuard.Model", model_tag(self.manifest)),
-                ("CycGuard.Seconds.recon", f"{seconds:.4f}"),
-                ("ImageComment", "unverified: no consistency check ran on this image"),
-                ("GADGETRON_ImageComment", "CycGuard unverified"),
+                *verdict_meta("unverified", "unverified: no consistency check ran on this image").items(),
+                (MODEL_KEY, model_tag(self.manifest)),
+                (SECONDS_PREFIX + "recon", f"{seconds:.4f}"),
                 ("ImageProcessingHistory", "CYCGUARD_MODL"),
             )
             image = to_ismrmrd_image(ReconImage(result.image, part.data.key, part.data.geometry, meta), self.count, self.settings.series)

@@ -22,9 +22,10 @@ from recon.io.mrd import read_raw
 from recon.io.mrd_write import check_output, read_images, write_images
 from recon.metrics import quality
 from recon.models.weights import load_model, model_tag
-from recon.pipeline import defend, reconstruct
+from recon.pipeline import check_meta, defend, reconstruct
 from recon.report import RunContext, SliceReport, montage, write_report
 from recon.types import ReconImage
+from recon.verdict import CALIBRATION_KEY, MODEL_KEY, PROTOCOL_KEY, verdict_meta
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +105,11 @@ def reconstruct_file(
             x_zf = defended.prepared.x_zf[0].cpu().numpy()
             score, threshold, p_value, reason = defended.score, defended.threshold, defended.p_value, defended.reason
             level = defended.scores.signal_level
-            checked = {
-                "CycGuard.Score": f"{score:.6g}",
-                "CycGuard.Threshold": f"{threshold:.6g}",
-                "CycGuard.PValue": f"{p_value:.4g}",
-                "CycGuard.Statistic": defense.statistic,
-                "CycGuard.NoiseSigma": f"{defense.noise_sigma:.6g}",
-                "CycGuard.SignalLevel": "unknown" if level is None else f"{level:.4g}",
-                "CycGuard.Calibration": defense.calibration.sha256[:12],
-            }
+            checked = check_meta(defense, score, threshold, p_value, defended.scores)
         meta = [
-            ("CycGuard.Verdict", verdict),
-            ("CycGuard.Model", tag),
-            ("CycGuard.Protocol", protocol),
-            ("GADGETRON_ImageComment", f"CycGuard {verdict}"),
-            ("ImageComment", reason),
+            *verdict_meta(verdict, reason).items(),
+            (MODEL_KEY, tag),
+            (PROTOCOL_KEY, protocol),
             ("ImageProcessingHistory", "CYCGUARD_MODL" + ("\\CYCGUARD_MITIGATION" if verdict == "mitigated" else "")),
             *checked.items(),
         ]
@@ -142,7 +133,7 @@ def reconstruct_file(
                 reason=reason,
                 received_quality=quality(received, ref) if ref is not None and rewritten else None,
                 protocol=protocol,
-                calibration=checked.get("CycGuard.Calibration", ""),
+                calibration=checked.get(CALIBRATION_KEY, ""),
                 signal_level=level,
             )
         )

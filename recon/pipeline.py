@@ -29,6 +29,15 @@ from recon.models.modl import MoDL
 from recon.physics.coils import estimate_coil_maps
 from recon.physics.sense import SenseOp
 from recon.types import SliceKSpace
+from recon.verdict import (
+    CALIBRATION_KEY,
+    NOISE_SIGMA_KEY,
+    P_VALUE_KEY,
+    SCORE_KEY,
+    SIGNAL_LEVEL_KEY,
+    STATISTIC_KEY,
+    THRESHOLD_KEY,
+)
 
 if TYPE_CHECKING:
     from recon.mitigate.spikes import SpikeRepair
@@ -103,7 +112,6 @@ def reconstruct(data: SliceKSpace, model: MoDL, device: torch.device | str = "cp
 
 # ---------------------------------------------------------------- the defended pipeline
 
-VERDICTS = ("clean", "flagged", "mitigated", "unverified")
 
 
 MITIGATION_METHODS = ("correct", "prior", "cyclic")
@@ -294,6 +302,21 @@ def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> Check
     if verdict == "clean" and not calibration.covers(scores.signal_level):
         verdict, reason = "unverified", f"unverified: {coverage_doubt(scores.signal_level, calibration)}; the passing score ({reason}) is not trusted"
     return CheckResult(verdict, score, calibration.threshold, calibration.p_value(score), scores, reason, seconds)
+
+
+def check_meta(defense: Defense, score: float, threshold: float, p_value: float, scores: DetectionScores | None) -> dict[str, str]:
+    """The meta of a check that ran: score, threshold, p-value, what judged it (statistic,
+    calibration) and the slice's noise and signal levels."""
+    level = None if scores is None else scores.signal_level
+    return {
+        SCORE_KEY: f"{score:.6g}",
+        THRESHOLD_KEY: f"{threshold:.6g}",
+        P_VALUE_KEY: f"{p_value:.4g}",
+        STATISTIC_KEY: defense.statistic,
+        NOISE_SIGMA_KEY: f"{defense.noise_sigma:.6g}",
+        SIGNAL_LEVEL_KEY: "unknown" if level is None else f"{level:.4g}",
+        CALIBRATION_KEY: defense.calibration.sha256[:12],
+    }
 
 
 def coverage_doubt(level: float | None, calibration: Calibration) -> str:

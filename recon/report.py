@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from recon.metrics import Quality  # noqa: E402
-from recon.pipeline import VERDICTS  # noqa: E402
+from recon.verdict import VERDICTS  # noqa: E402
 
 
 @dataclass(frozen=True)

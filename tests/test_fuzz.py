@@ -22,7 +22,7 @@ from gadgets.runner.config import PipelineError, check, parse_pipeline
 from gadgets.runner.server import CycGuardServer, Session
 from gadgets.stages import SafeSocket
 from recon.io.mrd import MRDError, read_raw
-from recon.pipeline import VERDICTS
+from recon.verdict import VERDICT_KEY, VERDICTS
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = [path.read_text() for path in sorted((ROOT / "pipelines").glob("*.xml"))]
@@ -101,7 +101,7 @@ def _session(data: bytes, wait: float = 20.0) -> list[int]:
                 p.read_response(wire)
             elif mid == p.IMAGE:
                 image = p.read_item(mid, wire)
-                assert meta_value(meta_of(image), "CycGuard.Verdict") in VERDICTS
+                assert meta_value(meta_of(image), VERDICT_KEY) in VERDICTS
             elif mid == p.CLOSE:
                 break
         worker.join(wait)

@@ -43,9 +43,9 @@ from recon.io.mrd import NOT_IMAGING, MRDError, parse_header, read_header_text, 
 from recon.io.mrd_write import check_output, read_images
 from recon.io.pacs import PacsTarget, destination_spool
 from recon.metrics import quality
-from recon.pipeline import VERDICTS
 from recon.report import RunContext, SliceReport, montage, write_report
 from recon.types import SliceKey
+from recon.verdict import VERDICT_KEY, VERDICTS
 
 log = logging.getLogger("cycguard.replay")
 
@@ -258,7 +258,7 @@ def _completeness(expected: list[SliceKey], collected: list[_Collected]) -> list
     counts: dict[SliceKey, int] = {}
     for item in collected:
         counts[item.key] = counts.get(item.key, 0) + 1
-        verdict = item.meta.get("CycGuard.Verdict")
+        verdict = item.meta.get(VERDICT_KEY)
         if verdict not in VERDICTS:
             problems.append(f"image of {item.key} carries no valid CycGuard.Verdict ({verdict!r})")
     missing = [k for k in expected if counts.get(k, 0) == 0]
@@ -292,7 +292,7 @@ def _rows(
     for number, item in enumerate(collected):
         meta = item.meta
         ref = references[expected.index(item.key)] if references is not None and item.key in expected else None
-        before = received.get(item.key) if meta.get("CycGuard.Verdict") == "mitigated" else None
+        before = received.get(item.key) if meta.get(VERDICT_KEY) == "mitigated" else None
         panels = ([("received", before)] if before is not None else []) + [("CycGuard", item.pixels)] + ([("reference", ref)] if ref is not None else [])
         picture = montage(folder / f"slice_{number:03d}.png", panels).name
         timings = {k.split(".")[-1]: float(v) for k, v in meta.items() if k.startswith("CycGuard.Seconds.")}
@@ -300,7 +300,7 @@ def _rows(
         rows.append(
             SliceReport(
                 name=f"slice {item.key.slice} rep {item.key.repetition}",
-                verdict=meta.get("CycGuard.Verdict", "missing"),
+                verdict=meta.get(VERDICT_KEY, "missing"),
                 timings=timings,
                 quality=quality(item.pixels, ref) if ref is not None else None,
                 quality_zero_filled=None,

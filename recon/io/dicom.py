@@ -35,6 +35,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
 
+from recon.verdict import VERDICT_KEY
+
 log = logging.getLogger(__name__)
 NAMESPACE = uuid.UUID("6f0b1c7e-3c55-4d0e-9a43-637963677561")  # CycGuard's uuid5 namespace
 MITIGATED_SERIES_OFFSET = 1000
@@ -157,7 +159,7 @@ def _ds(value: float) -> str:
 
 def image_comment(meta: dict[str, str]) -> str:
     """The ImageComments line: verdict, score, threshold, model."""
-    verdict = meta.get("CycGuard.Verdict", "unverified")
+    verdict = meta.get(VERDICT_KEY, "unverified")
     parts = [f"CycGuard {verdict}"]
     if "CycGuard.Score" in meta:
         parts.append(f"score {meta['CycGuard.Score']} threshold {meta.get('CycGuard.Threshold', '?')}")
@@ -176,7 +178,7 @@ def to_dicom(image: ismrmrd.Image, info: HeaderInfo) -> Dataset:
     if not np.isfinite(magnitude).all():
         raise ValueError(f"image {image.image_index} holds non-finite pixels: not exported")
     meta = _meta(image)
-    verdict = meta.get("CycGuard.Verdict", "unverified")
+    verdict = meta.get(VERDICT_KEY, "unverified")
     peak = float(magnitude.max())
     slope = peak / 65535.0 if peak > 0 else 1.0
     pixels = np.round(magnitude / slope).astype(np.uint16)
