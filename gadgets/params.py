@@ -17,10 +17,12 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET  # noqa: S405 - types only; parsing goes through defusedxml
 from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, TypeVar
 
 import defusedxml.ElementTree as SafeET
+
+from recon.settings import MitigationSettings, setting
 
 T = TypeVar("T")
 
@@ -31,9 +33,7 @@ class PropertyError(ValueError):
     """A wrong ``<property>``: names the gadget, the property, the value and what is allowed."""
 
 
-def prop(default: Any, doc: str, unit: str = "", choices: tuple[str, ...] = (), low: float | None = None, high: float | None = None) -> Any:
-    """A documented property field (``low``/``high`` bound numbers inclusively)."""
-    return field(default=default, metadata={"doc": doc, "unit": unit, "choices": choices, "low": low, "high": high})
+prop = setting  # a property is a documented settings field (recon.settings)
 
 
 # ------------------------------------------------------------------ settings per gadget
@@ -64,45 +64,13 @@ class DetectSettings:
 
 
 @dataclass(frozen=True)
-class MitigateSettings:
+class MitigateSettings(MitigationSettings):
     """``gadgets.mitigate``: training-free mitigation of flagged images (the data correction
     behind the prior gate, the prior-weighted re-reconstruction, or the k-space cyclic
-    mitigation)."""
+    mitigation). Its rewrite properties are the library's mitigation settings (``recon/settings.py``)."""
 
     weights: str = prop("", "network weights; must be the model that made the images (checked by hash)")
     calibration: str = prop("", "calibration JSON; must be the one the detect gadget used (checked)")
-    enabled: bool = prop(True, "rewrite flagged images at all (off: they leave flagged, unchanged)")
-    rewrite_beyond_clean: bool = prop(
-        True, "rewrite only a flagged image whose score exceeds every clean calibration slice's (p-value at its floor); one flagged "
-        "inside the clean range leaves flagged, unchanged (off: every flagged image goes to the method)"
-    )
-    method: str = prop(
-        "correct", "correct (when the image moves like an attacked one, correct the measured lines until the network's prior "
-        "agrees, and reconstruct them; needs a calibration with prior_shift), prior (the network with its prior weighted "
-        "prior_gain times more, behind the same gate) or cyclic (k-space cyclic mitigation; the properties from radius on are its)",
-        choices=("correct", "prior", "cyclic"),
-    )
-    correct_radius: float = prop(3.0, "correct method: budget of the data correction", unit="acquisition-noise norms", low=0.01, high=100.0)
-    correct_steps: int = prop(30, "correct method: descent steps at most (4 network passes each)", low=0, high=1000)
-    correct_stop: float = prop(0.7, "correct method: stop when prior_shift falls to this fraction of its clean threshold", low=0.0, high=0.99)
-    correct_null: bool = prop(
-        True, "correct method: also weigh null_shift (where the image moves in k-space) over its clean threshold, as evidence and in the descent, when the calibration holds one"
-    )
-    despike: bool = prop(
-        True, "correct and prior methods: first re-estimate the measured samples whose data residual exceeds every clean calibration "
-        "slice's (dc_spike over its scale: spikes), from the network's own image, then judge the repaired data"
-    )
-    despike_samples: int = prop(256, "spike repair: at most this many samples (more: the original leaves flagged)", low=1, high=1_000_000)
-    prior_gain: float = prop(30.0, "prior method: factor on the network's data-consistency weight mu", low=1.01, high=1e4)
-    radius: float = prop(1.0, "correction budget", unit="acquisition-noise norms", low=0.0, high=100.0)
-    iterations: int = prop(20, "at most this many optimisation steps", low=1, high=1000)
-    fidelity: float = prop(1.0, "weight of the fidelity-to-received-data term", low=0.0, high=1e6)
-    lr: float = prop(0.1, "step size", unit="noise standard deviations", low=1e-6, high=10.0)
-    patience: int = prop(5, "stop after this many steps without improvement", low=1, high=1000)
-    max_dc_increase: float = prop(
-        0.25, "safeguard: a rewrite may not move further from the received data than this", unit="noise norms", low=0.0, high=100.0
-    )
-    time_budget: float = prop(60.0, "per-slice time for a rewrite; past it the original image leaves flagged", unit="s", low=0.001, high=3600.0)
     send_received: bool = prop(
         False, "also send the image as received (before its rewrite) after each rewritten one, tagged GADGETRON_DataRole=CycGuard.Received in series +100, for "
         "before/after reports; the export stage never writes it to DICOM or a PACS"

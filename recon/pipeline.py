@@ -28,6 +28,7 @@ from recon.detect.cyclic import (
 from recon.models.modl import MoDL
 from recon.physics.coils import estimate_coil_maps
 from recon.physics.sense import SenseOp
+from recon.settings import MitigationSettings
 from recon.types import SliceKSpace
 from recon.verdict import (
     CALIBRATION_KEY,
@@ -112,94 +113,6 @@ def reconstruct(data: SliceKSpace, model: MoDL, device: torch.device | str = "cp
 
 # ---------------------------------------------------------------- the defended pipeline
 
-
-
-MITIGATION_METHODS = ("correct", "prior", "cyclic")
-
-
-@dataclass(frozen=True)
-class MitigationSettings:
-    """How flagged slices are rewritten.
-
-    ``correct`` (the default, :func:`recon.mitigate.prior.mitigate_correct`): when the
-    received image's ``prior_shift`` exceeds its calibrated clean threshold (the gate; needs
-    a calibration with ``prior_shift``: the deployed ``null_first_union``, which keeps it as a
-    gate, any combination holding it, or ``prior_shift``), correct
-    the measured lines by at most ``correct_radius`` noise norms until the shift falls to
-    ``correct_stop`` times the gate, in at most ``correct_steps`` descent steps, and ship the
-    corrected data's image at the detector's prior weight; refused when the shift stays
-    above the gate. ``prior`` (:func:`recon.mitigate.prior.mitigate_prior`): behind the same
-    gate, the same network with ``prior_gain`` times its data-consistency weight. ``cyclic``
-    (:func:`recon.mitigate.mitigate_kspace`): the k-space cyclic mitigation behind the
-    cyclic safeguard (:func:`safeguard`); the fields from ``fidelity`` to
-    ``max_dc_increase`` are its.
-
-    Whatever the method, a flagged slice is rewritten only when its score exceeds every
-    clean calibration slice's (``rewrite_beyond_clean``): a slice flagged inside the clean
-    range ships ``flagged``, unchanged. A flag costs the reader a warning; a rewrite of a
-    clean slice costs it detail (the data correction took 3.2-8.2 dB, 5.0 on average, off
-    the 17 of 1200 clean test slices past its gates: benchmarks/HISTORY.md, section 2), and
-    at the flag threshold the evidence cannot tell those from an attack.
-
-    Attributes:
-        enabled: rewrite flagged slices at all.
-        rewrite_beyond_clean: rewrite only a slice whose score exceeds the largest clean
-            calibration score (p-value at its floor, ``1 / (n + 1)``); off: every flagged
-            slice goes to the method.
-        method: ``correct``, ``prior`` or ``cyclic``.
-        correct_radius: the correct method's budget for the data correction (noise norms).
-        correct_steps: the correct method's descent steps at most.
-        correct_stop: the correct method stops at this fraction of the gate.
-        correct_null: the correct method's evidence and descent also weigh ``null_shift``
-            over its clean threshold (when the calibration holds one:
-            :class:`recon.mitigate.prior.NullGate`).
-        despike: before the correct and prior methods, re-estimate the measured samples
-            whose data residual exceeds every clean calibration slice's (``dc_spike`` over
-            its scale; :func:`recon.mitigate.spikes.repair_spikes`).
-        despike_samples: the spike repair re-estimates at most this many samples (more is
-            not a sparse corruption: the original ships, ``flagged``).
-        prior_gain: the prior method's factor on the network's mu.
-        fidelity: weight of the fidelity-to-received-data term.
-        radius: correction budget in acquisition-noise norms.
-        iterations: at most this many optimisation steps.
-        lr: step size in noise units.
-        patience: early stopping.
-        max_dc_increase: safeguard: the rewritten image may not move further from the
-            received data than this many noise norms beyond the original reconstruction.
-        time_budget: seconds the rewrite of one slice may take; past it the original image
-            ships, ``flagged`` (a partial or late rewrite is never shipped; both methods).
-    """
-
-    enabled: bool = True
-    rewrite_beyond_clean: bool = True
-    method: str = "correct"
-    correct_radius: float = 3.0
-    correct_steps: int = 30
-    correct_stop: float = 0.7
-    correct_null: bool = True
-    despike: bool = True
-    despike_samples: int = 256
-    prior_gain: float = 30.0
-    fidelity: float = 1.0
-    radius: float = 1.0
-    iterations: int = 20
-    lr: float = 0.1
-    patience: int = 5
-    max_dc_increase: float = 0.25
-    time_budget: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.method not in MITIGATION_METHODS:
-            raise ValueError(f"mitigation method {self.method!r} is not one of {', '.join(MITIGATION_METHODS)}")
-        if self.despike_samples < 1:
-            raise ValueError(f"despike_samples must be >= 1, got {self.despike_samples}")
-        if not self.prior_gain > 1:
-            raise ValueError(f"prior_gain must be > 1, got {self.prior_gain}")
-        if not (self.correct_radius > 0 and self.correct_steps >= 0 and 0 <= self.correct_stop < 1):
-            raise ValueError(
-                f"correct_radius must be > 0, correct_steps >= 0 and correct_stop in [0, 1), got "
-                f"{self.correct_radius}, {self.correct_steps}, {self.correct_stop}"
-            )
 
 
 @dataclass(frozen=True, eq=False)

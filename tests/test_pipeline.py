@@ -93,8 +93,8 @@ def test_flagged_without_mitigation_ships_the_original_tagged(tiny: MoDL, small_
 def test_mitigation_past_its_time_budget_ships_the_original_flagged(tiny: MoDL, small_raw: tuple) -> None:
     data = read_raw(small_raw[0]).slices[0]
     original = reconstruct(data, tiny).image
-    result = defend(data, _defense(tiny, [1e-9] * 20, MitigationSettings(method="cyclic", iterations=50, patience=50, time_budget=1e-4)))
-    assert result.verdict == "flagged" and "time budget (0.0001 s)" in result.reason
+    result = defend(data, _defense(tiny, [1e-9] * 20, MitigationSettings(method="cyclic", iterations=50, patience=50, time_budget=0.001)))
+    assert result.verdict == "flagged" and "time budget (0.001 s)" in result.reason
     np.testing.assert_array_equal(result.image, original)  # a partial rewrite never ships
     assert dict(result.network_passes)["mitigate"] < 50  # it stopped
 
@@ -258,13 +258,14 @@ def test_prior_mitigation_without_a_prior_shift_calibration_ships_the_original(t
 
 
 def test_mitigation_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="is not one of correct, prior, cyclic"):
+    """The library's settings hold the bounds the gadget's properties document (one declaration)."""
+    with pytest.raises(ValueError, match="method 'magic' is not one of correct, prior, cyclic"):
         MitigationSettings(method="magic")
-    with pytest.raises(ValueError, match="prior_gain must be > 1"):
+    with pytest.raises(ValueError, match=r"prior_gain must lie in \[1.01, 10000.0\], got 0.5"):
         MitigationSettings(prior_gain=0.5)
-    for bad in ({"correct_stop": 1.0}, {"correct_radius": 0.0}, {"correct_steps": -1}):
-        with pytest.raises(ValueError, match="correct_radius must be > 0"):
-            MitigationSettings(**bad)  # type: ignore[arg-type]
+    for name, value in (("correct_stop", 1.0), ("correct_radius", 0.0), ("correct_steps", -1), ("time_budget", float("nan"))):
+        with pytest.raises(ValueError, match=f"{name} must lie in"):
+            MitigationSettings(**{name: value})  # type: ignore[arg-type]
 
 
 def test_a_passing_score_outside_the_calibrated_snr_is_unverified(tiny: MoDL, small_raw: tuple) -> None:
@@ -382,9 +383,9 @@ def test_a_late_prior_rewrite_is_not_shipped(tiny: MoDL, small_raw: tuple) -> No
     from dataclasses import replace
 
     data = read_raw(small_raw[0]).slices[0]
-    defense = replace(_prior_defense(tiny, [1e-9] * 20), mitigation=MitigationSettings(time_budget=1e-9))
+    defense = replace(_prior_defense(tiny, [1e-9] * 20), mitigation=MitigationSettings(time_budget=0.001))
     result = defend(data, defense)
-    assert result.verdict == "flagged" and "past its time budget (1e-09 s): the original image ships" in result.reason
+    assert result.verdict == "flagged" and "past its time budget (0.001 s): the original image ships" in result.reason
     np.testing.assert_array_equal(result.image, reconstruct(data, tiny).image)
 
 
