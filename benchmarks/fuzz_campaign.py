@@ -90,14 +90,14 @@ def _mutate_text(text: str, rng: random.Random) -> str:
 
 def case_xml(rng: random.Random) -> str:
     from gadgets import params
-    from gadgets.runner.config import PipelineError, check, parse_pipeline
+    from gadgets.runner.config import PipelineError, check_pipeline, parse_pipeline
 
     sources = sorted((ROOT / "pipelines").glob("*.xml"))
     text = rng.choice(sources).read_text()
     for _ in range(rng.randrange(1, 4)):
         text = _mutate_text(text, rng)
     try:
-        check(parse_pipeline(text, "fuzz.xml"))
+        check_pipeline(parse_pipeline(text, "fuzz.xml"))
     except (PipelineError, params.PropertyError):
         return "refused"
     return "accepted"

@@ -105,13 +105,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from gadgets.runner.config import check, load_pipeline
+    from gadgets.runner.config import check_pipeline, load_pipeline
 
     status = 0
     for name in args.pipelines:
         try:
             pipeline = load_pipeline(name)
-            warnings = check(pipeline, connect_stages=args.connect_stages)
+            warnings = check_pipeline(pipeline, connect_stages=args.connect_stages)
         except ValueError as err:
             _out(f"FAIL {name}: {err}")
             status = 1

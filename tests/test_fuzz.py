@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from gadgets import params
 from gadgets.convert import meta_of, meta_value
 from gadgets.runner import protocol as p
-from gadgets.runner.config import PipelineError, check, parse_pipeline
+from gadgets.runner.config import PipelineError, check_pipeline, parse_pipeline
 from gadgets.runner.server import CycGuardServer, Session
 from gadgets.stages import SafeSocket
 from recon.io.mrd import MRDError, read_raw
@@ -34,7 +34,7 @@ def test_mutated_pipeline_xml_fails_only_with_pipeline_errors(text: str, where: 
     position = where % len(text)
     mutated = text[:position] + insert + text[position + cut :]
     try:
-        check(parse_pipeline(mutated, "fuzz.xml"))
+        check_pipeline(parse_pipeline(mutated, "fuzz.xml"))
     except (PipelineError, params.PropertyError):
         pass
 

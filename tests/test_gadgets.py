@@ -15,7 +15,7 @@ from gadgetron.external.connection import Connection
 from gadgets import params
 from gadgets.convert import buffer_slices, image_pixels, is_maps, maps_message, maps_of, meta_of, with_kspace
 from gadgets.runner import frontend
-from gadgets.runner.config import PipelineError, check, installed_pipelines, load_pipeline, parse_pipeline
+from gadgets.runner.config import PipelineError, check_pipeline, installed_pipelines, load_pipeline, parse_pipeline
 from gadgets.runner.external import READERS, write_item
 from gadgets.runner.replay import stream_raw
 from gadgets.stages import SafeSocket, run_stages, send_error
@@ -98,7 +98,7 @@ def test_every_installed_pipeline_passes_check() -> None:
     assert {"recon", "detect", "defended", "redteam", "defended_composed", "defended_connect"} <= set(names)
     for name in names:
         pipeline = load_pipeline(name)
-        check(pipeline, connect_stages="recon,detect,mitigate,export" if name.endswith("connect") else None)
+        check_pipeline(pipeline, connect_stages="recon,detect,mitigate,export" if name.endswith("connect") else None)
 
 
 def _pipeline(stream: str) -> str:
@@ -133,12 +133,12 @@ def _external(module: str, target: str, **values: str) -> str:
 def test_check_names_what_is_wrong(text: str, message: str | None) -> None:
     if message is None:  # a foreign Python module: accepted with a warning, refused where only ours may run
         pipeline = parse_pipeline(text)
-        assert any("not a CycGuard gadget" in w for w in check(pipeline))
+        assert any("not a CycGuard gadget" in w for w in check_pipeline(pipeline))
         with pytest.raises(PipelineError, match="CycGuard gadgets only"):
-            check(pipeline, allow_foreign=False)
+            check_pipeline(pipeline, allow_foreign=False)
         return
     with pytest.raises(PipelineError, match=message):
-        check(parse_pipeline(text, "test.xml"))
+        check_pipeline(parse_pipeline(text, "test.xml"))
 
 
 def test_check_command_reports_each_pipeline(tmp_path: Path) -> None:

@@ -231,7 +231,7 @@ def load_pipeline(name_or_path: str | Path) -> Pipeline:
     return parse_pipeline(path.read_bytes(), str(path))
 
 
-def check(pipeline: Pipeline, allow_foreign: bool = True, connect_stages: str | None = None) -> list[str]:
+def check_pipeline(pipeline: Pipeline, allow_foreign: bool = True, connect_stages: str | None = None) -> list[str]:
     """Check a pipeline as the runner would run it; returns warnings, raises on errors.
 
     Checks our gadgets' properties, that every detect/mitigate stage receives the internal

@@ -32,7 +32,7 @@ from gadgets.runner.config import (
     ExternalNode,
     Pipeline,
     PipelineError,
-    check,
+    check_pipeline,
     load_pipeline,
     stage_names,
     with_stage_properties,
@@ -182,7 +182,7 @@ def replay(
             pipeline = with_stage_properties(pipeline, "mitigate", {"send_received": "true"})
         except PipelineError:
             pass  # no mitigate stage: nothing is rewritten
-    for warning in check(pipeline):
+    for warning in check_pipeline(pipeline):
         log.warning("%s", warning)
     header_xml, expected = preflight(raw)
     check_output(output, [raw] + ([reference] if reference is not None else []))

@@ -34,7 +34,14 @@ from gadgetron.types.recon_data import ReconData
 
 from gadgets.runner import protocol as p
 from gadgets.runner.chain import run_pipeline
-from gadgets.runner.config import Pipeline, PipelineError, check, installed_pipelines, parse_pipeline, stage_names
+from gadgets.runner.config import (
+    Pipeline,
+    PipelineError,
+    check_pipeline,
+    installed_pipelines,
+    parse_pipeline,
+    stage_names,
+)
 from gadgets.runner.frontend import check_header
 from gadgets.stages import SafeSocket
 from recon.io.mrd import parse_header
@@ -110,7 +117,7 @@ class Session:
             if pipeline is None or header is None:  # the client closed first: answered with CLOSE, as Gadgetron does
                 self._close()
                 return
-            for warning in check(pipeline, allow_foreign=False):
+            for warning in check_pipeline(pipeline, allow_foreign=False):
                 log.info("%s: %s", self.peer, warning)
             if not self.server.allow_redteam and any("attack" in stage_names(n) for n in pipeline.externals):
                 raise ClientError("pipelines with the red-team attack stage are disabled on this server (cycguard serve --allow-redteam)")
@@ -237,7 +244,7 @@ class Session:
             return resolve_config_file(name)
         if mid == p.CONFIG_SCRIPT:
             pipeline = parse_pipeline(p.read_string(self.wire, "CONFIG_SCRIPT", cap=1 << 20), "client configuration")
-            check(pipeline, allow_foreign=False)
+            check_pipeline(pipeline, allow_foreign=False)
             return pipeline
         raise ClientError(f"message id {mid} before the configuration (expected CONFIG_FILE or CONFIG_SCRIPT)")
 
