@@ -36,11 +36,11 @@ from tqdm import tqdm  # noqa: E402
 from recon.attacks import benign_noise, fgsm_kspace, impulse_spikes, pgd_image_linf, pgd_kspace_l2, pgd_kspace_linf  # noqa: E402
 from recon.attacks.adaptive import adaptive_kspace_l2  # noqa: E402
 from recon.baselines import cg_sense  # noqa: E402
-from recon.calibrate import model_protocol  # noqa: E402
 from recon.data.samples import Sample, simulated_slices  # noqa: E402
 from recon.detect import CyclicDetector, calibrate  # noqa: E402
 from recon.detect.calibration import Calibration, DetectorKey  # noqa: E402
 from recon.detect.cyclic import STATISTICS, DetectionScores, noise_norm  # noqa: E402
+from recon.detect.defense import model_protocol  # noqa: E402
 from recon.metrics import quality  # noqa: E402
 from recon.mitigate import k_from_image, mitigate_faithful, mitigate_kspace, randomized_smoothing  # noqa: E402
 from recon.models.weights import load_model  # noqa: E402
@@ -281,7 +281,7 @@ def mitigation_only(args: argparse.Namespace) -> None:
 def product_calibration(detector: CyclicDetector, manifest: Any, args: argparse.Namespace) -> Calibration:
     """The calibration the product would use (``--calibration``, default the one shipped with
     the weights), checked against this model."""
-    from recon.calibrate import calibration_statistic, default_calibration_path
+    from recon.detect.defense import calibration_statistic, default_calibration_path
 
     path = args.calibration or default_calibration_path(manifest)
     return Calibration.load(path, manifest.sha256, model_protocol(manifest), DetectorKey.of(calibration_statistic(path), detector))
@@ -325,7 +325,7 @@ def prior_on_clean(model: Any, detector: CyclicDetector, items: list[Item], cal:
     correction only when :func:`product_rewrites`), with how many it flags. The gates'
     evidence is the product detector's, scored once per slice."""
     from recon.mitigate.prior import mitigate_correct, mitigate_prior
-    from recon.pipeline import MitigationSettings
+    from recon.settings import MitigationSettings
 
     settings = MitigationSettings()
     gain = settings.prior_gain
@@ -444,7 +444,8 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
     and the ``product`` column, what the product ships (that correction's image only when
     :func:`product_rewrites`). Each mitigation pays its own gate pass, as it would alone."""
     from recon.mitigate.prior import mitigate_prior
-    from recon.pipeline import MitigationSettings, safeguard, safeguard_statistic
+    from recon.pipeline import safeguard, safeguard_statistic
+    from recon.settings import MitigationSettings
 
     settings = MitigationSettings()
     gate, null_gate = gates_of(cal)

@@ -4,7 +4,7 @@
 
 Usage: ``python -m benchmarks.detect_union [--clean 300] [--attacked 24] [--statistic S] [--test-seed 202] [--out benchmarks/results/union]``
 (``--statistic``: the deployed one, whose calibration file the run writes and which the
-adaptive attacker targets; default the product's, ``recon.calibrate.DEFAULT_STATISTIC``),
+adaptive attacker targets; default the product's, ``recon.detect.defense.DEFAULT_STATISTIC``),
 then ``python -m benchmarks.detect_union --adaptive 6`` (the adaptive attacker against the
 calibration the first run made) and ``python -m benchmarks.detect_union --keyed 3`` (a
 site-keyed detector, ``CYCGUARD_DETECTOR_KEY``, at the same calibration: its clean
@@ -37,12 +37,12 @@ from tqdm import tqdm
 from benchmarks.defense import attack, auc, observe, plot_roc, psnr, to_item
 from benchmarks.object_shift import victim_rows
 from recon.attacks.adaptive import adaptive_kspace_l2
-from recon.calibrate import DEFAULT_STATISTIC, build_calibration, detector_for, model_protocol, scores_from_simulation
+from recon.calibrate import build_calibration, scores_from_simulation
 from recon.data.samples import simulated_slices
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey
 from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores
+from recon.detect.defense import DEFAULT_STATISTIC, Defense, detector_for, model_protocol
 from recon.models.weights import load_model
-from recon.pipeline import Defense
 
 COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift", "noise_excess")
 STATISTICS = (*COMPONENTS, *COMBINED_STATISTICS)

@@ -46,12 +46,15 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks.defense import Item, psnr, to_item  # noqa: E402
 from recon.baselines import cg_sense  # noqa: E402
-from recon.calibrate import load_defense, model_protocol  # noqa: E402
 from recon.data import mni  # noqa: E402
 from recon.data.samples import make_sample  # noqa: E402
+from recon.detect.defense import (  # noqa: E402
+    Defense,  # noqa: E402
+    load_defense,
+    model_protocol,
+)
 from recon.metrics import quality  # noqa: E402
 from recon.models.weights import load_model  # noqa: E402
-from recon.pipeline import Defense  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.3, 1.0, 3.0)

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from gadgets.runner.client import send
-from recon.calibrate import ScanDefenses
 from recon.data import mni
 from recon.data.demo import make_demo
+from recon.detect.defense import ScanDefenses
 from recon.io.mrd import read_raw
 from recon.models.weights import load_model
 from recon.pipeline import check, reconstruct

@@ -49,16 +49,19 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks.defense import Item, attack  # noqa: E402
 from recon.baselines import cg_sense  # noqa: E402
-from recon.calibrate import ScanDefenses  # noqa: E402
 from recon.data import mni  # noqa: E402
 from recon.data.demo import make_demo  # noqa: E402
 from recon.detect.cyclic import noise_norm  # noqa: E402
+from recon.detect.defense import (
+    Defense,  # noqa: E402
+    ScanDefenses,  # noqa: E402
+)
 from recon.io.mrd import read_raw  # noqa: E402
 from recon.io.mrd_write import read_images  # noqa: E402
 from recon.metrics import quality  # noqa: E402
 from recon.models.modl import MoDL  # noqa: E402
 from recon.models.weights import load_model  # noqa: E402
-from recon.pipeline import Defense, PreparedSlice, defend, prepare  # noqa: E402
+from recon.pipeline import PreparedSlice, defend, prepare  # noqa: E402
 from recon.types import SliceKSpace  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

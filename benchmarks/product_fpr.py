@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recon.calibrate import ScanDefenses
 from recon.data import mni
 from recon.data.demo import make_demo
+from recon.detect.defense import ScanDefenses
 from recon.io.mrd import read_raw
 from recon.models.weights import load_model
 from recon.pipeline import defend

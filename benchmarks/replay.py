@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from gadgets.runner.replay import replay
-from recon.calibrate import load_defense, protocol_of
 from recon.data import mni
 from recon.data.demo import make_demo
+from recon.detect.defense import load_defense, protocol_of
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import write_images
 from recon.models.weights import load_model

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recon.calibrate import ScanDefenses, default_calibration_path, detector_for
 from recon.data.demo import DEMO_RAW
 from recon.detect.cyclic import signal_level
+from recon.detect.defense import ScanDefenses, default_calibration_path, detector_for
 from recon.io.mrd import read_raw
 from recon.models.weights import load_model
 from recon.physics.masks import MaskFamily

@@ -38,15 +38,15 @@ import torch
 from tqdm import tqdm
 
 from recon.attacks.kspace import pgd_kspace_l2
-from recon.calibrate import load_defense, protocol_of, slice_noise_sigma
 from recon.data import mni
 from recon.data.demo import make_demo
 from recon.detect.cyclic import noise_norm
+from recon.detect.defense import Defense, load_defense, protocol_of, slice_noise_sigma
 from recon.io.mrd import read_raw
 from recon.mitigate import mitigate_faithful
 from recon.models.weights import load_model
 from recon.offline import resolve_device
-from recon.pipeline import DefendedResult, Defense, clock, defend, prepare, reconstruct
+from recon.pipeline import DefendedResult, clock, defend, prepare, reconstruct
 from recon.types import SliceKSpace
 
 RESULTS = Path(__file__).resolve().parent / "results"

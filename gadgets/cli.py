@@ -245,14 +245,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from recon.calibrate import (
-        build_calibration,
-        default_calibration_path,
-        detector_for,
-        scores_from_raw,
-        scores_from_simulation,
-    )
+    from recon.calibrate import build_calibration, scores_from_raw, scores_from_simulation
     from recon.detect.cyclic import BACKSTOPS
+    from recon.detect.defense import default_calibration_path, detector_for
     from recon.models.weights import load_model
 
     model, manifest = load_model(args.weights)

@@ -22,11 +22,11 @@ import ismrmrd
 from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, set_meta
 from gadgets.params import DetectSettings
 from gadgets.stages import InternalStore, Resources, SliceContext, gadget_logging, is_ours, serve
-from recon.calibrate import fit_defense, protocol_of
 from recon.detect.calibration import ProtocolKey
+from recon.detect.defense import Defense, fit_defense, protocol_of
 from recon.models.weights import model_tag
 from recon.physics.noise import estimate_noise_sigma
-from recon.pipeline import Defense, check, check_meta, prepare_with_maps
+from recon.pipeline import check, check_meta, prepare_with_maps
 from recon.verdict import PROTOCOL_KEY, SECONDS_PREFIX, verdict_meta
 
 log = logging.getLogger("cycguard.gadget.detect")

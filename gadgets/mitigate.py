@@ -21,7 +21,8 @@ from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, re
 from gadgets.detect import CheckedImageStage
 from gadgets.params import MitigateSettings
 from gadgets.stages import Resources, SliceContext, gadget_logging, serve
-from recon.pipeline import CheckResult, MitigationSettings, mitigate_flagged, prepare_with_maps
+from recon.pipeline import CheckResult, mitigate_flagged, prepare_with_maps
+from recon.settings import MitigationSettings
 from recon.verdict import SECONDS_PREFIX, VERDICT_KEY, verdict_meta
 
 log = logging.getLogger("cycguard.gadget.mitigate")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recon.calibrate import ScanDefenses, protocol_of
+from recon.detect.defense import ScanDefenses, protocol_of
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import check_output, read_images, write_images
 from recon.metrics import quality

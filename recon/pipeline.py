@@ -25,10 +25,10 @@ from recon.detect.cyclic import (
     DetectionScores,
     noise_norm,
 )
+from recon.detect.defense import Defense
 from recon.models.modl import MoDL
 from recon.physics.coils import estimate_coil_maps
 from recon.physics.sense import SenseOp
-from recon.settings import MitigationSettings
 from recon.types import SliceKSpace
 from recon.verdict import (
     CALIBRATION_KEY,
@@ -113,18 +113,6 @@ def reconstruct(data: SliceKSpace, model: MoDL, device: torch.device | str = "cp
 
 # ---------------------------------------------------------------- the defended pipeline
 
-
-
-@dataclass(frozen=True, eq=False)
-class Defense:
-    """Everything the defended pipeline needs, built once per protocol."""
-
-    model: MoDL
-    detector: CyclicDetector
-    calibration: Calibration
-    statistic: str
-    noise_sigma: float = 1.0
-    mitigation: MitigationSettings = MitigationSettings()
 
 
 @dataclass(frozen=True, eq=False)

@@ -83,9 +83,10 @@ def test_calibrate_from_clean_raw_files_and_use_it(tmp_path: Path) -> None:
 def test_calibrating_one_statistic_scores_only_what_it_needs() -> None:
     """``cycguard calibrate --statistic S`` scores the clean slices with S's passes only (the
     deployed statistic: no folds), and the components come out as the full scoring's."""
-    from recon.calibrate import DEFAULT_STATISTIC, scores_from_raw
+    from recon.calibrate import scores_from_raw
     from recon.data.demo import DEMO_RAW
     from recon.detect.cyclic import COMBINED_STATISTICS
+    from recon.detect.defense import DEFAULT_STATISTIC
     from recon.models.weights import load_model
 
     model, manifest = load_model()

@@ -21,11 +21,11 @@ from recon.attacks import (
     pgd_kspace_linf,
 )
 from recon.attacks.adaptive import adaptive_kspace_l2
-from recon.calibrate import detector_key_from_env
 from recon.data.samples import batch_inputs, make_sample
 from recon.detect import CalibrationError, CyclicDetector, calibrate
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey, calibrate_combined
 from recon.detect.cyclic import DetectionScores, _orthonormal, sensitive_share, start_seed
+from recon.detect.defense import detector_key_from_env
 from recon.mitigate import mitigate_faithful, mitigate_kspace
 from recon.models.modl import MoDL, MoDLConfig
 from recon.physics.masks import MaskFamily
@@ -714,8 +714,8 @@ def test_data_correction_with_null_gate_acts_on_where_the_image_moves(setup: tup
 
 def test_the_calibrate_command_offers_every_statistic_and_defaults_to_the_deployed_one() -> None:
     from gadgets.cli import build_parser
-    from recon.calibrate import DEFAULT_STATISTIC
     from recon.detect.cyclic import COMBINED_STATISTICS, STATISTICS
+    from recon.detect.defense import DEFAULT_STATISTIC
 
     parser = build_parser()
     args = parser.parse_args(["calibrate", "--simulate", "1"])

@@ -48,7 +48,7 @@ def test_every_mitigation_setting_is_a_property_that_reaches_the_pipeline() -> N
     from dataclasses import fields
 
     from gadgets.mitigate import mitigation_settings
-    from recon.pipeline import MitigationSettings
+    from recon.settings import MitigationSettings
 
     names = {f.name for f in fields(MitigationSettings)}
     assert names <= {f.name for f in fields(params.MitigateSettings)}

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from recon.attacks.kspace import benign_noise, impulse_spikes, pgd_kspace_l2
-from recon.calibrate import load_defense, protocol_of, slice_noise_sigma
 from recon.detect.cyclic import noise_norm
+from recon.detect.defense import load_defense, protocol_of, slice_noise_sigma
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import read_images
 from recon.metrics import quality

@@ -10,10 +10,12 @@ import torch
 
 from recon.detect import CyclicDetector, calibrate
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey
+from recon.detect.defense import Defense
 from recon.io.mrd import read_raw
 from recon.models.modl import MoDL, MoDLConfig
 from recon.physics.masks import MaskFamily
-from recon.pipeline import Defense, MitigationSettings, defend, reconstruct
+from recon.pipeline import defend, reconstruct
+from recon.settings import MitigationSettings
 
 PROTOCOL = ProtocolKey((32, 32), 4, "equispaced", 2, 8)
 
@@ -322,9 +324,9 @@ def test_a_damaging_kspace_attack_on_the_demo_is_flagged_and_mitigated() -> None
     from dataclasses import replace
 
     from recon.attacks import pgd_kspace_l2
-    from recon.calibrate import calibration_statistic, default_calibration_path, detector_for, protocol_of
     from recon.data.demo import DEMO_RAW, DEMO_REFERENCE
     from recon.detect.calibration import Calibration, DetectorKey
+    from recon.detect.defense import calibration_statistic, default_calibration_path, detector_for, protocol_of
     from recon.io.mrd_write import read_images
     from recon.metrics import quality
     from recon.models.weights import load_model
@@ -358,9 +360,9 @@ def test_the_site_key_reaches_the_deployed_detector(monkeypatch: pytest.MonkeyPa
     """``CYCGUARD_DETECTOR_KEY`` keys the shipped defense's sensitive directions, or says
     that it changes nothing when the shipped statistic has none (``null_first_union``,
     the shipped default); the shipped calibration still loads (the key is not part of it)."""
-    from recon.calibrate import calibration_statistic, default_calibration_path, load_defense, protocol_of
     from recon.data.demo import DEMO_RAW
     from recon.detect.cyclic import SENSITIVE_STATISTICS
+    from recon.detect.defense import calibration_statistic, default_calibration_path, load_defense, protocol_of
     from recon.models.weights import load_model
 
     model, manifest = load_model()
@@ -393,9 +395,9 @@ def test_scan_defenses_load_each_protocol_once_and_give_each_slice_its_noise(tmp
     """The offline path's defenses: one calibration load per protocol; noise sigma 1 for a
     prewhitened scan and the k-space estimate for one read without prewhitening; a named
     calibration for another protocol is an error, not a scan of unverified images."""
-    from recon.calibrate import ScanDefenses, detector_for, slice_noise_sigma
     from recon.data.demo import DEMO_RAW
     from recon.detect.calibration import CalibrationError
+    from recon.detect.defense import ScanDefenses, detector_for, slice_noise_sigma
     from recon.models.weights import load_model
 
     model, manifest = load_model()

@@ -40,7 +40,7 @@ reconstruction the recon stage already made):
   subspace is much larger than K: starts drawn from different seeds give nearly orthogonal
   directions (subspace overlap 0.02-0.07) that flag the same attacks. So a site can key the
   start with a secret (:func:`start_seed`; ``CYCGUARD_DETECTOR_KEY``, read by
-  :func:`recon.calibrate.detector_key_from_env`): the directions are
+  :func:`recon.detect.defense.detector_key_from_env`): the directions are
   then reproducible there and unknown to an attacker who has everything but the key.
 * ``holdout_union`` (an earlier default): the larger of ``holdout_noise`` and
   ``holdout_sensitive``, each over its own clean threshold at the target rate (scales kept in
