@@ -44,8 +44,7 @@ from recon.detect.cyclic import noise_norm
 from recon.detect.defense import Defense, load_defense, protocol_of, slice_noise_sigma
 from recon.io.mrd import read_raw
 from recon.mitigate import mitigate_faithful
-from recon.models.weights import load_model
-from recon.offline import resolve_device
+from recon.models.weights import load_model, resolve_device
 from recon.pipeline import DefendedResult, clock, defend, prepare, reconstruct
 from recon.types import SliceKSpace
 

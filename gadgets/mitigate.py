@@ -18,9 +18,8 @@ from dataclasses import fields, replace
 from typing import Any
 
 from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, received_copy, set_meta, with_pixels
-from gadgets.detect import CheckedImageStage
 from gadgets.params import MitigateSettings
-from gadgets.stages import Resources, SliceContext, gadget_logging, serve
+from gadgets.stages import CheckedImageStage, Resources, SliceContext, gadget_logging, serve
 from recon.pipeline import CheckResult, mitigate_flagged, prepare_with_maps
 from recon.settings import MitigationSettings
 from recon.verdict import SECONDS_PREFIX, VERDICT_KEY, verdict_meta

@@ -30,8 +30,12 @@ import numpy as np
 from gadgetron.types.recon_data import ReconData
 
 from gadgets import params
-from gadgets.convert import BufferSlice, ContractError, buffer_slices, image_key, is_maps, maps_of, meta_of
+from gadgets.convert import BufferSlice, ContractError, buffer_slices, image_key, is_maps, maps_of, meta_of, meta_value
+from recon.detect.calibration import ProtocolKey
+from recon.detect.defense import Defense, fit_defense, protocol_of
+from recon.models.weights import model_tag
 from recon.types import SliceKey
+from recon.verdict import MODEL_KEY
 
 log = logging.getLogger("cycguard.gadget")
 
@@ -76,8 +80,7 @@ class Resources:
 
     def model(self, weights: str, device: str) -> tuple[Any, Any, Any]:
         """``(model, manifest, torch_device)`` for a weights path ("" = shipped default), loaded once."""
-        from recon.models.weights import load_model
-        from recon.offline import resolve_device
+        from recon.models.weights import load_model, resolve_device
 
         key = (weights, device)
         if key not in self._models:
@@ -162,6 +165,59 @@ class InternalStore:
 def is_ours(item: Any) -> bool:
     """Whether an item is an image a CycGuard recon made (it carries ``CycGuard.Model``)."""
     return isinstance(item, ismrmrd.Image) and "CycGuard.Model" in meta_of(item)
+
+
+# ------------------------------------------------------------------ stages that check CycGuard images
+
+
+class DefenseCache:
+    """Defenses per protocol for one model and calibration file (shared by detect and mitigate)."""
+
+    def __init__(self, stage: str, weights: str, calibration: str, device: str, resources: Resources) -> None:
+        self.stage = stage
+        self.model, self.manifest, self.device = resources.model(weights, device)
+        self.calibration = Path(calibration) if calibration else None
+        self.acceleration = resources.acceleration()
+        self.cache: dict[ProtocolKey, Defense | str] = {}
+
+    def check_model(self, image: ismrmrd.Image) -> None:
+        tag = meta_value(meta_of(image), MODEL_KEY)
+        if tag != model_tag(self.manifest):
+            raise ContractError(f"{self.stage}: image made by model {tag}, but this gadget loaded {model_tag(self.manifest)}")
+
+    def defense(self, data: Any) -> Defense | str:
+        """The defense for ``data``'s protocol, or why no calibration fits it."""
+        protocol = protocol_of(data, self.manifest, self.acceleration)
+        if protocol not in self.cache:
+            self.cache[protocol] = fit_defense(self.model, self.manifest, protocol, self.calibration)
+        return self.cache[protocol]
+
+
+class CheckedImageStage:
+    """A stage that works on CycGuard images with the k-space and coil maps sent before them
+    (detect, mitigate): keeps those in an :class:`InternalStore`, passes other items through."""
+
+    name = "checked"
+
+    def __init__(self, forward_internal: bool, weights: str, calibration: str, device: str, resources: Resources) -> None:
+        self.store = InternalStore(self.name, forward_internal, resources.receiver_bandwidth())
+        self.defenses = DefenseCache(self.name, weights, calibration, device, resources)
+
+    def process(self, item: Any) -> Iterable[Any]:
+        forwarded = self.store.offer(item)
+        if forwarded is not None:
+            return forwarded
+        if not is_ours(item):
+            return [item]
+        return self.handle(item, self.store.take(item))
+
+    def handle(self, image: ismrmrd.Image, context: SliceContext) -> list[Any]:
+        """Items to send for one CycGuard image."""
+        raise NotImplementedError
+
+    def close(self) -> Iterable[Any]:
+        self.store.close()
+        return []
 
 
 # ------------------------------------------------------------------ building and running stages

@@ -14,33 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from recon.detect.defense import ScanDefenses, protocol_of
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import check_output, read_images, write_images
 from recon.metrics import quality
-from recon.models.weights import load_model, model_tag
+from recon.models.weights import load_model, model_tag, resolve_device
 from recon.pipeline import check_meta, defend, reconstruct
 from recon.report import RunContext, SliceReport, montage, write_report
 from recon.types import ReconImage
 from recon.verdict import CALIBRATION_KEY, MODEL_KEY, PROTOCOL_KEY, verdict_meta
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; anything else is passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"device {name!r} is not a torch device (use auto, cpu or cuda[:N])") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    return device
 
 
 @dataclass(frozen=True)

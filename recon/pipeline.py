@@ -200,8 +200,9 @@ def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> Check
     reason = f"{verdict}: {defense.statistic} {score:.4g} {relation} threshold {calibration.threshold:.4g}"
     if calibration.scales:  # which component decided
         reason += " (" + ", ".join(f"{name} {scores.get(name):.4g} / {scale:.4g}" for name, scale in calibration.scales) + ")"
-    if verdict == "clean" and not calibration.covers(scores.signal_level):
-        verdict, reason = "unverified", f"unverified: {coverage_doubt(scores.signal_level, calibration)}; the passing score ({reason}) is not trusted"
+    doubt = defense.noise_doubt or (None if calibration.covers(scores.signal_level) else coverage_doubt(scores.signal_level, calibration))
+    if verdict == "clean" and doubt is not None:
+        verdict, reason = "unverified", f"unverified: {doubt}; the passing score ({reason}) is not trusted"
     return CheckResult(verdict, score, calibration.threshold, calibration.p_value(score), scores, reason, seconds)
 
 

@@ -45,12 +45,31 @@ def default_calibration_path(manifest: ModelManifest) -> Path:
     return CALIBRATION_DIR / f"{manifest.name}.calibration.json"
 
 
+# how far the k-space periphery of prewhitened data may put the noise level from 1
+WHITENED_TOLERANCE = 0.25
+
+
+def noise_level(data: SliceKSpace, whitened: bool) -> tuple[float, str | None]:
+    """Noise standard deviation per k-space sample, and a doubt about it (or ``None``).
+
+    Prewhitened data (NoiseAdjust, or the reader, from the noise scans, which an attacker of
+    the imaging lines does not touch): 1. When the k-space periphery disagrees by more than
+    :data:`WHITENED_TOLERANCE`, the data may not be whitened as the header says: the doubt is
+    returned, and a passing score is then not trusted (:func:`recon.pipeline.check`). Data
+    not prewhitened: estimated from the periphery (a perturbation that reaches the periphery
+    inflates the estimate and so lowers its own score; prefer prewhitened data).
+    """
+    estimate = estimate_noise_sigma(np.asarray(data.kspace), np.asarray(data.mask))
+    if not whitened:
+        return estimate, None
+    if abs(estimate - 1.0) > WHITENED_TOLERANCE:
+        return 1.0, f"k-space periphery gives noise sigma {estimate:.3g}, not 1 as whitened data should"
+    return 1.0, None
+
+
 def slice_noise_sigma(data: SliceKSpace, whitened: bool) -> float:
-    """Noise standard deviation per sample: 1 for prewhitened data, else estimated from the
-    k-space periphery (:func:`recon.physics.noise.estimate_noise_sigma`)."""
-    if whitened:
-        return 1.0
-    return estimate_noise_sigma(np.asarray(data.kspace), np.asarray(data.mask))
+    """The noise standard deviation :func:`noise_level` gives (without its doubt)."""
+    return noise_level(data, whitened)[0]
 
 
 def protocol_of(data: SliceKSpace, manifest: ModelManifest, acceleration: int) -> ProtocolKey:
@@ -100,6 +119,7 @@ class Defense:
     statistic: str
     noise_sigma: float = 1.0
     mitigation: MitigationSettings = MitigationSettings()
+    noise_doubt: str | None = None  # why the noise level may be wrong (a passing score is then not trusted)
 
 
 def load_defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, calibration: Path | None) -> Defense | None:
@@ -141,8 +161,8 @@ class ScanDefenses:
     A scan may mix protocols (matrix, coils, ACS lines): each protocol's calibration is
     loaded once (:func:`load_defense`, so a named calibration that does not fit is an error
     and a default one that does not fit leaves that protocol's slices ``unverified``), and
-    every slice gets its own noise sigma (:func:`slice_noise_sigma`: 1 for a scan that was
-    prewhitened with its noise scans).
+    every slice gets its own noise level (:func:`noise_level`: 1 for a scan that was
+    prewhitened with its noise scans, with a doubt when its periphery disagrees).
     """
 
     def __init__(self, model: MoDL, manifest: ModelManifest, scan: RawScan, calibration: Path | None = None) -> None:
@@ -160,7 +180,10 @@ class ScanDefenses:
         if protocol not in self._loaded:
             self._loaded[protocol] = fit_defense(self.model, self.manifest, protocol, self.calibration)
         defense = self._loaded[protocol]
-        return defense if isinstance(defense, str) else replace(defense, noise_sigma=slice_noise_sigma(data, self.scan.whitened))
+        if isinstance(defense, str):
+            return defense
+        sigma, doubt = noise_level(data, self.scan.whitened)
+        return replace(defense, noise_sigma=sigma, noise_doubt=doubt)
 
 
 def calibration_statistic(path: Path) -> str:

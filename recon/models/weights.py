@@ -124,3 +124,16 @@ def load_model(weights: Path | str | None = None, device: str | torch.device = "
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.to(device), manifest
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r} is not a torch device (use auto, cpu or cuda[:N])") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return device
