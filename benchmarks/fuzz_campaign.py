@@ -164,7 +164,7 @@ def _corrupt_raw(rng: random.Random, target: Path) -> str:
             return f"acquisition header field {name}"
         xml = handle["dataset/xml"][0]
         xml = xml.decode("utf-8", "replace") if isinstance(xml, bytes) else str(xml)
-        mutated = _mutate_text(xml, rng)
+        mutated = _mutate_text(xml, rng).replace("\x00", "")  # HDF5 strings cannot hold NUL
         del handle["dataset/xml"]
         handle.create_dataset("dataset/xml", data=[mutated.encode("utf-8", "surrogatepass")])
         return "XML header"
@@ -187,10 +187,13 @@ def case_raw(rng: random.Random) -> str:
         return f"read {len(scan.slices)} slices"
 
 
-def run_case(seed: int, family: str, index: int) -> tuple[str, str, float]:
-    """One case in a worker: ``(outcome, detail, peak RSS MB of this worker so far)``;
-    outcome ``ok`` or ``defect`` (another exception: the detail says which)."""
+def run_case(seed: int, family: str, index: int) -> tuple[str, str, float, float]:
+    """One case in a worker: ``(outcome, detail, peak RSS MB of this worker so far, how much
+    this case raised that peak)``; outcome ``ok`` or ``defect`` (another exception: the
+    detail says which)."""
     import signal
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def alarm(*_: object) -> None:
         raise TimeoutError(f"case took more than {CASE_LIMIT:.0f} s")
@@ -206,7 +209,8 @@ def run_case(seed: int, family: str, index: int) -> tuple[str, str, float]:
         outcome, detail = "defect", f"{type(err).__name__}: {err}"[:300] + " @ " + traceback.format_tb(err.__traceback__)[-1].strip().splitlines()[0]
     finally:
         signal.alarm(0)
-    return outcome, detail, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return outcome, detail, peak, peak - before
 
 
 def _kill(pool: ProcessPoolExecutor) -> None:
@@ -216,15 +220,15 @@ def _kill(pool: ProcessPoolExecutor) -> None:
         process.kill()
 
 
-def _alone(seed: int, family: str, index: int) -> tuple[str, str, float]:
+def _alone(seed: int, family: str, index: int) -> tuple[str, str, float, float]:
     """Run one case in a fresh worker of its own: a crash there is this case's."""
     pool = ProcessPoolExecutor(max_workers=1)
     try:
         return pool.submit(run_case, seed, family, index).result(timeout=CASE_LIMIT + 30)
     except BrokenProcessPool as err:
-        return "crash", f"the worker died: {err}", 0.0
+        return "crash", f"the worker died: {err}", 0.0, 0.0
     except FutureTimeout:
-        return "hang", "no result (worker stuck past the alarm)", 0.0
+        return "hang", "no result (worker stuck past the alarm)", 0.0, 0.0
     finally:
         _kill(pool)
 
@@ -236,7 +240,8 @@ def run_in_workers(seed: int, family: str, count: int) -> dict[str, object]:
     findings: list[dict[str, object]] = []
     peak = 0.0
     pool = ProcessPoolExecutor(max_workers=2)
-    pending: dict[int, Future[tuple[str, str, float]]] = {}
+    pending: dict[int, Future[tuple[str, str, float, float]]] = {}
+    memory: list[tuple[float, int]] = []  # (MB a case raised its worker's peak by, case)
     next_index = 0
     bar = tqdm(total=count, desc=f"fuzz {family}", unit="case")
     started = time.perf_counter()
@@ -248,12 +253,12 @@ def run_in_workers(seed: int, family: str, count: int) -> dict[str, object]:
         future = pending.pop(index)
         broken = False
         try:
-            outcome, detail, rss = future.result(timeout=CASE_LIMIT + 30)
+            outcome, detail, rss, grew = future.result(timeout=CASE_LIMIT + 30)
         except FutureTimeout:
-            outcome, detail, rss = "hang", "no result (worker stuck past the alarm)", 0.0
+            outcome, detail, rss, grew = "hang", "no result (worker stuck past the alarm)", 0.0, 0.0
             broken = True
         except BrokenProcessPool:
-            outcome, detail, rss = _alone(seed, family, index)  # a worker died: was it this case?
+            outcome, detail, rss, grew = _alone(seed, family, index)  # a worker died: was it this case?
             broken = True
         if broken:  # restart the workers; resubmit what was in flight
             _kill(pool)
@@ -266,6 +271,7 @@ def run_in_workers(seed: int, family: str, count: int) -> dict[str, object]:
         else:
             findings.append({"case": f"{family}:{index}", "outcome": outcome, "detail": detail})
         peak = max(peak, rss)
+        memory.append((grew, index))
         bar.update(1)
     bar.close()
     pool.shutdown()
@@ -275,6 +281,7 @@ def run_in_workers(seed: int, family: str, count: int) -> dict[str, object]:
         "results": dict(details),
         "findings": findings,
         "worker_peak_rss_mb": round(peak, 1),
+        "largest_peak_raises": [{"case": f"{family}:{i}", "mb": round(mb, 1)} for mb, i in sorted(memory, reverse=True)[:5] if mb > 0],
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import socket
 import threading
+import warnings
 from pathlib import Path
 
 import h5py
@@ -134,6 +135,26 @@ def test_a_close_before_the_data_is_answered_with_close() -> None:
     close = p.CLOSE.to_bytes(2, "little")
     assert _session(close + b"\0\0\0\0") == [p.CLOSE]
     assert _session(p.config_file_message("recon") + close) == [p.CLOSE]
+
+
+def test_a_header_value_of_the_wrong_type_is_an_error_not_a_dropped_connection() -> None:
+    """A header whose matrix size or field of view is not a number (found by the fuzz
+    campaign: the session hung up without CLOSE, and the raw-file reader raised a bare
+    ValueError): TEXT naming it, then CLOSE; the reader's MRDError."""
+    from gadgets.runner.replay import read_header
+    from recon.data.demo import DEMO_RAW
+    from recon.io.mrd import parse_header
+
+    header = read_header(DEMO_RAW)
+    for old, new in (("<z>1</z>", "<z>1x</z>"), ("<x>240.0</x>", "<x>24x0.0</x>")):
+        assert old in header, old
+        bad = header.replace(old, new, 1)
+        with warnings.catch_warnings():  # as in production, xsdata only warns and keeps the text
+            warnings.simplefilter("ignore")
+            with pytest.raises(MRDError, match="XML header holds a value of the wrong type"):
+                parse_header(bad, "client header")
+            ids = _session(p.config_file_message("recon") + p.string_message(p.HEADER, bad))
+        assert ids[-2:] == [p.TEXT, p.CLOSE], ids
 
 
 def _acquisitions(slices: int = 1) -> list[bytes]:

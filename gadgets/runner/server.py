@@ -126,6 +126,11 @@ class Session:
             self._text(f"[cycguard] ERROR: {err}")
             self._close()
             return
+        except Exception as err:  # anything else too: the client must never wait on silence
+            log.exception("%s: unexpected failure before the data", self.peer)
+            self._text(f"[cycguard] ERROR: internal error: {err}")
+            self._close()
+            return
         self.sock.settimeout(self.server.idle_timeout)
         if not self._wait_for_slot():
             self._close()

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import ismrmrd
@@ -125,6 +126,14 @@ def parse_header(xml: str, source: str = "header") -> Protocol:
         header = ismrmrd.xsd.CreateFromDocument(xml)
     except Exception as err:  # xsdata raises parser-specific types
         raise MRDError(f"{source}: malformed ISMRMRD XML header: {err}") from err
+    try:
+        return _protocol(header, source)
+    except (TypeError, ValueError, AttributeError) as err:  # xsdata leaves a value it cannot convert as text
+        raise MRDError(f"{source}: XML header holds a value of the wrong type ({err})") from err
+
+
+def _protocol(header: Any, source: str) -> Protocol:
+    """The protocol of a parsed header (see :func:`parse_header`)."""
     if not header.encoding:
         raise MRDError(f"{source}: XML header has no <encoding>")
     enc = header.encoding[0]
