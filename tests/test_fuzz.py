@@ -258,3 +258,32 @@ def test_non_finite_samples_are_a_problem_not_data(raw_copy: Path, tmp_path: Pat
     with pytest.raises(MRDError, match="slice 0 .* holds non-finite samples"):
         read_raw(target)
     assert len(read_raw(target, strict=False).slices) == 3  # the other slices are kept
+
+
+def test_a_corrupt_variable_length_is_refused_before_hdf5_allocates_it(raw_copy: Path, tmp_path: Path) -> None:
+    """One acquisition's trajectory length overwritten on disk (found by the fuzz campaign:
+    HDF5 allocated 11 GB for it before failing): the reader names it, in a subprocess whose
+    memory stays small."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "vlen.h5"
+    shutil.copy(raw_copy, target)
+    with h5py.File(target, "r") as handle:
+        data = handle["dataset/data"]
+        ftype = data.id.get_type()
+        names = [ftype.get_member_name(i).decode() for i in range(ftype.get_nmembers())]
+        offset = ftype.get_member_offset(names.index("traj"))
+        where = data.id.get_chunk_info(7).byte_offset + offset
+    with target.open("r+b") as handle:
+        handle.seek(where)
+        handle.write((2_900_000_000).to_bytes(4, "little"))
+    with pytest.raises(MRDError, match="claims 2900000000 traj values, more than the"):
+        read_raw(target)
+    code = (
+        "import resource, sys\nfrom recon.io.mrd import MRDError, read_raw\n"
+        f"try:\n    read_raw({str(target)!r})\nexcept MRDError:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    peak_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout.split()[-1])
+    assert peak_mb < 2000, peak_mb

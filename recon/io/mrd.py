@@ -291,6 +291,45 @@ MAX_LINE_RATIO = 32
 partial Fourier and a margin): memory follows what a file holds, not what its header says."""
 
 
+VLEN_DESCRIPTOR = 16  # on disk: a 4-byte element count, then the global heap ID (8-byte address, 4-byte index)
+
+
+def check_variable_lengths(data: h5py.Dataset, path: Path) -> None:
+    """Refuse acquisitions whose variable-length fields (trajectory, samples) claim more bytes
+    than the whole file holds, before HDF5 reads them: a corrupt length makes it allocate that
+    much (gigabytes) before it fails. Read from the raw chunks of an unfiltered chunked data
+    set (as ISMRMRD writes it); other layouts are read as they are."""
+    if data.chunks is None or data.id.get_create_plist().get_nfilters() > 0:
+        return
+    ftype = data.id.get_type()
+    row = ftype.get_size()
+    members = [ftype.get_member_name(i).decode() for i in range(ftype.get_nmembers())]
+    vlen = [(name, ftype.get_member_offset(i)) for i, name in enumerate(members) if isinstance(ftype.get_member_type(i), h5py.h5t.TypeVlenID)]
+    if not vlen:
+        return
+    limit = path.stat().st_size
+    chunks: list[Any] = []
+    if hasattr(data.id, "chunk_iter"):  # one pass over the chunk index (HDF5 1.14 and later)
+        data.id.chunk_iter(chunks.append)
+    else:
+        chunks = [data.id.get_chunk_info(i) for i in range(data.id.get_num_chunks())]
+    with path.open("rb") as handle:
+        for chunk in chunks:
+            if chunk.byte_offset is None or chunk.byte_offset + chunk.size > limit:
+                raise MRDError(f"{path}: acquisitions {chunk.chunk_offset[0]}... lie past the end of the file (truncated or corrupt)")
+            handle.seek(chunk.byte_offset)
+            raw = handle.read(chunk.size)
+            for index in range(len(raw) // row):
+                for name, offset in vlen:
+                    at = index * row + offset
+                    count = int.from_bytes(raw[at : at + 4], "little")
+                    if count * 4 > limit:  # float32 elements
+                        raise MRDError(
+                            f"{path}: acquisition {chunk.chunk_offset[0] + index} claims {count} {name} values, more than the "
+                            f"{limit}-byte file holds (corrupt data)"
+                        )
+
+
 def survey(path: str | Path, protocol: Protocol, dataset: str = "dataset") -> list[str]:
     """Check a raw file's acquisition headers against its XML header before any k-space is read.
 
@@ -302,8 +341,11 @@ def survey(path: str | Path, protocol: Protocol, dataset: str = "dataset") -> li
     path = Path(path)
     try:
         with h5py.File(path, "r") as handle:
+            check_variable_lengths(handle[f"{dataset}/data"], path)
             heads = handle[f"{dataset}/data"].fields("head")[()]
     except (OSError, KeyError, ValueError, TypeError) as err:
+        if isinstance(err, MRDError):
+            raise
         raise MRDError(f"{path}: cannot read acquisition headers (truncated or corrupt data?): {err}") from err
     keep = (heads["flags"].astype(np.uint64) & NOT_IMAGING) == 0
     imaging = heads[keep]
