@@ -36,7 +36,7 @@ def test_a_fault_in_any_stage_fails_the_run_loudly_and_keeps_what_was_done(
 ) -> None:
     # `check` rightly refuses a chain whose gadget it cannot see into (the stand-in hides what
     # the real one forwards); the stand-in runs the real stage, so that pre-flight is skipped.
-    monkeypatch.setattr("gadgets.runner.replay.check", lambda pipeline: [])
+    monkeypatch.setattr("gadgets.runner.replay.check_pipeline", lambda pipeline: [])
     text = (ROOT / "pipelines" / "defended.xml").read_text()
     real = f'<execute name="gadgets.{stage}" target="{stage}" type="python"/>'
     assert real in text
