@@ -128,6 +128,8 @@ def parse_header(xml: str, source: str = "header") -> Protocol:
         raise MRDError(f"{source}: malformed ISMRMRD XML header: {err}") from err
     try:
         return _protocol(header, source)
+    except MRDError:
+        raise
     except (TypeError, ValueError, AttributeError) as err:  # xsdata leaves a value it cannot convert as text
         raise MRDError(f"{source}: XML header holds a value of the wrong type ({err})") from err
 
