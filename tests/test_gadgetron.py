@@ -181,7 +181,7 @@ ERROR_CASES = {
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_errors_reach_the_real_client_once_and_nothing_hangs(gadgetron: Gadgetron, case: str, tmp_path: Path) -> None:
     make, message = ERROR_CASES[case]
-    run = gadgetron.client(DEMO_RAW, tmp_path / "real.h5", script=make(tmp_path), timeout=int(ERROR_DEADLINE_S))
+    run = gadgetron.client_until_answered(DEMO_RAW, tmp_path / "real.h5", script=make(tmp_path), timeout=int(ERROR_DEADLINE_S))
     assert run.seconds < ERROR_DEADLINE_S, run.output
     assert "ERROR" in run.output, run.output
     if message is not None:
@@ -192,7 +192,7 @@ def test_errors_reach_the_real_client_once_and_nothing_hangs(gadgetron: Gadgetro
 
 def test_a_header_our_library_rejects_reaches_the_real_client(gadgetron: Gadgetron, tmp_path: Path) -> None:
     raw = demo_with_header(tmp_path / "radial.h5", ">cartesian<", ">radial<")
-    run = gadgetron.client(raw, tmp_path / "real.h5", config="detect.xml", timeout=int(ERROR_DEADLINE_S))
+    run = gadgetron.client_until_answered(raw, tmp_path / "real.h5", config="detect.xml", timeout=int(ERROR_DEADLINE_S))
     assert run.seconds < ERROR_DEADLINE_S and not run.wrote
     assert run.output.count("trajectory 'radial' is not supported") >= 1, run.output
     _no_python_left(gadgetron)
