@@ -39,8 +39,9 @@ from recon.baselines import cg_sense  # noqa: E402
 from recon.data.samples import Sample, simulated_slices  # noqa: E402
 from recon.detect import CyclicDetector, calibrate  # noqa: E402
 from recon.detect.calibration import Calibration, DetectorKey  # noqa: E402
-from recon.detect.cyclic import STATISTICS, DetectionScores, noise_norm  # noqa: E402
+from recon.detect.cyclic import DetectionScores, noise_norm  # noqa: E402
 from recon.detect.defense import model_protocol  # noqa: E402
+from recon.detect.statistics import STATISTICS  # noqa: E402
 from recon.metrics import quality  # noqa: E402
 from recon.mitigate import k_from_image, mitigate_faithful, mitigate_kspace, randomized_smoothing  # noqa: E402
 from recon.models.weights import load_model  # noqa: E402
@@ -290,7 +291,7 @@ def product_calibration(detector: CyclicDetector, manifest: Any, args: argparse.
 def gates_of(cal: Calibration) -> tuple[float, float | None]:
     """The clean thresholds of ``prior_shift`` and (``None`` when it holds none) ``null_shift``
     in the calibration: the gated mitigations' gates."""
-    from recon.pipeline import null_gate, prior_gate
+    from recon.mitigate.gated import null_gate, prior_gate
 
     gate = prior_gate(cal)
     if gate is None:
@@ -443,8 +444,8 @@ def mitigation_phase(model: Any, detector: CyclicDetector, victims: list[Item], 
     ``null_shift`` threshold: the ``null`` columns (the product's default data correction)
     and the ``product`` column, what the product ships (that correction's image only when
     :func:`product_rewrites`). Each mitigation pays its own gate pass, as it would alone."""
+    from recon.mitigate.cyclic import safeguard, safeguard_statistic
     from recon.mitigate.prior import mitigate_prior
-    from recon.pipeline import safeguard, safeguard_statistic
     from recon.settings import MitigationSettings
 
     settings = MitigationSettings()

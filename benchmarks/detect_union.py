@@ -34,18 +34,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import benchmarks.retired_detectors  # noqa: F401  (registers the detectors of earlier releases)
 from benchmarks.defense import attack, auc, observe, plot_roc, psnr, to_item
 from benchmarks.object_shift import victim_rows
 from recon.attacks.adaptive import adaptive_kspace_l2
 from recon.calibrate import build_calibration, scores_from_simulation
 from recon.data.samples import simulated_slices
 from recon.detect.calibration import Calibration, DetectorKey, ProtocolKey
-from recon.detect.cyclic import COMBINED_STATISTICS, DetectionScores
-from recon.detect.defense import DEFAULT_STATISTIC, Defense, detector_for, model_protocol
+from recon.detect.cyclic import DetectionScores
+from recon.detect.defense import Defense, detector_for, model_protocol
+from recon.detect.statistics import COMBINATIONS, DEFAULT_STATISTIC
 from recon.models.weights import load_model
 
 COMPONENTS = ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift", "noise_excess")
-STATISTICS = (*COMPONENTS, *COMBINED_STATISTICS)
+STATISTICS = (*COMPONENTS, *COMBINATIONS)
 DEPLOYABLE = ("null_noise_union", "null_first_union", "null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "holdout_shift_union", "holdout_union")
 ATTACKS: list[tuple[str, float, str]] = [
     ("kspace-l2", 0.3, "noise norms"),
@@ -59,6 +61,11 @@ ATTACKS: list[tuple[str, float, str]] = [
     ("impulse", 0.2, "x max|y| per spike, 10 spikes"),
     ("benign", 1.0, "x noise sigma"),
 ]
+
+
+def _components(statistic: str) -> tuple[str, ...]:
+    """The components of a combination, or the statistic alone."""
+    return COMBINATIONS[statistic].components if statistic in COMBINATIONS else (statistic,)
 
 
 def main() -> None:
@@ -165,7 +172,7 @@ def _stored(record: dict[str, Any]) -> DetectionScores:
 
 def _stored_statistics(record: dict[str, Any]) -> list[str]:
     """The statistics whose components a stored record holds (older records lack ``null_shift``)."""
-    return [s for s in STATISTICS if all(k in record for k in COMBINED_STATISTICS.get(s, (s,)))]
+    return [s for s in STATISTICS if all(k in record for k in _components(s))]
 
 
 def rescore(args: argparse.Namespace) -> None:
@@ -254,7 +261,7 @@ def confirm_phase(args: argparse.Namespace) -> None:
     model, manifest, detector, cal = _run_calibration(args)
     items = [to_item(s) for s in simulated_slices("heldout", args.clean, detector.family, manifest.coils, seed=args.confirm)]
 
-    components = COMBINED_STATISTICS.get(args.statistic, (args.statistic,))
+    components = _components(args.statistic)
 
     def scored(item: Any, y: torch.Tensor) -> tuple[float, float, dict[str, float]]:
         with torch.no_grad():

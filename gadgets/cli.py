@@ -246,8 +246,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from recon.calibrate import build_calibration, scores_from_raw, scores_from_simulation
-    from recon.detect.cyclic import BACKSTOPS
     from recon.detect.defense import default_calibration_path, detector_for
+    from recon.detect.statistics import COMBINATIONS
     from recon.models.weights import load_model
 
     model, manifest = load_model(args.weights)
@@ -273,7 +273,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"mitigation rewrites only a flagged slice scoring above {calibration.clean_max:.6g}, the largest of the {len(scores)} clean "
         "scores (rewrite_beyond_clean)"
     )
-    backstops = BACKSTOPS.get(args.statistic, ())
+    backstops = COMBINATIONS[args.statistic].backstops if args.statistic in COMBINATIONS else ()
     if backstops:  # each scaled by the largest clean value: a new clean slice exceeds it with probability up to 1 / (n + 1)
         bound = args.fpr + len(backstops) / (len(scores) + 1)
         _out(f"backstops: {', '.join(backstops)} (false-positive rate on new clean slices up to {bound:.3g}; more clean slices lower it)")
@@ -291,6 +291,7 @@ def _cmd_make_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cycguard``."""
     from recon.data.demo import DEMO_DIR
+    from recon.detect.statistics import DEFAULT_STATISTIC, PRODUCT_CHOICES
     from recon.train import TrainConfig
 
     defaults = TrainConfig()
@@ -389,12 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     cal.add_argument(
         "--statistic",
-        default="null_first_union",
-        choices=[
-            "null_first_union", "null_noise_union", "null_spike_union", "shift_null_spike_union", "holdout_shift_spike_union", "shift_spike_union", "holdout_shift_union", "holdout_union", "holdout_noise", "holdout_sensitive", "prior_shift",
-            "null_shift", "dc_spike", "cyclic_noise", "cyclic", "cycle_image", "dc", "dc_noise", "noise_excess",
-        ],
-        help="detection statistic (default null_first_union; see recon/detect/cyclic.py)",
+        default=DEFAULT_STATISTIC,
+        choices=PRODUCT_CHOICES,
+        help=f"detector (default {DEFAULT_STATISTIC}; null_noise_union adds the noise backstop for prewhitened data; cyclic is the "
+        "paper's statistic, for comparison; docs/STATISTICS.md)",
     )
     cal.add_argument("--weights", type=Path, default=None)
     cal.add_argument("-o", "--output", help="calibration JSON (default: beside the weights)")

@@ -5,7 +5,7 @@ re-reconstruction; ``method=cyclic``: the k-space cyclic mitigation).
 ``<external><execute name="gadgets.mitigate" target="mitigate" type="python"/>``, after a
 detect gadget with ``forward_internal=true``. Images whose verdict is not ``flagged`` pass
 unchanged. A flagged image is rewritten only when the safeguard accepts the rewrite
-(:func:`recon.pipeline.mitigate_flagged`); then it becomes ``mitigated``, its history and
+(:func:`recon.mitigate.policy.mitigate_flagged`); then it becomes ``mitigated``, its history and
 series description say so, and its comment gives both scores. The calibration must be the
 one the detect gadget used (its threshold is checked).
 """
@@ -20,16 +20,17 @@ from typing import Any
 from gadgets.convert import ContractError, image_pixels, meta_of, meta_value, received_copy, set_meta, with_pixels
 from gadgets.params import MitigateSettings
 from gadgets.stages import CheckedImageStage, Resources, SliceContext, gadget_logging, serve
-from recon.pipeline import CheckResult, mitigate_flagged, prepare_with_maps
+from recon.mitigate.policy import mitigate_flagged
+from recon.physics.prepared import prepare_with_maps
 from recon.settings import MitigationSettings
-from recon.verdict import SECONDS_PREFIX, VERDICT_KEY, verdict_meta
+from recon.verdict import SECONDS_PREFIX, VERDICT_KEY, CheckResult, verdict_meta
 
 log = logging.getLogger("cycguard.gadget.mitigate")
 
 
 def mitigation_settings(settings: MitigateSettings) -> MitigationSettings:
     """The pipeline's mitigation settings from the gadget's properties (every field of
-    :class:`recon.pipeline.MitigationSettings` is a property of the same name)."""
+    :class:`recon.settings.MitigationSettings` is a property of the same name)."""
     return MitigationSettings(**{f.name: getattr(settings, f.name) for f in fields(MitigationSettings)})
 
 

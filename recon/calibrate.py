@@ -24,7 +24,7 @@ from recon.detect.calibration import (
     calibrate_combined,
     signal_range,
 )
-from recon.detect.cyclic import COMBINED_STATISTICS, CyclicDetector, DetectionScores
+from recon.detect.cyclic import CyclicDetector, DetectionScores
 from recon.detect.defense import (
     DEFAULT_STATISTIC,
     detector_for,
@@ -32,6 +32,7 @@ from recon.detect.defense import (
     protocol_of,
     slice_noise_sigma,
 )
+from recon.detect.statistics import COMBINATIONS
 from recon.io.mrd import read_raw
 from recon.models.modl import MoDL
 from recon.models.weights import ModelManifest
@@ -102,8 +103,8 @@ def build_calibration(
     calibration covers the signal levels (SNR) of those slices and no others."""
     key = DetectorKey.of(statistic, detector)
     scores = list(scores)
-    if statistic in COMBINED_STATISTICS:
-        components = {name: [s.get(name) for s in scores] for name in COMBINED_STATISTICS[statistic]}
+    if statistic in COMBINATIONS:
+        components = {name: [s.get(name) for s in scores] for name in COMBINATIONS[statistic].components}
         made = calibrate_combined(components, target_fpr, manifest.sha256, protocol, key)
     else:
         made = calibrate([s.get(statistic) for s in scores], target_fpr, manifest.sha256, protocol, key)

@@ -54,7 +54,7 @@ class MitigationSettings:
     (:func:`recon.mitigate.prior.mitigate_prior`): behind the same gate, the same network with
     ``prior_gain`` times its data-consistency weight. ``cyclic``
     (:func:`recon.mitigate.mitigate_kspace`): the k-space cyclic mitigation behind the cyclic
-    safeguard (``recon.pipeline.safeguard``); the fields from ``radius`` to ``max_dc_increase``
+    safeguard (``recon.mitigate.cyclic.safeguard``); the fields from ``radius`` to ``max_dc_increase``
     are its.
 
     Whatever the method, a flagged slice is rewritten only when its score exceeds every

@@ -7,6 +7,12 @@ in ``docs/DESIGN.md``, section 5).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from recon.detect.cyclic import DetectionScores
+
 VERDICTS = ("clean", "flagged", "mitigated", "unverified")
 
 VERDICT_KEY = "CycGuard.Verdict"
@@ -32,3 +38,21 @@ def verdict_meta(verdict: str, reason: str) -> dict[str, str]:
     if verdict not in VERDICTS:
         raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
     return {VERDICT_KEY: verdict, "ImageComment": reason, "GADGETRON_ImageComment": f"CycGuard {verdict}"}
+
+
+@dataclass(frozen=True, eq=False)
+class CheckResult:
+    """The consistency check of one reconstruction (the detection stage): its verdict and
+    the evidence behind it.
+
+    ``scores`` holds every statistic; it is ``None`` when the result was read back from
+    image meta (the mitigation gadget), which carries only the calibrated one.
+    """
+
+    verdict: str
+    score: float
+    threshold: float
+    p_value: float
+    scores: DetectionScores | None
+    reason: str
+    seconds: float

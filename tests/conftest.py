@@ -247,3 +247,11 @@ def gadgetron(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     server = gadgetron_host.Gadgetron(tmp_path_factory.mktemp("gadgetron"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[object, object, object, object]:
+    """A tiny untrained network and one small slice: ``(model, op, y, x_zf)`` (tests.recon.tiny)."""
+    from tests.recon.tiny import tiny_setup
+
+    return tiny_setup()

@@ -16,7 +16,7 @@
 
 The maths is :mod:`recon.physics.noise`, the same code the offline reader uses, so the
 chain and ``recon.pipeline`` see the same k-space, and both match a real Gadgetron 4.7
-(``tests/test_gadgetron.py`` runs the same files through both). Properties the C++ gadgets take but
+(``tests/gadgets/test_gadgetron.py`` runs the same files through both). Properties the C++ gadgets take but
 these equivalents do not implement are refused by name rather than ignored.
 """
 

@@ -9,30 +9,24 @@ import torch
 from torch import Tensor
 
 from recon.attacks.kspace import l2_start, l2_step
-from recon.detect.cyclic import (
-    COMBINED_STATISTICS,
-    DATA_ONLY_STATISTICS,
-    RESIDUAL_STATISTICS,
-    CyclicDetector,
-    scaled_maximum,
-    statistic_tensor,
-)
+from recon.detect.cyclic import CyclicDetector, scaled_maximum, statistic_tensor
+from recon.detect.statistics import COMBINATIONS, DATA, RESIDUAL, STATISTICS
 from recon.physics.sense import SenseOp
 
 
 def _statistic(detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, statistic: str, noise_sigma: float, scales: Mapping[str, float]) -> Tensor:
     """The detector's statistic, differentiable in ``y`` and ``x1``."""
-    if statistic in RESIDUAL_STATISTICS:
+    if statistic in STATISTICS and STATISTICS[statistic].source == RESIDUAL:
         return statistic_tensor(statistic, op, y, x1, None, None, noise_sigma)
-    if statistic in COMBINED_STATISTICS:  # the largest component over its scale
+    if statistic in COMBINATIONS:  # the largest component over its scale
         values = detector.data_statistics_for(statistic, op, y, x1, noise_sigma)
         parts = []
-        for name in COMBINED_STATISTICS[statistic]:
-            part = statistic_tensor(name, op, y, x1, None, None, noise_sigma) if name in RESIDUAL_STATISTICS else values[name]
+        for name in COMBINATIONS[statistic].components:
+            part = statistic_tensor(name, op, y, x1, None, None, noise_sigma) if STATISTICS[name].source == RESIDUAL else values[name]
             assert part is not None
             parts.append(part / scales[name])
         return torch.stack(parts).max()
-    if statistic in DATA_ONLY_STATISTICS:  # the sensitive directions held fixed at this iterate
+    if STATISTICS[statistic].source == DATA:  # the sensitive directions held fixed at this iterate
         value = detector.data_statistics_for(statistic, op, y, x1, noise_sigma)[statistic]
         assert value is not None
         return value
@@ -75,10 +69,10 @@ def adaptive_kspace_l2(
     start (expectation over the unknown start), and an iterate counts as passing only if it
     passes with the public seed and with one more fresh start.
     """
-    if statistic in COMBINED_STATISTICS and scales is None:
+    if statistic in COMBINATIONS and scales is None:
         raise ValueError(f"statistic {statistic!r} needs the calibration's scales")
     scales = dict(scales or {})
-    components = [(name, scales[name]) for name in COMBINED_STATISTICS.get(statistic, ())]
+    components = [(name, scales[name]) for name in (COMBINATIONS[statistic].components if statistic in COMBINATIONS else ())]
     with torch.no_grad():
         target = model(op.adjoint(y), op)
     step = 2.5 * eps / steps

@@ -26,15 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recon.detect.cyclic import (
-    BACKSTOPS,
-    COMBINED_STATISTICS,
-    FOLD_STATISTICS,
-    GATES,
-    SENSITIVE_STATISTICS,
-    SHIFT_STATISTICS,
-    scaled_maximum,
-)
+from recon.detect.cyclic import scaled_maximum
+from recon.detect.statistics import COMBINATIONS, needs
 
 if TYPE_CHECKING:
     from recon.detect.cyclic import CyclicDetector, DetectionScores
@@ -81,13 +74,13 @@ class DetectorKey:
     @classmethod
     def of(cls, statistic: str, detector: CyclicDetector) -> DetectorKey:
         """The key of a detector scoring ``statistic``."""
-        sensitive = statistic in SENSITIVE_STATISTICS
+        need = needs(statistic)
         return cls(
             statistic, detector.alternatives, detector.jitter_scale, detector.seed,
-            folds=detector.folds if statistic in FOLD_STATISTICS else None,
-            directions=detector.directions if sensitive else None,
-            power_iterations=detector.power_iterations if sensitive else None,
-            prior_gain=float(detector.prior_gain) if statistic in SHIFT_STATISTICS else None,
+            folds=detector.folds if need.folds else None,
+            directions=detector.directions if need.sensitive else None,
+            power_iterations=detector.power_iterations if need.sensitive else None,
+            prior_gain=float(detector.prior_gain) if need.shift else None,
         )
 
 
@@ -103,7 +96,7 @@ class Calibration:
     clean_scores: tuple[float, ...]
     scales: tuple[tuple[str, float], ...] = ()  # a combined statistic's components and their divisors
     # clean thresholds at the same rate of components scaled as backstops
-    # (:data:`recon.detect.cyclic.GATES`: the mitigation's gate)
+    # (a combination's ``gates``, :mod:`recon.detect.statistics`: the mitigation's gate)
     gates: tuple[tuple[str, float], ...] = ()
     # (lowest, highest) signal level of the clean slices; ``None`` (bare scores, or a file made
     # before calibrations recorded it) covers nothing
@@ -220,8 +213,9 @@ class Calibration:
             )
         if calibration.detector != detector:
             raise CalibrationError(f"calibration {path} was made with detector {calibration.detector}, configured {detector}")
-        for kind, held, needed in (("scales", calibration.scales, COMBINED_STATISTICS), ("gates", calibration.gates, GATES)):
-            names = needed.get(detector.statistic, ())
+        combination = COMBINATIONS.get(detector.statistic)
+        for kind, held in (("scales", calibration.scales), ("gates", calibration.gates)):
+            names = getattr(combination, "components" if kind == "scales" else "gates", ())
             if tuple(name for name, _ in held) != names or any(not (math.isfinite(v) and v > 0) for _, v in held):
                 raise CalibrationError(f"calibration {path} has {kind} {dict(held)}, statistic {detector.statistic} needs positive {kind} of {list(names)}")
         return calibration
@@ -280,28 +274,29 @@ def calibrate_combined(
     protocol: ProtocolKey,
     detector: DetectorKey,
 ) -> Calibration:
-    """Calibrate a combined statistic (:data:`COMBINED_STATISTICS`) from its components'
+    """Calibrate a combination (:data:`recon.detect.statistics.COMBINATIONS`) from its components'
     clean scores, slice by slice.
 
     Each component is divided by its own conformal threshold at ``target_fpr`` (a backstop,
-    :data:`BACKSTOPS`, by its largest clean score); the combined score of a slice is the
+    its ``backstops``, by its largest clean score); the combined score of a slice is the
     largest quotient, and its threshold the conformal quantile of the combined clean scores
     (so the false-positive rate of the union is ``target_fpr``, not the sum of the
-    components'). The statistic's :data:`GATES` (components whose scale is a backstop)
+    components'). The combination's ``gates`` (components whose scale is a backstop)
     keep their own conformal thresholds at ``target_fpr`` beside the scales.
     """
-    names = COMBINED_STATISTICS.get(detector.statistic)
-    if names is None or set(components) != set(names):
+    combination = COMBINATIONS.get(detector.statistic)
+    names = () if combination is None else combination.components
+    if combination is None or set(components) != set(names):
         raise ValueError(f"statistic {detector.statistic!r} is not combined from {sorted(components)}")
     lengths = {len(components[name]) for name in names}
     if len(lengths) != 1:
         raise ValueError(f"the components need one score per clean slice each, got {lengths}")
-    backstops = BACKSTOPS.get(detector.statistic, ())
+    backstops = combination.backstops
     alone = {name: calibrate(components[name], target_fpr, model_sha256, protocol, detector) for name in names}
     scales = tuple((name, max(alone[name].clean_scores) if name in backstops else alone[name].threshold) for name in names)
     if any(scale <= 0 for _, scale in scales):
         raise ValueError(f"component thresholds must be positive to scale by, got {dict(scales)}")
-    gates = tuple((name, alone[name].threshold) for name in GATES.get(detector.statistic, ()))
+    gates = tuple((name, alone[name].threshold) for name in combination.gates)
     combined = [max(float(components[name][i]) / scale for name, scale in scales) for i in range(lengths.pop())]
     single = calibrate(combined, target_fpr, model_sha256, protocol, detector)
     return Calibration(model_sha256, protocol, detector, target_fpr, single.threshold, single.clean_scores, scales, gates)

@@ -12,116 +12,10 @@ For a slice with measured lines ``y`` on mask Omega and the network's reconstruc
    ``x2_k = f(E_Delta^H P_Delta k; Delta_k)`` (the K passes run as one batch);
 3. re-project onto the acquired lines, ``r_k = P_Omega F S x2_k``.
 
-Statistics (all computed from the same K + 0 extra network passes; ``x1`` is the
-reconstruction the recon stage already made):
-
-* ``cyclic``: the paper's ``(1/K) sum_k ||y - r_k|| / ||r_k||``;
-* ``cycle_image``: ``(1/K) sum_k ||x2_k - x1|| / ||x1||``, the network's own disagreement with
-  itself across masks, in the image (it sees the unacquired lines, where a perturbation
-  of the network's input does its damage);
-* ``dc``: the plain data-consistency residual ``||y - P_Omega F S x1|| / ||y||`` (baseline,
-  no extra network pass);
-* ``holdout_noise``: cross-validation of the acquired lines (ours, not the paper's). The
-  acquired lines outside the ACS block are split into F interleaved folds; for each fold the
-  network reconstructs from the other lines and predicts the held-out ones; the prediction
-  error over all folds, in noise units. Every acquired line outside the ACS block is
-  predicted once from data that do not contain it, so a perturbation of those lines shows
-  in full unless it is predictable from the rest (consistent with the physics and the
-  network's prior, i.e. forged data). F extra network passes, batched.
-* ``holdout_sensitive``: where that cross-validation residual lies (ours). An attack that
-  damages the image with a small perturbation must put it where the network is most
-  sensitive: along the top right-singular vectors of the Jacobian of ``y -> f(E^H y)``,
-  restricted to the held-out lines (found by block power iteration from a seeded start, K
-  directions, a few iterations). The statistic is the residual's RMS along those K
-  directions over its RMS per direction overall: about 1 for a residual spread like noise,
-  whatever the noise level or the slice's difficulty, and large when the unexplained part of
-  the data points where the network amplifies it. ``2 K iterations`` more network passes
-  (forward and backward) on top of the F folds; no noise estimate needed. The amplified
-  subspace is much larger than K: starts drawn from different seeds give nearly orthogonal
-  directions (subspace overlap 0.02-0.07) that flag the same attacks. So a site can key the
-  start with a secret (:func:`start_seed`; ``CYCGUARD_DETECTOR_KEY``, read by
-  :func:`recon.detect.defense.detector_key_from_env`): the directions are
-  then reproducible there and unknown to an attacker who has everything but the key.
-* ``holdout_union`` (an earlier default): the larger of ``holdout_noise`` and
-  ``holdout_sensitive``, each over its own clean threshold at the target rate (scales kept in
-  the calibration). The two fail in opposite places: a large or spiky perturbation raises
-  the residual everywhere and dilutes the sensitive share, a small damaging one hides in the
-  noise but not in the sensitive directions.
-* ``prior_shift`` (ours): how far the image moves when the same network trusts its prior
-  ``prior_gain`` times more, ``||f(y; g mu) - f(y; mu)|| / (sigma sqrt(n))`` (one extra
-  network pass; :class:`recon.models.modl.MoDL`, ``prior_gain``). Raising the weight mu of
-  the denoiser against the data shrinks the data's pull ``s / (s^2 + mu)`` along every
-  direction; a clean slice loses a little detail (about 1.8 dB at g = 4), but an image
-  that an attacker pulled somewhere with a small perturbation of the data snaps back
-  (RESULTS section 2): the shift is then far larger than any clean slice's. It
-  does not react to noise of the acquisition's level, and it is what the mitigation
-  (:mod:`recon.mitigate.prior`) acts on.
-* ``holdout_shift_union`` (an earlier default): ``holdout_union`` with ``prior_shift`` as
-  a third component, on the same scaled-maximum rule.
-* ``dc_spike`` (ours): the largest single-sample data residual ``|y - E x1|``
-  over the median of its neighbours on the same line and coil (a window of
-  :data:`SPIKE_WINDOW` samples along the readout). An impulse in the raw data (a spike:
-  herringbone artifacts, or a perturbation concentrated on a few samples) is far larger
-  than its neighbours' residual, which the network's misfit and the noise set; a
-  perturbation spread over many samples is not (the other statistics see those). No
-  extra network pass; with ``holdout_shift_union``'s three components it makes
-  ``holdout_shift_spike_union`` (an earlier default); with ``prior_shift``
-  alone, ``shift_spike_union`` (one pass beyond the cycle's, for sites whose CPU cannot
-  afford the folds).
-* ``null_shift`` (ours): where that shift lies in k-space. ``Delta = f(y; g mu)
-  - f(y; mu)`` is taken to each coil's full k-space; the statistic is its norm on the lines
-  *not* acquired over its norm on the acquired lines outside the ACS block. On a clean
-  slice a heavier prior gives up some fit to the data, so the acquired lines move about as
-  much as their unmeasured neighbours (ratio 2.6-4.0 at g = 4 on the benchmark's 600
-  clean slices, median 3.15; l2 PGD at 0.3 noise norms 3.9-5.4); an attacker who pulled
-  the image with a small perturbation of the measured lines pulled it *in the lines the
-  network fills in* (the null space of the sampling), and that is where it snaps back.
-  A ratio of two parts of the same move, it does not grow with the move's size (which
-  varies with the slice's detail), and its clean tail is short: it flags most l2 PGD
-  attacks of a third of the noise norm, which no other statistic here does (RESULTS
-  section 2). No pass beyond ``prior_shift``'s (the same ``Delta``); the ACS
-  block is left out of the denominator because its few low-frequency lines carry most of
-  the image's energy.
-* ``shift_null_spike_union`` (an earlier default): the scaled maximum of
-  ``prior_shift``, ``null_shift`` and ``dc_spike``: 4 network passes with the cycle's (no
-  folds).
-* ``null_spike_union`` (an earlier default): ``null_shift`` and ``dc_spike`` share the
-  false-positive budget; ``prior_shift`` is a backstop (:data:`BACKSTOPS`). A maximum over
-  components at one false-positive rate raises each component's own threshold (over three
-  equal shares each sits near its 0.3 % clean quantile), and at 0.3 noise norms
-  ``null_shift`` alone separates the attacks (AUC 1.00 against ``prior_shift``'s 0.90), so
-  ``prior_shift``'s share cost detections there; but on gross attacks ``prior_shift`` has
-  by far the larger margin (3.9x its threshold on the demo's attacked slices, where
-  ``null_shift`` has 1.2x). As a backstop it is scaled by the largest clean value of the
-  calibration instead of its quantile: it takes no share of the budget and still decides
-  when an image moves further than any clean one did. Its 1 % clean threshold is kept
-  as well, as the mitigation's gate (:data:`GATES`). The same 4 passes.
-* ``null_first_union`` (the shipped default): ``null_shift`` takes the whole
-  false-positive budget; ``dc_spike`` joins ``prior_shift`` as a backstop. Spikes that cost
-  3 dB score 4-10x the largest clean ``dc_spike`` of the 1000 calibration slices, so its
-  half of the budget bought only the detection of spikes too small to matter (0.3 dB; now
-  flagged about 77 % of the time instead of always), and it cost ``null_shift`` the band
-  between its 0.5 % and 1 % clean quantiles, where the subtlest data attacks lie (l2 PGD of
-  0.3 noise norms: TPR 0.91 -> 0.98 on 88 damaging slices of four test seeds, RESULTS
-  section 2). The threshold is ``null_shift``'s own 1 % quantile (the backstops are at
-  most 1 on every calibration slice). The same 4 passes.
-* ``noise_excess`` (ours): the data residual ``y - E x1`` on the outer quarter of
-  the readout at either end of every acquired line, RMS in noise sigmas. There the data are
-  mostly noise, which the network cannot fit, so on clean slices it is the noise level the
-  noise scans measured, to within half a percent (median 0.959, sd 0.005 on 200 simulated
-  clean slices; largest of the 1000 shipped calibration slices 0.978); a perturbation spread
-  over every sample, as l-inf PGD's sign steps spread theirs, or extra noise, raises it
-  (l-inf PGD of one component noise sd: 1.10-1.11; extra noise of the acquisition's level:
-  1.35), and it hardly moves for l2 PGD, which puts its budget where the network amplifies
-  it. It needs the noise level of whitened data: with a noise sigma estimated from that
-  periphery it measures nothing. No extra network pass.
-* ``null_noise_union`` (opt-in): ``null_first_union`` with ``noise_excess`` as a third
-  backstop (scaled by its largest clean calibration value). The same 4 passes.
-* ``cyclic_noise`` and ``dc_noise``: the same residuals in units of the acquisition noise,
-  ``||.|| / (sigma sqrt(n))`` over the n sampled entries (prewhitened data: sigma = 1). The
-  paper's ratio divides by ``||r_k||``, which a perturbation can move along with the
-  residual; the noise is outside the attacker's control. On k-space attacks this raised
-  ROC-AUC from 0.43-0.70 to 0.62-1.00 (benchmarks/HISTORY.md, "The first run").
+Every statistic is computed from those K passes and, where it needs them, a few more (the
+held-out folds, the sensitive directions, the pass with a raised prior weight). The
+registry (:mod:`recon.detect.statistics`) lists them with what each needs and the
+detectors made of them; ``docs/STATISTICS.md`` says what each measures and how it behaved.
 """
 
 from __future__ import annotations
@@ -134,60 +28,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recon.detect.statistics import CYCLE, RESIDUAL, lookup, needs, of_source
 from recon.models.modl import MoDL
 from recon.physics.masks import MaskFamily
 from recon.physics.noise import complex_randn
 from recon.physics.sense import SenseOp
 
-STATISTICS = (
-    "cyclic", "cycle_image", "dc", "cyclic_noise", "dc_noise", "holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike", "null_shift",
-    "noise_excess",
-)
-CYCLE_STATISTICS = STATISTICS[:5]
-# statistics of the received data and the network's image alone (no extra network pass)
-RESIDUAL_STATISTICS = ("dc", "dc_noise", "dc_spike", "noise_excess")
-# combinations of per-slice statistics, scaled by a calibration (recon/detect/calibration.py)
-COMBINED_STATISTICS = {
-    "holdout_union": ("holdout_noise", "holdout_sensitive"),
-    "holdout_shift_union": ("holdout_noise", "holdout_sensitive", "prior_shift"),
-    "holdout_shift_spike_union": ("holdout_noise", "holdout_sensitive", "prior_shift", "dc_spike"),
-    "shift_spike_union": ("prior_shift", "dc_spike"),
-    "shift_null_spike_union": ("prior_shift", "null_shift", "dc_spike"),
-    "null_spike_union": ("null_shift", "dc_spike", "prior_shift"),
-    "null_first_union": ("null_shift", "dc_spike", "prior_shift"),
-    "null_noise_union": ("null_shift", "dc_spike", "prior_shift", "noise_excess"),
-}
-# components of a combination scaled by their largest clean calibration value instead of
-# their quantile at the target rate (backstops: no share of the false-positive budget)
-BACKSTOPS = {
-    "null_spike_union": ("prior_shift",),
-    "null_first_union": ("dc_spike", "prior_shift"),
-    "null_noise_union": ("dc_spike", "prior_shift", "noise_excess"),
-}
-# components whose clean threshold at the target rate a calibration keeps beside their
-# backstop scale: the mitigation's gate (recon/pipeline.py, ``prior_gate``)
-GATES = {"null_spike_union": ("prior_shift",), "null_first_union": ("prior_shift",), "null_noise_union": ("prior_shift",)}
-
-
-def _needing(*components: str) -> tuple[str, ...]:
-    """The named components and every combination holding any of them."""
-    return (*components, *(name for name, parts in COMBINED_STATISTICS.items() if set(parts) & set(components)))
-
-
-# those that need the held-out folds (``score(..., holdout=True)``)
-FOLD_STATISTICS = _needing("holdout_noise", "holdout_sensitive")
-# those that need the sensitive directions (``score(..., sensitive=True)``)
-SENSITIVE_STATISTICS = _needing("holdout_sensitive")
-# those that need the pass with a raised prior weight (``score(..., shift=True)``)
-SHIFT_STATISTICS = _needing("prior_shift", "null_shift")
 # the local window (samples along the readout) of ``dc_spike``'s robust scale
 SPIKE_WINDOW = 9
 # the readout samples at either end of every acquired line that ``noise_excess`` reads (a
 # quarter of the readout on each side: the k-space periphery, where the data are mostly noise)
 PERIPHERY = 0.25
-# statistics of the received data alone (given x1 = f(y)): the same for any rewrite of the
-# image, extra network passes, computed only when asked
-DATA_ONLY_STATISTICS = (*FOLD_STATISTICS, "prior_shift", "null_shift")
 
 
 @dataclass(frozen=True)
@@ -209,15 +60,11 @@ class DetectionScores:
     # which a calibration must cover (Calibration.covers); None in older records
     signal_level: float | None = None
 
-    def get(self, statistic: str) -> float:
-        """The named statistic (one of :data:`STATISTICS`)."""
-        if statistic in COMBINED_STATISTICS:
-            raise ValueError(f"statistic {statistic!r} combines {' and '.join(COMBINED_STATISTICS[statistic])} on a calibration's scales (Calibration.score_of)")
-        if statistic not in STATISTICS:
-            raise ValueError(f"statistic {statistic!r} is not one of {', '.join(STATISTICS)}")
-        value = getattr(self, statistic)
+    def get(self, name: str) -> float:
+        """The named statistic (one of :data:`recon.detect.statistics.STATISTICS`)."""
+        value = getattr(self, lookup(name).name)
         if value is None:
-            raise ValueError(f"statistic {statistic!r} was not computed (score(..., holdout=True, shift=True))")
+            raise ValueError(f"statistic {name!r} was not computed (score(..., holdout=True, shift=True))")
         return float(value)
 
 
@@ -445,7 +292,7 @@ def statistic_tensor(name: str, op: SenseOp, y: Tensor, x1: Tensor, x2: Tensor |
         return torch.mean(_norm(y - r)) / noise_norm(op, y, noise_sigma)
     if name == "cycle_image":
         return torch.mean(_norm(x2 - x1) / _norm(x1).clamp(min=1e-30))
-    raise ValueError(f"statistic {name!r} is not one of {', '.join(STATISTICS)}")
+    raise ValueError(f"statistic {name!r} is not one of the cycle's ({', '.join((*of_source(CYCLE), *of_source(RESIDUAL)))})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -549,21 +396,13 @@ class CyclicDetector:
     def data_statistics_for(self, statistic: str, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float) -> dict[str, Tensor | None]:
         """:meth:`data_statistics` with exactly the folds, directions and shift pass that
         ``statistic`` (or a combination) needs; differentiable (the adaptive attacker's)."""
-        return self.data_statistics(
-            op, y, noise_sigma, sensitive=statistic in SENSITIVE_STATISTICS, x1=x1, folds=statistic in FOLD_STATISTICS,
-            shift=statistic in SHIFT_STATISTICS,
-        )
+        need = needs(statistic)
+        return self.data_statistics(op, y, noise_sigma, sensitive=need.sensitive, x1=x1, folds=need.folds, shift=need.shift)
 
     def passes(self, statistic: str) -> int:
         """Single-slice network evaluations (forward and backward alike) to score ``statistic``."""
-        count = self.alternatives
-        if statistic in FOLD_STATISTICS:
-            count += self.folds
-        if statistic in SENSITIVE_STATISTICS:
-            count += 2 * self.directions * self.power_iterations
-        if statistic in SHIFT_STATISTICS:
-            count += 1
-        return count
+        need = needs(statistic)
+        return self.alternatives + need.folds * self.folds + need.sensitive * 2 * self.directions * self.power_iterations + need.shift
 
     @torch.no_grad()
     def score(
@@ -583,7 +422,7 @@ class CyclicDetector:
         """
         cycle = self.cycle(op, y, x1)
         x2, r = cycle.run(self.model, x1)
-        values: dict[str, float | None] = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in (*CYCLE_STATISTICS, "dc_spike", "noise_excess")}
+        values: dict[str, float | None] = {name: float(statistic_tensor(name, op, y, x1, x2, r, noise_sigma)) for name in (*of_source(CYCLE), *of_source(RESIDUAL))}
         values["signal_level"] = float(signal_level(y, self.acs(op), noise_sigma))
         shift = holdout if shift is None else shift
         if holdout or shift:
@@ -593,7 +432,5 @@ class CyclicDetector:
 
     def score_for(self, statistic: str, op: SenseOp, y: Tensor, x1: Tensor, noise_sigma: float = 1.0) -> DetectionScores:
         """:meth:`score` with exactly the extra passes ``statistic`` (or a combination) needs."""
-        return self.score(
-            op, y, x1, noise_sigma, holdout=statistic in FOLD_STATISTICS, sensitive=statistic in SENSITIVE_STATISTICS,
-            shift=statistic in SHIFT_STATISTICS,
-        )
+        need = needs(statistic)
+        return self.score(op, y, x1, noise_sigma, holdout=need.folds, sensitive=need.sensitive, shift=need.shift)

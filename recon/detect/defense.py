@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recon.detect.calibration import Calibration, CalibrationError, DetectorKey, ProtocolKey
-from recon.detect.cyclic import SENSITIVE_STATISTICS, CyclicDetector
+from recon.detect.cyclic import CyclicDetector
+from recon.detect.statistics import COMBINATIONS, DEFAULT_STATISTIC, PRODUCT_CHOICES, STATISTICS, needs
 from recon.models.modl import MoDL
 from recon.models.weights import WEIGHTS_DIR, ModelManifest
 from recon.physics.masks import MaskFamily
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATISTIC = "null_first_union"
 CALIBRATION_DIR = WEIGHTS_DIR
 # environment variable holding a site's secret for the sensitive directions' start
 DETECTOR_KEY_ENV = "CYCGUARD_DETECTOR_KEY"
@@ -139,19 +139,18 @@ def fit_defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, cal
     path = calibration if calibration is not None else default_calibration_path(manifest)
     direction_key = detector_key_from_env()
     detector = detector_for(model, manifest, protocol.acs_lines, direction_key)
-    statistic = calibration_statistic(path) if path.exists() else DEFAULT_STATISTIC
-    if statistic in SENSITIVE_STATISTICS:
-        log.info("sensitive directions %s", f"keyed by {DETECTOR_KEY_ENV}" if direction_key else f"from the public seed ({DETECTOR_KEY_ENV} unset)")
-    elif direction_key:
-        log.warning("%s is set but %s has no sensitive directions to key: the key changes nothing", DETECTOR_KEY_ENV, statistic)
-    key = DetectorKey.of(statistic, detector)
     try:
-        loaded = Calibration.load(path, manifest.sha256, protocol, key)
+        statistic = calibration_statistic(path) if path.exists() else DEFAULT_STATISTIC
+        loaded = Calibration.load(path, manifest.sha256, protocol, DetectorKey.of(statistic, detector))
     except CalibrationError as err:
         if calibration is not None:
             raise
         log.warning("%s; images will be tagged unverified", err)
         return str(err)
+    if needs(statistic).sensitive:
+        log.info("sensitive directions %s", f"keyed by {DETECTOR_KEY_ENV}" if direction_key else f"from the public seed ({DETECTOR_KEY_ENV} unset)")
+    elif direction_key:
+        log.warning("%s is set but %s has no sensitive directions to key: the key changes nothing", DETECTOR_KEY_ENV, statistic)
     return Defense(model, detector, loaded, statistic)
 
 
@@ -187,8 +186,19 @@ class ScanDefenses:
 
 
 def calibration_statistic(path: Path) -> str:
-    """The statistic a calibration file was made for (read before full validation)."""
+    """The statistic a calibration file was made for (read before full validation; a file
+    without one is left to :meth:`Calibration.load` to refuse).
+
+    Raises:
+        CalibrationError: a statistic or combination this version does not compute.
+    """
     try:
-        return str(json.loads(path.read_text())["detector"]["statistic"])
+        statistic = str(json.loads(path.read_text())["detector"]["statistic"])
     except (OSError, ValueError, KeyError, TypeError):
         return DEFAULT_STATISTIC
+    if statistic not in STATISTICS and statistic not in COMBINATIONS:
+        raise CalibrationError(
+            f"calibration {path} is for statistic {statistic!r}, which this version does not compute "
+            f"(it ships {', '.join(PRODUCT_CHOICES)}): recalibrate (cycguard calibrate)"
+        )
+    return statistic

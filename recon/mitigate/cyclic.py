@@ -7,7 +7,7 @@ Two variants, both keeping the iterate of lowest cyclic loss (no ground truth):
   (10 iterations); the loss is the bare cyclic term; projected complex-sign descent in the
   Re/Im box of radius ``eps`` around the received x_zf, step ``alpha0`` decaying linearly,
   100 iterations; the output is ``f(x*; Omega)``.
-* :func:`mitigate_kspace`, ours, for the primary (k-space) threat: the variable is a
+* :func:`mitigate_kspace`, ours (the ``cyclic`` method of the product, :func:`rewrite_cyclic`), for the primary (k-space) threat: the variable is a
   correction ``d`` of the measured lines; the cyclic term is measured in units of the
   acquisition noise (``mean_k ||y - r_k|| / (sigma sqrt(n))``) instead of the paper's ratio
   ``||y - r_k|| / ||r_k||``, which an optimiser can also lower by growing ``r_k`` (our
@@ -23,13 +23,25 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from recon.detect.cyclic import Cycle, cyclic_loss, noise_norm, statistic_tensor
+from recon.detect.cyclic import (
+    Cycle,
+    CyclicDetector,
+    cyclic_loss,
+    noise_norm,
+    statistic_tensor,
+)
+from recon.detect.defense import Defense
+from recon.detect.statistics import judges_image
+from recon.mitigate.outcome import MitigationOutcome, unchanged
 from recon.models.modl import MoDL
 from recon.physics.cg import conjugate_gradient
+from recon.physics.prepared import PreparedSlice, clock
 from recon.physics.sense import SenseOp
+from recon.verdict import CheckResult
 
 
 def network_passes(iterations: int, alternatives: int) -> int:
@@ -172,3 +184,83 @@ def mitigate_kspace(
             break
     assert best_image is not None and start is not None
     return MitigationResult(best_image, start, best_loss, run, network_passes(run, k), timed_out)
+
+
+def rewrite_cyclic(prepared: PreparedSlice, image: np.ndarray, checked: CheckResult, defense: Defense) -> MitigationOutcome:
+    """``cyclic``: :func:`mitigate_kspace` within the time budget, behind the safeguard.
+
+    The rewrite ships only when its statistic against the received data is lower than the
+    original's and it stays within ``max_dc_increase`` noise norms of the original's data
+    residual; otherwise the original image ships, ``flagged``. The statistic is the
+    calibrated one when it judges the image; otherwise ``cyclic_noise``
+    (:func:`safeguard_statistic`).
+    """
+    settings = defense.mitigation
+    x1 = prepared.image_tensor(image)
+    t0 = clock(x1)
+    with torch.no_grad():
+        cycle = defense.detector.cycle(prepared.op, prepared.y, x1)
+    with torch.enable_grad():  # callers may run under no_grad; the mitigation needs gradients
+        result = mitigate_kspace(
+            defense.model, prepared.op, prepared.y, cycle, defense.noise_sigma,
+            settings.fidelity, settings.radius, settings.iterations, settings.lr, settings.patience,
+            deadline=time.monotonic() + settings.time_budget - (time.perf_counter() - t0),
+        )
+    if result.timed_out:
+        why = f"mitigation stopped at its time budget ({settings.time_budget:g} s): the original image ships"
+        return unchanged(image, checked, why, time.perf_counter() - t0, result.network_passes + defense.detector.alternatives)
+    judge = safeguard_statistic(defense.statistic)
+    if judge == defense.statistic:
+        before: float | None = checked.score
+    elif checked.scores is not None:
+        before = checked.scores.get(judge)
+    else:  # read back from image meta: the safeguard scores the received image too
+        before = None
+    verdict = safeguard(defense.detector, prepared.op, prepared.y, x1, result.image, judge, defense.noise_sigma, settings.max_dc_increase, before)
+    seconds = clock(x1) - t0
+    passes = result.network_passes + verdict.network_passes
+    if verdict.accepted:
+        reason = f"mitigated: {judge} {verdict.before:.4g} -> {verdict.after:.4g} ({checked.reason})"
+        rewritten = result.image[0].cpu().numpy().astype(np.complex64)
+        return MitigationOutcome(rewritten, "mitigated", verdict.after, reason, seconds, passes)
+    why = f"rewrite refused by the safeguard ({judge} {verdict.before:.4g} -> {verdict.after:.4g}, data residual +{verdict.dc_increase:.2f} noise norms)"
+    return MitigationOutcome(image, "flagged", verdict.after, f"{checked.reason}; {why}", seconds, passes)
+
+
+def safeguard_statistic(statistic: str) -> str:
+    """The statistic that judges a rewrite: the calibrated one, unless it ignores the image or
+    is a combination (scaled components, not one statistic of an image)."""
+    return statistic if judges_image(statistic) else "cyclic_noise"
+
+
+@dataclass(frozen=True)
+class SafeguardVerdict:
+    """Whether a rewrite may ship: its statistic before and after, how much further from
+    the received data it moved (noise norms), and the network passes the verdict took."""
+
+    accepted: bool
+    before: float
+    after: float
+    dc_increase: float
+    network_passes: int
+
+
+@torch.no_grad()
+def safeguard(
+    detector: CyclicDetector, op: SenseOp, y: Tensor, x1: Tensor, rewritten: Tensor,
+    judge: str, noise_sigma: float, max_dc_increase: float, before: float | None = None,
+) -> SafeguardVerdict:
+    """The mitigation's safeguard: a rewrite ships only when ``judge`` (an image statistic)
+    is lower for it than for the original reconstruction ``x1`` and its data residual grew
+    by at most ``max_dc_increase`` noise norms. ``before``: ``judge`` of ``x1`` when known."""
+    passes = detector.alternatives
+    if before is None:
+        before = detector.score(op, y, x1, noise_sigma).get(judge)
+        passes += detector.alternatives
+    after = detector.score(op, y, rewritten, noise_sigma).get(judge)
+    dc_increase = (_dc_norm(op, y, rewritten) - _dc_norm(op, y, x1)) / noise_norm(op, y, noise_sigma)
+    return SafeguardVerdict(after < before and dc_increase <= max_dc_increase, before, after, dc_increase, passes)
+
+
+def _dc_norm(op: SenseOp, y: Tensor, x: Tensor) -> float:
+    return float(torch.linalg.vector_norm(y - op.forward(x)))

@@ -15,9 +15,9 @@ import pytest
 from gadgets.runner.replay import replay
 from recon.data.demo import DEMO_RAW
 from recon.io.mrd_write import read_images
+from tests import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
 
 # (stage replaced, faulty target, what the run's failure must say)
 FAULTS = [

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from recon.io.mrd_write import read_images
+from tests import ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -85,8 +86,7 @@ def test_calibrating_one_statistic_scores_only_what_it_needs() -> None:
     deployed statistic: no folds), and the components come out as the full scoring's."""
     from recon.calibrate import scores_from_raw
     from recon.data.demo import DEMO_RAW
-    from recon.detect.cyclic import COMBINED_STATISTICS
-    from recon.detect.defense import DEFAULT_STATISTIC
+    from recon.detect.statistics import COMBINATIONS, DEFAULT_STATISTIC
     from recon.models.weights import load_model
 
     model, manifest = load_model()
@@ -95,7 +95,7 @@ def test_calibrating_one_statistic_scores_only_what_it_needs() -> None:
     assert same == protocol and len(only) == len(full) == 4
     assert all(s.holdout_noise is None for s in only) and all(s.holdout_noise is not None for s in full)
     for a, b in zip(only, full, strict=True):
-        for name in COMBINED_STATISTICS[DEFAULT_STATISTIC]:
+        for name in COMBINATIONS[DEFAULT_STATISTIC].components:
             assert a.get(name) == pytest.approx(b.get(name), rel=1e-5)
 
 
@@ -178,7 +178,7 @@ def test_an_empty_data_set_and_an_unwritable_output_fail_with_status_2(tmp_path:
 
 
 def test_check_names_the_line_of_a_misspelt_gadget_and_of_a_missing_file(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     text = (root / "pipelines" / "defended.xml").read_text()
     line = next(n for n, row in enumerate(text.splitlines(), start=1) if 'name="gadgets.mitigate"' in row) - 1  # its <external>
     cases = {
@@ -227,3 +227,14 @@ def test_replay_refuses_bad_files_before_starting_any_gadget(tmp_path: Path) -> 
         assert result.returncode == 2 and reason in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert time.monotonic() - start < 30
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_500_000  # kB: no buffer sized by the claim
+
+
+def test_the_calibrate_command_offers_the_product_detectors_and_defaults_to_the_deployed_one() -> None:
+    from gadgets.cli import build_parser
+    from recon.detect.statistics import DEFAULT_STATISTIC, DETECTORS
+
+    parser = build_parser()
+    args = parser.parse_args(["calibrate", "--simulate", "1"])
+    assert args.statistic == DEFAULT_STATISTIC
+    action = next(a for a in parser._subparsers._group_actions[0].choices["calibrate"]._actions if a.dest == "statistic")  # type: ignore[union-attr]
+    assert list(action.choices) == [*(d.name for d in DETECTORS), "cyclic"] and len(DETECTORS) == 2

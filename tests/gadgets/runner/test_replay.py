@@ -26,10 +26,10 @@ from recon.io.mrd import MRDError, read_raw
 from recon.io.mrd_write import read_images
 from recon.models.weights import DEFAULT_WEIGHTS, load_model
 from recon.pipeline import reconstruct
+from tests import ROOT
 from tests.conftest import passive_listener
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def test_a_wrong_property_fails_before_anything_runs(tmp_path: Path) -> None:
 @pytest.mark.tools
 def test_ismrmrd_18_files_are_refused_by_the_runner_as_gadgetron_refuses_them(shepp_logan: Path, tmp_path: Path) -> None:
     """Debian's ismrmrd-tools 1.8 write header version 8, which Gadgetron 4.7 rejects (the real
-    server is checked in tests/test_gadgetron.py); the offline reader still takes them (test_mrd)."""
+    server is checked in tests/gadgets/test_gadgetron.py); the offline reader still takes them (test_mrd)."""
     with pytest.raises(MRDError, match="header version 8"):
         replay(shepp_logan, "recon", tmp_path / "out.h5", tmp_path / "report", group="g", progress=False)
     assert not (tmp_path / "out.h5").exists()

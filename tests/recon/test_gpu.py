@@ -9,7 +9,6 @@ on either device."""
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,10 +22,11 @@ from recon.io.mrd_write import read_images
 from recon.metrics import quality
 from recon.models.weights import load_model
 from recon.pipeline import defend, prepare
+from tests import ROOT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-DEMO = Path(__file__).resolve().parents[1] / "recon" / "data" / "demo" / "demo_raw.h5"
+DEMO = ROOT / "recon" / "data" / "demo" / "demo_raw.h5"
 REFERENCE = DEMO.with_name("demo_reference.h5")
 
 

@@ -19,13 +19,13 @@ import pytest
 from gadgets.runner.replay import replay
 from recon.data.demo import DEMO_RAW
 from recon.io.mrd_write import ScanDescription
+from tests import ROOT
 from tests import gadgetron_host as host
 from tests.conftest import demo_with_header, passive_listener
 from tests.gadgetron_host import Gadgetron
 
 pytestmark = [pytest.mark.gadgetron, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ("recon", "detect", "defended", "defended_composed", "redteam")
 FILES = ("demo", "shepp_logan_114", "variant")
 ERROR_DEADLINE_S = 60.0

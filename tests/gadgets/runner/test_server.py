@@ -20,9 +20,9 @@ from gadgets.runner.replay import replay
 from gadgets.stages import SafeSocket
 from recon.data.demo import DEMO_RAW
 from recon.io.mrd_write import read_images
+from tests import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Server:

@@ -24,8 +24,8 @@ from gadgets.runner.server import CycGuardServer, Session
 from gadgets.stages import SafeSocket
 from recon.io.mrd import MRDError, read_raw
 from recon.verdict import VERDICT_KEY, VERDICTS
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = [path.read_text() for path in sorted((ROOT / "pipelines").glob("*.xml"))]
 
 

@@ -361,8 +361,8 @@ def test_the_site_key_reaches_the_deployed_detector(monkeypatch: pytest.MonkeyPa
     that it changes nothing when the shipped statistic has none (``null_first_union``,
     the shipped default); the shipped calibration still loads (the key is not part of it)."""
     from recon.data.demo import DEMO_RAW
-    from recon.detect.cyclic import SENSITIVE_STATISTICS
     from recon.detect.defense import calibration_statistic, default_calibration_path, load_defense, protocol_of
+    from recon.detect.statistics import needs
     from recon.models.weights import load_model
 
     model, manifest = load_model()
@@ -373,7 +373,7 @@ def test_the_site_key_reaches_the_deployed_detector(monkeypatch: pytest.MonkeyPa
         keyed = load_defense(model, manifest, protocol, None)
     assert keyed is not None and keyed.detector.direction_key == b"site secret"
     keyed_statistic = calibration_statistic(default_calibration_path(manifest))
-    said = "keyed by CYCGUARD_DETECTOR_KEY" if keyed_statistic in SENSITIVE_STATISTICS else f"{keyed_statistic} has no sensitive directions to key"
+    said = "keyed by CYCGUARD_DETECTOR_KEY" if needs(keyed_statistic).sensitive else f"{keyed_statistic} has no sensitive directions to key"
     assert said in caplog.text and "site secret" not in caplog.text
     monkeypatch.delenv("CYCGUARD_DETECTOR_KEY")
     public = load_defense(model, manifest, protocol, None)

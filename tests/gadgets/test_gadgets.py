@@ -22,9 +22,7 @@ from gadgets.stages import SafeSocket, run_stages, send_error
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import to_ismrmrd_image as to_image
 from recon.types import ReconImage, SliceKey
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests import ROOT
 
 # ------------------------------------------------------------------ properties
 

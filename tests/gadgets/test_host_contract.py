@@ -1,4 +1,4 @@
-"""What Gadgetron 4.7 does at its edges, checked without it (tests/test_gadgetron.py runs the real one)."""
+"""What Gadgetron 4.7 does at its edges, checked without it (tests/gadgets/test_gadgetron.py runs the real one)."""
 
 from __future__ import annotations
 
