@@ -24,6 +24,7 @@ message leaves the chain.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import ismrmrd
@@ -224,11 +225,11 @@ def meta_value(meta: ismrmrd.Meta, key: str) -> str | None:
     return str(value[0]) if isinstance(value, list) else str(value)
 
 
-def set_meta(image: ismrmrd.Image, values: dict[str, str | list[str]]) -> None:
-    """Update an image's meta in place."""
+def set_meta(image: ismrmrd.Image, values: Mapping[str, str | tuple[str, ...] | list[str]]) -> None:
+    """Update an image's meta in place (a tuple or list is a multi-valued entry)."""
     meta = meta_of(image)
     for key, value in values.items():
-        meta[key] = value
+        meta[key] = list(value) if isinstance(value, tuple) else value
     image.attribute_string = meta.serialize()
 
 

@@ -23,7 +23,7 @@ from gadgets.stages import CheckedImageStage, Resources, SliceContext, gadget_lo
 from recon.mitigate.policy import mitigate_flagged
 from recon.physics.prepared import prepare_with_maps
 from recon.settings import MitigationSettings
-from recon.verdict import SECONDS_PREFIX, VERDICT_KEY, CheckResult, verdict_meta
+from recon.verdict import VERDICT_KEY, CheckResult, mitigation_meta
 
 log = logging.getLogger("cycguard.gadget.mitigate")
 
@@ -65,23 +65,12 @@ class MitigateStage(CheckedImageStage):
         assert context.maps is not None
         prepared = prepare_with_maps(context.part.data, context.maps, self.defenses.device)
         outcome = mitigate_flagged(prepared, image_pixels(item), checked, defense)
-        values: dict[str, str | list[str]] = {"ImageComment": outcome.reason, SECONDS_PREFIX + "mitigate": f"{outcome.seconds:.4f}"}
-        if outcome.mitigated_score is not None:
-            values["CycGuard.MitigatedScore"] = f"{outcome.mitigated_score:.6g}"
         received = None
         if outcome.verdict == "mitigated":
             if self.settings.send_received:
                 received = received_copy(item)
             item = with_pixels(item, outcome.image)
-            values.update(
-                {
-                    **verdict_meta("mitigated", outcome.reason),
-                    "CycGuard.MitigationMethod": self.settings.method,
-                    "ImageProcessingHistory": ["CYCGUARD_MODL", "CYCGUARD_MITIGATION"],
-                    "SeriesDescriptionAdditional": "CYCGUARD_MITIGATED",
-                }
-            )
-        set_meta(item, values)
+        set_meta(item, mitigation_meta(outcome.verdict, outcome.reason, outcome.seconds, outcome.mitigated_score, self.settings.method))
         log.info("mitigate %s: %s", context.part.data.key, outcome.reason)
         return [item] if received is None else [item, received]
 

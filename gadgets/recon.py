@@ -22,7 +22,7 @@ from recon.io.mrd_write import to_ismrmrd_image
 from recon.models.weights import model_tag
 from recon.pipeline import reconstruct
 from recon.types import ReconImage
-from recon.verdict import MODEL_KEY, SECONDS_PREFIX, verdict_meta
+from recon.verdict import recon_meta
 
 log = logging.getLogger("cycguard.gadget.recon")
 
@@ -58,12 +58,7 @@ class ReconStage:
             result = reconstruct(part.data, self.model, self.device)
             self.count += 1
             seconds = sum(t for _, t in result.timings)
-            meta = (
-                *verdict_meta("unverified", "unverified: no consistency check ran on this image").items(),
-                (MODEL_KEY, model_tag(self.manifest)),
-                (SECONDS_PREFIX + "recon", f"{seconds:.4f}"),
-                ("ImageProcessingHistory", "CYCGUARD_MODL"),
-            )
+            meta = tuple(recon_meta(model_tag(self.manifest), seconds).items())
             image = to_ismrmrd_image(ReconImage(result.image, part.data.key, part.data.geometry, meta), self.count, self.settings.series)
             if forward:
                 out.append(maps_message(result.prepared.op.maps[0].cpu().numpy(), image))

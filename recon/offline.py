@@ -21,10 +21,18 @@ from recon.io.mrd import read_raw
 from recon.io.mrd_write import check_output, read_images, write_images
 from recon.metrics import quality
 from recon.models.weights import load_model, model_tag, resolve_device
-from recon.pipeline import check_meta, defend, reconstruct
+from recon.pipeline import DefendedResult, check_meta, defend, reconstruct
 from recon.report import RunContext, SliceReport, montage, write_report
 from recon.types import ReconImage
-from recon.verdict import CALIBRATION_KEY, MODEL_KEY, PROTOCOL_KEY, verdict_meta
+from recon.verdict import (
+    CALIBRATION_KEY,
+    PROTOCOL_KEY,
+    SECONDS_PREFIX,
+    MetaValue,
+    mitigation_meta,
+    recon_meta,
+    verdict_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,7 @@ def reconstruct_file(
             x_zf = result.prepared.x_zf[0].cpu().numpy()
             score = threshold = p_value = level = None
             reason = f"unverified: no consistency check ran: {defense}"
+            meta: dict[str, MetaValue] = {**recon_meta(tag, timings["prepare"] + timings["network"]), **verdict_meta(verdict, reason), PROTOCOL_KEY: protocol}
         else:
             defended = defend(data, defense, torch_device)
             image, received, verdict, timings = defended.image, defended.received, defended.verdict, dict(defended.timings)
@@ -92,14 +101,8 @@ def reconstruct_file(
             score, threshold, p_value, reason = defended.score, defended.threshold, defended.p_value, defended.reason
             level = defended.scores.signal_level
             checked = check_meta(defense, score, threshold, p_value, defended.scores)
-        meta = [
-            *verdict_meta(verdict, reason).items(),
-            (MODEL_KEY, tag),
-            (PROTOCOL_KEY, protocol),
-            ("ImageProcessingHistory", "CYCGUARD_MODL" + ("\\CYCGUARD_MITIGATION" if verdict == "mitigated" else "")),
-            *checked.items(),
-        ]
-        images.append(ReconImage(image, data.key, data.geometry, tuple(meta)))
+            meta = defended_meta(defended, checked, tag, protocol, defense.mitigation.method)
+        images.append(ReconImage(image, data.key, data.geometry, tuple(meta.items())))
         ref = references[n] if references is not None else None
         name = f"slice {data.key.slice} rep {data.key.repetition}"
         rewritten = verdict == "mitigated"
@@ -124,8 +127,25 @@ def reconstruct_file(
             )
         )
     out.unlink(missing_ok=True)
-    write_images(out, images, xml=scan.xml)
+    write_images(out, images, xml=scan.xml, magnitude=False)
     json_path, html_path = write_report(report_dir, f"CycGuard reconstruction of {raw.name}", str(raw), rows, RunContext(tag))
     if references is not None:
         log.info("mean PSNR %.2f dB", float(np.mean([r.quality.psnr for r in rows if r.quality])))
     return OfflineResult(out, json_path, html_path, tuple(rows))
+
+
+def defended_meta(defended: DefendedResult, checked: dict[str, str], tag: str, protocol: str, method: str) -> dict[str, MetaValue]:
+    """The meta the gadget chain writes on this slice, stage by stage: recon, detect, and
+    mitigate for a flagged slice (``checked``: :func:`recon.pipeline.check_meta`)."""
+    timings = dict(defended.timings)
+    check_verdict = "flagged" if defended.verdict in ("flagged", "mitigated") else defended.verdict
+    meta: dict[str, MetaValue] = {
+        **recon_meta(tag, timings["prepare"] + timings["network"]),
+        **verdict_meta(check_verdict, defended.reason),  # a flagged slice's reason is the mitigation's below
+        **checked,
+        PROTOCOL_KEY: protocol,
+        SECONDS_PREFIX + "detect": f"{timings['detect']:.4f}",
+    }
+    if check_verdict == "flagged":
+        meta.update(mitigation_meta(defended.verdict, defended.reason, timings.get("mitigate", 0.0), defended.mitigated_score, method))
+    return meta

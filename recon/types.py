@@ -126,13 +126,14 @@ class ReconImage:
         image: ``(y, x)`` complex64.
         key: counters of the slice it came from.
         geometry: position and orientation.
-        meta: string-valued annotations (ISMRMRD image meta / DICOM provenance).
+        meta: string-valued annotations (ISMRMRD image meta / DICOM provenance); a tuple of
+            strings is a multi-valued entry.
     """
 
     image: np.ndarray
     key: SliceKey = field(default_factory=SliceKey)
     geometry: SliceGeometry = field(default_factory=SliceGeometry)
-    meta: tuple[tuple[str, str], ...] = ()
+    meta: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image", _freeze("image", self.image, 2, np.complex64))

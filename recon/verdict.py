@@ -26,6 +26,11 @@ SIGNAL_LEVEL_KEY = "CycGuard.SignalLevel"
 CALIBRATION_KEY = "CycGuard.Calibration"
 PROTOCOL_KEY = "CycGuard.Protocol"
 SECONDS_PREFIX = "CycGuard.Seconds."
+MITIGATED_SCORE_KEY = "CycGuard.MitigatedScore"
+METHOD_KEY = "CycGuard.MitigationMethod"
+HISTORY_KEY = "ImageProcessingHistory"
+
+MetaValue = str | tuple[str, ...]  # a multi-valued entry is a tuple
 
 
 def verdict_meta(verdict: str, reason: str) -> dict[str, str]:
@@ -39,6 +44,34 @@ def verdict_meta(verdict: str, reason: str) -> dict[str, str]:
         raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
     return {VERDICT_KEY: verdict, "ImageComment": reason, "GADGETRON_ImageComment": f"CycGuard {verdict}"}
 
+
+
+def recon_meta(model: str, seconds: float) -> dict[str, MetaValue]:
+    """The meta of a reconstruction before any check: ``unverified``, the model's tag, the
+    stage's seconds and the processing history."""
+    return {
+        **verdict_meta("unverified", "unverified: no consistency check ran on this image"),
+        MODEL_KEY: model,
+        SECONDS_PREFIX + "recon": f"{seconds:.4f}",
+        HISTORY_KEY: "CYCGUARD_MODL",
+    }
+
+
+def mitigation_meta(verdict: str, reason: str, seconds: float, mitigated_score: float | None, method: str) -> dict[str, MetaValue]:
+    """The meta the mitigation stage writes on a flagged image: its reason, its seconds, the
+    rewrite's score where the method measured one, and for a rewritten image its verdict,
+    method, history and series description."""
+    values: dict[str, MetaValue] = {"ImageComment": reason, SECONDS_PREFIX + "mitigate": f"{seconds:.4f}"}
+    if mitigated_score is not None:
+        values[MITIGATED_SCORE_KEY] = f"{mitigated_score:.6g}"
+    if verdict == "mitigated":
+        values.update({
+            **verdict_meta("mitigated", reason),
+            METHOD_KEY: method,
+            HISTORY_KEY: ("CYCGUARD_MODL", "CYCGUARD_MITIGATION"),
+            "SeriesDescriptionAdditional": "CYCGUARD_MITIGATED",
+        })
+    return values
 
 @dataclass(frozen=True, eq=False)
 class CheckResult:

@@ -192,7 +192,7 @@ def to_ismrmrd_image(item: ReconImage, index: int, series: int, magnitude: bool 
     image.slice_dir[:] = item.geometry.slice_dir
     meta = ismrmrd.Meta()
     for name, value in item.meta:
-        meta[name] = value
+        meta[name] = list(value) if isinstance(value, tuple) else value
     image.attribute_string = meta.serialize()
     return image
 

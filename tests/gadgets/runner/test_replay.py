@@ -240,3 +240,50 @@ def test_a_cut_off_file_fails_for_its_incomplete_and_missing_slices_and_keeps_th
     assert [meta["CycGuard.Verdict"] for _, meta in kept] == ["clean", "clean"]  # what was good is kept
     with pytest.raises(MRDError, match="slice 3 has no acquisitions"):
         read_raw(raw)
+
+
+def test_the_offline_path_writes_what_the_gadget_chain_writes(tmp_path: Path) -> None:
+    """``cycguard recon`` (in process) and the defended chain leave the same meta keys and
+    verdicts on every image, complex images both, through a flagged slice's mitigation."""
+    from dataclasses import replace
+
+    from recon.detect.calibration import Calibration
+    from recon.detect.defense import default_calibration_path
+    from recon.models.weights import load_model as load
+    from recon.offline import reconstruct_file
+
+    _, manifest = load()
+    shipped = Calibration.load(default_calibration_path(manifest), manifest.sha256, *_shipped_keys(manifest))
+    strict = replace(shipped, threshold=0.5, clean_scores=tuple(0.01 * s for s in shipped.clean_scores))  # every slice flagged
+    calibration = strict.save(tmp_path / "strict.json")
+    xml = (ROOT / "pipelines" / "defended.xml").read_text()
+    for stage in ("detect", "mitigate"):
+        xml = xml.replace(
+            f'<execute name="gadgets.{stage}" target="{stage}" type="python"/>\n      <configuration>',
+            f'<execute name="gadgets.{stage}" target="{stage}" type="python"/>\n      <configuration>\n'
+            f'        <property name="calibration" value="{calibration}"/>',
+        )
+    (tmp_path / "strict.xml").write_text(xml)
+    chained = replay(DEMO_RAW, str(tmp_path / "strict.xml"), tmp_path / "chain.h5", tmp_path / "chain", group="g", progress=False)
+    assert chained.ok, chained.failures
+    reconstruct_file(DEMO_RAW, tmp_path / "offline.h5", tmp_path / "offline", progress=False, calibration=calibration)
+    chain, offline = read_images(tmp_path / "chain.h5", group="g"), read_images(tmp_path / "offline.h5")
+    assert len(chain) == len(offline) == 4
+    for (image, meta), (other, other_meta) in zip(chain, offline, strict=True):
+        assert image.dtype == other.dtype == np.complex64
+        assert meta["CycGuard.Verdict"] == other_meta["CycGuard.Verdict"] == "flagged"
+        assert set(meta) == set(other_meta) and "CycGuard.Seconds.mitigate" in meta
+        same = ("CycGuard.Verdict", "CycGuard.Statistic", "CycGuard.Calibration", "CycGuard.Model", "CycGuard.Protocol", "GADGETRON_ImageComment")
+        assert {k: meta[k] for k in same} == {k: other_meta[k] for k in same}
+
+
+def _shipped_keys(manifest: object) -> tuple[object, object]:
+    """The shipped calibration's protocol and detector key."""
+    import json
+
+    from recon.detect.calibration import DetectorKey, ProtocolKey
+    from recon.detect.defense import default_calibration_path
+
+    raw = json.loads(default_calibration_path(manifest).read_text())  # type: ignore[arg-type]
+    protocol = raw["protocol"]
+    return ProtocolKey(tuple(protocol["matrix"]), *(protocol[k] for k in ("coils", "mask_kind", "acceleration", "acs_lines"))), DetectorKey(**raw["detector"])
