@@ -27,12 +27,11 @@ import socket
 import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage
-from pynetdicom import AE, evt
+from pynetdicom import AE
 
 from recon.io.dicom import save_atomically
 
@@ -165,11 +164,7 @@ class Pusher:
         if self.target.tls_ca:
             context = ssl.create_default_context(cafile=self.target.tls_ca)
             tls = (context, self.target.host)
-        answers: list[Any] = []
-        assoc = ae.associate(
-            self.target.host, self.target.port, ae_title=self.target.ae_title, tls_args=tls,
-            evt_handlers=[(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))],
-        )
+        assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.ae_title, tls_args=tls)
         if not assoc.is_established:
             transport = getattr(assoc.dul, "socket", None)
             raw = getattr(transport, "socket", None)
@@ -177,7 +172,9 @@ class Pusher:
                 transport.close()
             if raw is not None:
                 raw.close()
-            answer = next((a for a in answers if getattr(a, "result", None) is not None), None)
+            # the A-ASSOCIATE answer, set by the association before it reports the outcome (None: no answer came)
+            answer = getattr(assoc.acceptor, "primitive", None)
+            answer = answer if getattr(answer, "result", None) is not None else None
             if assoc.is_rejected and answer is not None and answer.result == 0x01:
                 reason = f"association rejected permanently ({answer.source_str}: {answer.reason_str})"
                 for path in files:

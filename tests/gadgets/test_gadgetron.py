@@ -181,7 +181,7 @@ ERROR_CASES = {
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_errors_reach_the_real_client_once_and_nothing_hangs(gadgetron: Gadgetron, case: str, tmp_path: Path) -> None:
     make, message = ERROR_CASES[case]
-    run = gadgetron.client_until_answered(DEMO_RAW, tmp_path / "real.h5", script=make(tmp_path), timeout=int(ERROR_DEADLINE_S))
+    run = gadgetron.client_until_answered(DEMO_RAW, tmp_path / "real.h5", expect=message, script=make(tmp_path), timeout=int(ERROR_DEADLINE_S))
     assert run.seconds < ERROR_DEADLINE_S, run.output
     assert "ERROR" in run.output, run.output
     if message is not None:
