@@ -18,7 +18,7 @@ import torch
 
 from recon.detect.calibration import Calibration
 from recon.detect.cyclic import DetectionScores
-from recon.detect.defense import Defense
+from recon.detect.defense import Defense, whitening_doubt
 from recon.mitigate.policy import mitigate_flagged
 from recon.models.modl import MoDL
 from recon.physics.prepared import PreparedSlice, clock, prepare, prepare_with_maps
@@ -121,7 +121,7 @@ def check(prepared: PreparedSlice, image: np.ndarray, defense: Defense) -> Check
     reason = f"{verdict}: {defense.statistic} {score:.4g} {relation} threshold {calibration.threshold:.4g}"
     if calibration.scales:  # which component decided
         reason += " (" + ", ".join(f"{name} {scores.get(name):.4g} / {scale:.4g}" for name, scale in calibration.scales) + ")"
-    doubt = defense.noise_doubt or (None if calibration.covers(scores.signal_level) else coverage_doubt(scores.signal_level, calibration))
+    doubt = whitening_doubt(defense.noise_doubt, scores.noise_excess) or (None if calibration.covers(scores.signal_level) else coverage_doubt(scores.signal_level, calibration))
     if verdict == "clean" and doubt is not None:
         verdict, reason = "unverified", f"unverified: {doubt}; the passing score ({reason}) is not trusted"
     return CheckResult(verdict, score, calibration.threshold, calibration.p_value(score), scores, reason, seconds)

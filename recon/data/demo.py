@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,12 @@ NOISE_SCANS = 4
 
 
 def make_demo(
-    out_dir: Path = DEMO_DIR, seed: int = 2026, slices: tuple[int, ...] = DEMO_SLICES, desc: ScanDescription | None = None
+    out_dir: Path = DEMO_DIR, seed: int = 2026, slices: tuple[int, ...] = DEMO_SLICES, desc: ScanDescription | None = None,
+    magnitudes: Sequence[np.ndarray] | None = None,
 ) -> tuple[Path, Path]:
     """Write the demo raw file and its reference (``slices``: MNI axial z indices; ``desc``: the
-    scan's header, the demo's by default); returns their paths."""
+    scan's header, the demo's by default; ``magnitudes``: other objects instead of the MNI
+    slices, ``(y, x)`` in [0, 1] at the scan's matrix, filling its field of view); returns their paths."""
     rng = np.random.default_rng(seed)
     desc = desc or ScanDescription()
     family = MaskFamily("equispaced", desc.acceleration, 16)
@@ -55,8 +58,10 @@ def make_demo(
     maps = birdcage_maps(coils, (ny, nx * os_factor), rng, radius=1.3, extent=(1.0, float(os_factor)))
     chol = noise_cholesky(coils, rng)
     kspaces, masks, geometries = [], [], []
+    if magnitudes is not None:
+        slices = tuple(DEMO_SLICES[0] + 5 * n for n in range(len(magnitudes)))
     for n, z in enumerate(slices):
-        magnitude = mni.magnitude_slice(mni.SliceRef("axial", z), ny)
+        magnitude = mni.magnitude_slice(mni.SliceRef("axial", z), ny) if magnitudes is None else magnitudes[n]
         phase = smooth_phase((ny, nx), rng, max_radians=np.pi / 2)
         obj = np.zeros((ny, nx * os_factor), np.complex64)
         x0 = (nx * os_factor - nx) // 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,7 +58,8 @@ def noise_level(data: SliceKSpace, whitened: bool) -> tuple[float, str | None]:
     :data:`WHITENED_TOLERANCE`, the data may not be whitened as the header says: the doubt is
     returned, and a passing score is then not trusted (:func:`recon.pipeline.check`). Data
     not prewhitened: estimated from the periphery (a perturbation that reaches the periphery
-    inflates the estimate and so lowers its own score; prefer prewhitened data).
+    inflates the estimate and so lowers its own score; prefer prewhitened data). The check
+    weighs the doubt against the network's residual at the periphery (:func:`whitening_doubt`).
     """
     estimate = estimate_noise_sigma(np.asarray(data.kspace), np.asarray(data.mask))
     if not whitened:
@@ -65,6 +67,22 @@ def noise_level(data: SliceKSpace, whitened: bool) -> tuple[float, str | None]:
     if abs(estimate - 1.0) > WHITENED_TOLERANCE:
         return 1.0, f"k-space periphery gives noise sigma {estimate:.3g}, not 1 as whitened data should"
     return 1.0, None
+
+
+def whitening_doubt(doubt: str | None, noise_excess: float | None) -> str | None:
+    """The noise-level doubt of :func:`noise_level` once the network has fitted the slice.
+
+    The raw periphery also holds the object's signal where the object reaches the edges of
+    k-space (body images, anything filling the field of view). The data residual there after
+    the network's fit (``noise_excess``, in noise sigmas: about 0.96 when the data are noise of
+    the declared level) does not: within :data:`WHITENED_TOLERANCE` of 1 the doubt is dismissed;
+    otherwise it stands, with the residual named.
+    """
+    if doubt is None or noise_excess is None or not math.isfinite(noise_excess):
+        return doubt
+    if abs(noise_excess - 1.0) <= WHITENED_TOLERANCE:
+        return None
+    return f"{doubt}, and the network's data residual there is {noise_excess:.3g} noise sigmas"
 
 
 def slice_noise_sigma(data: SliceKSpace, whitened: bool) -> float:

@@ -436,3 +436,39 @@ def test_noise_dominated_data_outside_the_calibrated_snr_are_not_clean(tmp_path:
         assert row.signal_level is not None and row.protocol == "128x128, 8 coils, equispaced R=4, 16 ACS lines"
         if row.verdict == "unverified":
             assert "noise sigmas (ACS RMS) outside the 5.22-71.3 of the calibration's clean slices" in row.reason
+
+
+def test_a_noise_doubt_stands_only_when_the_networks_residual_agrees() -> None:
+    from recon.detect.defense import whitening_doubt
+
+    doubt = "k-space periphery gives noise sigma 1.43, not 1 as whitened data should"
+    assert whitening_doubt(doubt, 0.97) is None and whitening_doubt(doubt, 1.2) is None  # the periphery held signal, not noise
+    assert whitening_doubt(doubt, 1.4) == f"{doubt}, and the network's data residual there is 1.4 noise sigmas"
+    assert whitening_doubt(doubt, 0.7) is not None and whitening_doubt(doubt, float("nan")) == doubt and whitening_doubt(None, 2.0) is None
+
+
+def test_a_clean_slice_with_signal_at_the_k_space_periphery_is_checked(tmp_path: Path) -> None:
+    """An object filling the field of view puts signal at the edges of k-space (the raw periphery
+    reads noise sigma 1.4); the network explains it, so the slice is checked, not ``unverified``.
+    The same slice with its noise 1.5 times what the header declares is not passed as clean."""
+    from dataclasses import replace
+
+    from benchmarks.periphery_signal import object_image
+    from recon.data.demo import make_demo
+    from recon.detect.defense import ScanDefenses
+    from recon.models.weights import load_model
+
+    raw, _ = make_demo(tmp_path, seed=2026, magnitudes=[object_image("coins")])
+    model, manifest = load_model()
+    scan = read_raw(raw)
+    [data] = scan.slices
+    defenses = ScanDefenses(model, manifest, scan)
+    defense = defenses.fit(data)
+    assert not isinstance(defense, str) and defense.noise_doubt is not None and "periphery" in defense.noise_doubt
+    result = defend(data, defense)
+    assert result.verdict == "clean", result.reason
+    louder = replace(data, kspace=np.asarray(data.kspace) * 1.5)  # not whitened as the header says
+    doubted = defend(louder, defenses.fit(louder))
+    assert doubted.verdict != "clean", doubted.reason
+    if doubted.verdict == "unverified":
+        assert "the network's data residual there is" in doubted.reason
