@@ -21,11 +21,14 @@ import argparse
 import logging
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("cycguard")
+# simulated clean slices of a site's protocol for `calibrate --like` (a 1 % target needs 99 at least)
+LIKE_SLICES = 300
 
 
 def _out(text: str) -> None:
@@ -245,23 +248,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from recon.calibrate import build_calibration, scores_from_raw, scores_from_simulation
-    from recon.detect.defense import default_calibration_path, detector_for
+    from recon.calibrate import build_calibration, scores_from_raw, scores_from_simulation, scores_like
+    from recon.detect.defense import cached_calibration_path, default_calibration_path, detector_for, model_protocol
     from recon.detect.statistics import COMBINATIONS
     from recon.models.weights import load_model
 
     model, manifest = load_model(args.weights)
-    if bool(args.raw) == bool(args.simulate):
-        raise ValueError("give clean raw files or --simulate N (not both)")
+    if sum((bool(args.raw), bool(args.like))) + (bool(args.simulate) and not args.like) != 1:
+        raise ValueError("give clean raw files, --like SCAN.h5 [--simulate N], or --simulate N (one of them)")
+    started = time.monotonic()
     if args.raw:
         scores, protocol = scores_from_raw([Path(p) for p in args.raw], model, manifest, statistic=args.statistic)
+    elif args.like:
+        count = args.simulate or LIKE_SLICES
+        scores, protocol, levels = scores_like(Path(args.like), count, model, manifest, seed=args.seed, statistic=args.statistic)
+        _out(f"simulated {count} clean slices of {protocol.describe()} with the coil maps of {args.like}, signal levels {levels[0]:.3g}-{levels[1]:.3g}")
     else:
         scores, protocol = scores_from_simulation(args.simulate, model, manifest, seed=args.seed, statistic=args.statistic)
-    detector = detector_for(model, manifest, protocol.acs_lines)
+    seconds = time.monotonic() - started
+    detector = detector_for(model, manifest, protocol)
     calibration = build_calibration(scores, protocol, manifest, detector, args.statistic, args.fpr)
-    out = Path(args.output) if args.output else default_calibration_path(manifest)
+    if args.output:
+        out = Path(args.output)
+    else:  # the model's protocol beside the weights; a site's protocol in the calibration cache, where the stages look
+        out = default_calibration_path(manifest) if protocol == model_protocol(manifest) else cached_calibration_path(manifest, protocol)
+    out.parent.mkdir(parents=True, exist_ok=True)
     calibration.save(out)
     _out(f"calibration: {out}\nstatistic {args.statistic}, {len(scores)} clean slices, threshold {calibration.threshold:.6g} for FPR {args.fpr:g}")
+    _out(f"scored in {seconds:.0f} s ({seconds / max(len(scores), 1):.2f} s a slice)")
+    if args.like:
+        _out("made by simulation: clean scans of the protocol make a stronger calibration (cycguard calibrate CLEAN.h5 ...)")
     if calibration.scales:
         _out("scales: " + ", ".join(f"{name} {scale:.4g}" for name, scale in calibration.scales))
     if calibration.gates:
@@ -386,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="calibrate the detection threshold on clean slices")
     cal.add_argument("raw", nargs="*", help="clean ISMRMRD raw files of one protocol")
     cal.add_argument("--simulate", type=int, default=0, help="use N simulated held-out slices instead (needs cycguard[data])")
+    cal.add_argument(
+        "--like", metavar="SCAN.h5", default=None,
+        help=f"calibrate for the protocol of this raw file by simulation (its coil maps, {LIKE_SLICES} slices unless --simulate N; "
+        "written to the calibration cache, CYCGUARD_CALIBRATIONS, where the stages find it)",
+    )
     cal.add_argument("--seed", type=int, default=101, help="seed of the simulated slices")
     cal.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     cal.add_argument(

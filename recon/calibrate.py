@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -67,7 +68,7 @@ def scores_from_raw(
                 raise ValueError(f"{path}: slice protocol {key} differs from the calibration's {protocol}")
             protocol = key
             prepared = prepare(data)
-            detector = detector_for(model, manifest, int(data.acs.sum()))
+            detector = detector_for(model, manifest, key)
             sigma = slice_noise_sigma(data, whitened=scan.whitened)
             scores.append(_score(model, detector, prepared.op, prepared.y, sigma, statistic))
     if protocol is None:
@@ -89,6 +90,64 @@ def scores_from_simulation(
         op = SenseOp(sample.maps[None], sample.mask[None])
         scores.append(_score(model, detector, op, op.project(sample.kspace_full[None]), sample.noise_std, statistic))
     return scores, model_protocol(manifest)
+
+
+def scores_like(
+    scan_path: Path, count: int, model: MoDL, manifest: ModelManifest, seed: int = 101, progress: bool = True, statistic: str | None = None
+) -> tuple[list[DetectionScores], ProtocolKey, tuple[float, float]]:
+    """Scores of ``count`` simulated clean slices in the protocol of a scan (``cycguard calibrate
+    --like``): its matrix, coils, acceleration and ACS lines, the coil maps estimated from its
+    own ACS lines (slice after slice), unit noise as its prewhitened data have, and signal
+    levels drawn log-uniformly over a third of its lowest to three times its highest slice's;
+    the anatomy is the held-out MNI152 slab (augmented). Every slice goes the product's way
+    (coil maps from its ACS, the network, the detector). Returns the scores, the protocol and
+    the signal levels drawn between.
+
+    Raises:
+        ValueError: a scan with the model's own protocol (its calibration ships with it), a
+            rectangular matrix, or no complete slice.
+    """
+    from recon.data import mni
+    from recon.data.simulate import complex_noise, simulate_kspace, smooth_phase
+    from recon.detect.cyclic import signal_level
+    from recon.physics.coils import estimate_coil_maps
+    from recon.types import SliceKSpace
+
+    scan = read_raw(scan_path)
+    if not scan.slices:
+        raise ValueError(f"{scan_path}: no complete slice to take the protocol from")
+    protocol = protocol_of(scan.slices[0], manifest, scan.protocol.acceleration)
+    if protocol == model_protocol(manifest):
+        raise ValueError(f"{scan_path} has the model's own protocol ({protocol.describe()}): its calibration ships with the model")
+    ny, nx = protocol.matrix
+    if ny != nx:
+        raise ValueError(f"{scan_path}: a {ny}x{nx} matrix; simulated calibrations are square only: calibrate from clean scans (cycguard calibrate CLEAN.h5)")
+    maps = []
+    levels = []
+    for data in scan.slices:
+        kspace = torch.from_numpy(np.array(data.kspace))
+        maps.append(estimate_coil_maps(kspace, data.acs).numpy())
+        sigma = slice_noise_sigma(data, whitened=scan.whitened)
+        levels.append(float(signal_level(kspace[None] / sigma, torch.from_numpy(np.array(data.acs)), 1.0)))
+    low, high = min(levels) / 3, max(levels) * 3
+    family = MaskFamily(protocol.mask_kind, protocol.acceleration, protocol.acs_lines)
+    detector = detector_for(model, manifest, protocol)
+    rng = np.random.default_rng(seed)
+    refs = mni.catalog("heldout")
+    identity = np.eye(protocol.coils, dtype=np.complex64)
+    scores = []
+    for n in tqdm(range(count), desc=f"calibrate like {Path(scan_path).name}", disable=not progress):
+        magnitude = mni.magnitude_slice(refs[int(rng.integers(len(refs)))], ny, rng)
+        obj = (magnitude * np.exp(1j * smooth_phase((ny, nx), rng))).astype(np.complex64)
+        clean = simulate_kspace(obj, maps[n % len(maps)], 0.0, identity, rng)
+        acs = family.acs_mask(ny)
+        level = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+        clean *= level / max(float(np.sqrt(np.mean(np.abs(clean[:, acs, :]) ** 2))), 1e-30)
+        mask = family.sample(ny, rng)
+        kspace = (clean + complex_noise(clean.shape, rng)) * mask[None, :, None]
+        prepared = prepare(SliceKSpace(kspace.astype(np.complex64), mask, acs))
+        scores.append(_score(model, detector, prepared.op, prepared.y, 1.0, statistic))
+    return scores, protocol, (low, high)
 
 
 def build_calibration(

@@ -85,6 +85,14 @@ def _threads() -> None:
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _calibration_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own calibration cache (``CYCGUARD_CALIBRATIONS``), never the user's."""
+    folder = tmp_path_factory.mktemp("calibrations")
+    monkeypatch.setenv("CYCGUARD_CALIBRATIONS", str(folder))
+    return folder
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

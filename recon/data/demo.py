@@ -44,14 +44,14 @@ NOISE_SCANS = 4
 
 def make_demo(
     out_dir: Path = DEMO_DIR, seed: int = 2026, slices: tuple[int, ...] = DEMO_SLICES, desc: ScanDescription | None = None,
-    magnitudes: Sequence[np.ndarray] | None = None,
+    magnitudes: Sequence[np.ndarray] | None = None, acs_lines: int = 16,
 ) -> tuple[Path, Path]:
     """Write the demo raw file and its reference (``slices``: MNI axial z indices; ``desc``: the
     scan's header, the demo's by default; ``magnitudes``: other objects instead of the MNI
     slices, ``(y, x)`` in [0, 1] at the scan's matrix, filling its field of view); returns their paths."""
     rng = np.random.default_rng(seed)
     desc = desc or ScanDescription()
-    family = MaskFamily("equispaced", desc.acceleration, 16)
+    family = MaskFamily("equispaced", desc.acceleration, acs_lines)
     ny, nx = desc.matrix
     os_factor = desc.readout_oversampling
     coils = desc.coils

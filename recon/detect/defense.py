@@ -120,11 +120,26 @@ def model_protocol(manifest: ModelManifest) -> ProtocolKey:
     return ProtocolKey(manifest.matrix, manifest.coils, manifest.mask_kind, manifest.acceleration, manifest.acs_lines)
 
 
-def detector_for(model: MoDL, manifest: ModelManifest, acs_lines: int | None = None, direction_key: bytes | None = None) -> CyclicDetector:
-    """The detector with the project's default settings for a model (``direction_key``: a
-    site's secret for the sensitive directions, :func:`recon.detect.cyclic.start_seed`)."""
-    family = MaskFamily(manifest.mask_kind, manifest.acceleration, manifest.acs_lines if acs_lines is None else acs_lines)
-    return CyclicDetector(model, family, direction_key=direction_key)
+def detector_for(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey | None = None, direction_key: bytes | None = None) -> CyclicDetector:
+    """The detector with the project's default settings for a model and a protocol (its
+    sampling family: the model's own by default; ``direction_key``: a site's secret for the
+    sensitive directions, :func:`recon.detect.cyclic.start_seed`)."""
+    protocol = protocol or model_protocol(manifest)
+    family = MaskFamily(protocol.mask_kind, protocol.acceleration, protocol.acs_lines)
+    alternatives = family.max_alternatives(CyclicDetector.alternatives)  # equispaced R = 2, 3: the other offsets only
+    return CyclicDetector(model, family, alternatives=alternatives, direction_key=direction_key)
+
+
+def calibration_cache() -> Path:
+    """Where calibrations made for a site's protocols are kept: ``CYCGUARD_CALIBRATIONS``, or
+    ``~/.cache/cycguard/calibrations``."""
+    return Path(os.environ.get("CYCGUARD_CALIBRATIONS") or Path.home() / ".cache" / "cycguard" / "calibrations")
+
+
+def cached_calibration_path(manifest: ModelManifest, protocol: ProtocolKey) -> Path:
+    """The cache file of a protocol's calibration for a model (``cycguard calibrate --like``)."""
+    slug = f"{protocol.matrix[0]}x{protocol.matrix[1]}_{protocol.coils}ch_{protocol.mask_kind}_R{protocol.acceleration}_acs{protocol.acs_lines}"
+    return calibration_cache() / f"{manifest.name}-{manifest.sha256[:12]}" / f"{slug}.json"
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,8 +170,19 @@ def fit_defense(model: MoDL, manifest: ModelManifest, protocol: ProtocolKey, cal
     The detector's sensitive directions are keyed by ``CYCGUARD_DETECTOR_KEY`` when the site
     sets it (the calibration, made with the public seed, holds either way)."""
     path = calibration if calibration is not None else default_calibration_path(manifest)
+    if calibration is None and protocol != model_protocol(manifest):  # a site's protocol: its own calibration, when made
+        path = cached_calibration_path(manifest, protocol)
+        if not path.exists():
+            why = (
+                f"no calibration for protocol {protocol.describe()} (the shipped one is for {model_protocol(manifest).describe()}; "
+                f"this scan differs in {model_protocol(manifest).differences(protocol)}): "
+                f"make one with `cycguard calibrate --like SCAN.h5` (simulated from the scan's own protocol and coil maps; "
+                f"kept in {path.parent}) or from clean scans (`cycguard calibrate CLEAN.h5 ...`)"
+            )
+            log.warning("%s; images will be tagged unverified", why)
+            return why
     direction_key = detector_key_from_env()
-    detector = detector_for(model, manifest, protocol.acs_lines, direction_key)
+    detector = detector_for(model, manifest, protocol, direction_key)
     try:
         statistic = calibration_statistic(path) if path.exists() else DEFAULT_STATISTIC
         loaded = Calibration.load(path, manifest.sha256, protocol, DetectorKey.of(statistic, detector))

@@ -86,6 +86,11 @@ class MaskFamily:
         mask[offset :: self.acceleration] = True
         return mask
 
+    def max_alternatives(self, default: int) -> int:
+        """How many alternatives to a mask the family can give, at most ``default`` (equispaced:
+        the R - 1 other offsets; the random kinds: any number)."""
+        return min(default, self.acceleration - 1) if self.kind == "equispaced" else default
+
     def alternatives(self, mask: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
         """``count`` masks of the family other than ``mask`` (the cycle's Delta_k).
 

@@ -243,3 +243,36 @@ def test_the_calibrate_command_offers_the_product_detectors_and_defaults_to_the_
     assert args.statistic == DEFAULT_STATISTIC
     action = next(a for a in parser._subparsers._group_actions[0].choices["calibrate"]._actions if a.dest == "statistic")  # type: ignore[union-attr]
     assert list(action.choices) == [*(d.name for d in DETECTORS), "cyclic"] and len(DETECTORS) == 2
+
+
+def test_a_protocol_without_a_calibration_gets_one_by_simulation(small_raw: tuple, tmp_path: Path, _calibration_cache: Path) -> None:
+    """A scan of another protocol (32x32, 4 coils, R = 2, 8 ACS lines) is ``unverified`` and
+    told how to get a calibration; ``calibrate --like`` makes one from its own protocol and
+    coil maps into the cache, and the same scan is then checked."""
+    raw = str(small_raw[0])
+    before = _run("recon", raw, "-o", str(tmp_path / "before.h5"))
+    assert before.returncode == 0, before.stderr
+    assert {meta["CycGuard.Verdict"] for _, meta in read_images(tmp_path / "before.h5")} == {"unverified"}
+    assert "make one with `cycguard calibrate --like SCAN.h5`" in before.stderr
+    made = _run("calibrate", "--like", raw, "--simulate", "120", "--fpr", "0.05")
+    assert made.returncode == 0, made.stderr
+    assert "simulated 120 clean slices of 32x32, 4 coils, equispaced R=2, 8 ACS lines" in made.stdout
+    assert f"calibration: {_calibration_cache}" in made.stdout and "made by simulation" in made.stdout
+    after = _run("recon", raw, "-o", str(tmp_path / "after.h5"))
+    assert after.returncode == 0, after.stderr
+    verdicts = [meta["CycGuard.Verdict"] for _, meta in read_images(tmp_path / "after.h5")]
+    assert len(verdicts) == 2 and "unverified" not in verdicts, after.stderr
+    from recon.data.demo import DEMO_RAW
+
+    again = _run("calibrate", "--like", str(DEMO_RAW), "--simulate", "5")
+    assert again.returncode == 2 and "has the model's own protocol" in again.stderr
+
+
+def test_the_detector_takes_the_alternatives_a_protocol_has() -> None:
+    from recon.detect.calibration import ProtocolKey
+    from recon.detect.defense import detector_for
+    from recon.models.weights import load_model
+
+    model, manifest = load_model()
+    assert detector_for(model, manifest).alternatives == 3
+    assert [detector_for(model, manifest, ProtocolKey((64, 64), 4, "equispaced", r, 12)).alternatives for r in (2, 3, 5)] == [1, 2, 3]
