@@ -29,12 +29,10 @@ from skimage import data as skdata
 from skimage.transform import resize
 from tqdm import tqdm
 
+from benchmarks.snr_coverage import product_verdicts
 from recon.data.demo import DEMO_RAW, make_demo
-from recon.detect.defense import ScanDefenses
 from recon.io.mrd import read_raw
-from recon.models.weights import load_model
 from recon.physics.noise import estimate_noise_sigma
-from recon.pipeline import defend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OBJECTS = ("camera", "gravel", "brick", "grass", "coins", "moon")
@@ -52,22 +50,10 @@ def object_image(name: str, matrix: int = 128) -> np.ndarray:
 
 
 def run(raw: Path, source: str) -> list[dict[str, Any]]:
-    model, manifest = load_model()
+    """Each slice of ``raw`` through the offline product path, with the noise sigma its raw periphery gives."""
     scan = read_raw(raw)
-    defenses = ScanDefenses(model, manifest, scan)
-    rows = []
-    for data in scan.slices:
-        defense = defenses.fit(data)
-        periphery = estimate_noise_sigma(np.asarray(data.kspace), np.asarray(data.mask))
-        if isinstance(defense, str):
-            rows.append({"source": source, "slice": data.key.slice, "periphery_sigma": periphery, "verdict": "unverified", "reason": defense})
-            continue
-        result = defend(data, defense)
-        rows.append({
-            "source": source, "slice": data.key.slice, "periphery_sigma": periphery, "noise_excess": result.scores.noise_excess,
-            "signal_level": result.scores.signal_level, "verdict": result.verdict, "reason": result.reason,
-        })
-    return rows
+    peripheries = [estimate_noise_sigma(np.asarray(data.kspace), np.asarray(data.mask)) for data in scan.slices]
+    return [{"source": source, "periphery_sigma": sigma, **row} for sigma, row in zip(peripheries, product_verdicts(raw), strict=True)]
 
 
 def main() -> None:

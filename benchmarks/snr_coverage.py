@@ -79,7 +79,10 @@ def product_verdicts(raw: Path) -> list[dict[str, object]]:
             rows.append({"slice": data.key.slice, "verdict": "unverified", "reason": "no calibration fits"})
             continue
         result = defend(data, defense)
-        rows.append({"slice": data.key.slice, "verdict": result.verdict, "signal_level": result.scores.signal_level, "score": result.score, "reason": result.reason})
+        rows.append({
+            "slice": data.key.slice, "verdict": result.verdict, "signal_level": result.scores.signal_level, "score": result.score,
+            "noise_excess": result.scores.noise_excess, "reason": result.reason,
+        })
     return rows
 
 
