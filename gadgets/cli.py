@@ -259,15 +259,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     if args.raw:
         scores, protocol = scores_from_raw([Path(p) for p in args.raw], model, manifest, statistic=args.statistic)
+        source = f"clean scans: {', '.join(Path(p).name for p in args.raw)} ({len(scores)} slices)"
     elif args.like:
         count = args.simulate or LIKE_SLICES
         scores, protocol, levels = scores_like(Path(args.like), count, model, manifest, seed=args.seed, statistic=args.statistic)
         _out(f"simulated {count} clean slices of {protocol.describe()} with the coil maps of {args.like}, signal levels {levels[0]:.3g}-{levels[1]:.3g}")
+        source = f"simulated: {count} held-out MNI152 brain slices (augmented) with the coil maps of {Path(args.like).name}, unit noise"
     else:
         scores, protocol = scores_from_simulation(args.simulate, model, manifest, seed=args.seed, statistic=args.statistic)
+        source = f"simulated: {args.simulate} held-out MNI152 brain slices (augmented), birdcage coil model, correlated noise"
     seconds = time.monotonic() - started
     detector = detector_for(model, manifest, protocol)
-    calibration = build_calibration(scores, protocol, manifest, detector, args.statistic, args.fpr)
+    calibration = build_calibration(scores, protocol, manifest, detector, args.statistic, args.fpr, source)
     if args.output:
         out = Path(args.output)
     else:  # the model's protocol beside the weights; a site's protocol in the calibration cache, where the stages look
@@ -275,7 +278,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     calibration.save(out)
     _out(f"calibration: {out}\nstatistic {args.statistic}, {len(scores)} clean slices, threshold {calibration.threshold:.6g} for FPR {args.fpr:g}")
-    _out(f"scored in {seconds:.0f} s ({seconds / max(len(scores), 1):.2f} s a slice)")
+    _out(f"scored in {seconds:.0f} s ({seconds / max(len(scores), 1):.2f} s a slice)\ncovers {source}")
     if args.like:
         _out("made by simulation: clean scans of the protocol make a stronger calibration (cycguard calibrate CLEAN.h5 ...)")
     if calibration.scales:

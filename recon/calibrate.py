@@ -157,9 +157,11 @@ def build_calibration(
     detector: CyclicDetector,
     statistic: str = DEFAULT_STATISTIC,
     target_fpr: float = 0.01,
+    source: str | None = None,
 ) -> Calibration:
     """Threshold one statistic of clean scores for a target false-positive rate; the
-    calibration covers the signal levels (SNR) of those slices and no others."""
+    calibration covers the signal levels (SNR) of those slices and no others, and states what
+    the slices were (``source``)."""
     key = DetectorKey.of(statistic, detector)
     scores = list(scores)
     if statistic in COMBINATIONS:
@@ -167,4 +169,4 @@ def build_calibration(
         made = calibrate_combined(components, target_fpr, manifest.sha256, protocol, key)
     else:
         made = calibrate([s.get(statistic) for s in scores], target_fpr, manifest.sha256, protocol, key)
-    return replace(made, signal_range=signal_range([s.signal_level for s in scores]))
+    return replace(made, signal_range=signal_range([s.signal_level for s in scores]), source=source)

@@ -101,6 +101,9 @@ class Calibration:
     # (lowest, highest) signal level of the clean slices; ``None`` (bare scores, or a file made
     # before calibrations recorded it) covers nothing
     signal_range: tuple[float, float] | None = None
+    # what the clean slices were (anatomy, coils, where from): a calibration covers what it
+    # was made of and nothing else; ``None`` in files that do not say
+    source: str | None = None
 
     def covers(self, level: float | None) -> bool:
         """Whether a slice's signal level lies within the clean slices' range (an unknown or
@@ -151,6 +154,7 @@ class Calibration:
             **({"scales": {name: scale for name, scale in self.scales}} if self.scales else {}),
             **({"gates": {name: gate for name, gate in self.gates}} if self.gates else {}),
             **({"signal_range": list(self.signal_range)} if self.signal_range is not None else {}),
+            **({"source": self.source} if self.source is not None else {}),
         }
 
     @property
@@ -192,6 +196,7 @@ class Calibration:
                 scales=tuple((str(name), float(scale)) for name, scale in raw.get("scales", {}).items()),
                 gates=tuple((str(name), float(gate)) for name, gate in raw.get("gates", {}).items()),
                 signal_range=_signal_range(raw["signal_range"]) if "signal_range" in raw else None,
+                source=str(raw["source"]) if "source" in raw else None,
             )
         except CalibrationError:
             raise

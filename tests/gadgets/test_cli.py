@@ -258,6 +258,9 @@ def test_a_protocol_without_a_calibration_gets_one_by_simulation(small_raw: tupl
     assert made.returncode == 0, made.stderr
     assert "simulated 120 clean slices of 32x32, 4 coils, equispaced R=2, 8 ACS lines" in made.stdout
     assert f"calibration: {_calibration_cache}" in made.stdout and "made by simulation" in made.stdout
+    assert "covers simulated: 120 held-out MNI152 brain slices (augmented) with the coil maps of small.h5" in made.stdout
+    [cached] = _calibration_cache.rglob("32x32_4ch_equispaced_R2_acs8.json")
+    assert json.loads(cached.read_text())["source"].startswith("simulated: 120 held-out MNI152")
     after = _run("recon", raw, "-o", str(tmp_path / "after.h5"))
     assert after.returncode == 0, after.stderr
     verdicts = [meta["CycGuard.Verdict"] for _, meta in read_images(tmp_path / "after.h5")]

@@ -146,3 +146,18 @@ def test_a_protocol_mismatch_names_the_fields_that_differ(tmp_path: Path) -> Non
     path = calibrate(np.linspace(0, 1, 99), 0.05, "ab" * 32, PROTOCOL, DETECTOR).save(tmp_path / "cal.json")
     with pytest.raises(CalibrationError, match=r"32x32, 4 coils, equispaced R=4, 8 ACS lines\); this scan differs in coils 4 vs 12, acs_lines 8 vs 20$"):
         Calibration.load(path, "ab" * 32, ProtocolKey((32, 32), 12, "equispaced", 4, 20), DETECTOR)
+
+
+def test_a_calibration_states_what_its_clean_slices_were(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    plain = calibrate([0.1 * i for i in range(1, 200)], 0.05, "ab" * 32, PROTOCOL, DETECTOR)
+    stated = replace(plain, source="clean scans: a.h5 (199 slices)")
+    assert stated.sha256 != plain.sha256 and "source" not in json.loads(plain.save(tmp_path / "plain.json").read_text())
+    path = stated.save(tmp_path / "stated.json")
+    assert Calibration.load(path, "ab" * 32, PROTOCOL, DETECTOR).source == "clean scans: a.h5 (199 slices)"
+    raw = json.loads(path.read_text())
+    raw["source"] = "clean scans: b.h5 (199 slices)"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError, match="modified"):
+        Calibration.load(path, "ab" * 32, PROTOCOL, DETECTOR)
