@@ -97,14 +97,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from gadgets.runner.replay import replay
 
+    if len(args.input) > 1 or Path(args.input[0]).is_dir() or Path(args.input[0]).suffix in (".txt", ".lst") or any(c in args.input[0] for c in "*?["):
+        return _replay_batch(args)
+    if args.scheduler or args.workers:
+        raise ValueError("--scheduler and --workers are for several raw files (a folder, a glob, a list file)")
     out = Path(args.output)
     report = Path(args.report) if args.report else out.with_suffix("").with_name(out.stem + "_report")
     result = replay(
-        Path(args.input), args.config, out, report, Path(args.reference) if args.reference else None,
+        Path(args.input[0]), args.config, out, report, Path(args.reference) if args.reference else None,
         group=args.group, in_process=args.in_process, threads=args.threads,
         dicom=Path(args.dicom) if args.dicom else None, pacs=args.pacs, spool=Path(args.spool) if args.spool else None, calling_aet=args.calling_aet,
     )
     return _report_replay(result)
+
+
+def _replay_batch(args: argparse.Namespace) -> int:
+    """``replay`` of several raw files: one Dask task a file, into the folder ``-o``."""
+    from gadgets.runner.batch import replay_many
+
+    unsupported = [name for name in ("report", "reference", "group", "dicom", "pacs", "spool") if getattr(args, name)]
+    if unsupported:
+        raise ValueError(f"--{', --'.join(unsupported)}: for one raw file only (several write per-file reports into the -o folder)")
+    summary = replay_many(
+        args.input, args.config, Path(args.output), scheduler=args.scheduler, workers=args.workers, memory_limit=args.memory_limit,
+        in_process=not args.over_the_wire,
+    )
+    counts = {status: sum(f.status == status for f in summary.files) for status in ("done", "skipped", "failed")}
+    _out(f"files: {', '.join(f'{k} {v}' for k, v in counts.items())}; images: {', '.join(f'{k} {v}' for k, v in sorted(summary.verdicts().items()))}")
+    _out(f"summary: {summary.summary_html}")
+    for outcome in summary.files:
+        if outcome.status == "failed":
+            log.error("FAILED %s: %s", outcome.raw, "; ".join(outcome.failures))
+    return 0 if summary.ok else 1
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -325,9 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     rep = sub.add_parser("replay", help="replay an ISMRMRD raw file through a Gadgetron pipeline")
-    rep.add_argument("input", help="ISMRMRD raw .h5")
+    rep.add_argument("input", nargs="+", help="ISMRMRD raw .h5; several, a folder, a glob or a list file (.txt): replayed on a Dask cluster")
     rep.add_argument("-c", "--config", required=True, help="pipeline: installed name (recon, detect, defended, redteam, ...) or XML file")
-    rep.add_argument("-o", "--output", required=True, help="ISMRMRD .h5 for the images (appended as a new group)")
+    rep.add_argument("-o", "--output", required=True, help="ISMRMRD .h5 for the images (appended as a new group); for several inputs, a folder")
     rep.add_argument("-G", "--group", default=None, help="HDF5 group of the images (default: date and time, as gadgetron_ismrmrd_client)")
     rep.add_argument("--report", help="report folder (default: OUTPUT_report)")
     rep.add_argument("--reference", help="ISMRMRD image .h5 with one reference per slice (adds PSNR/SSIM)")
@@ -337,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--pacs", help="push DICOM by C-STORE to AET@host:port; unacknowledged images stay spooled")
     rep.add_argument("--spool", help="spool folder for the PACS (default ~/.local/state/cycguard/spool)")
     rep.add_argument("--calling-aet", default="CYCGUARD", help="our AE title (default CYCGUARD)")
+    rep.add_argument("--scheduler", help="several inputs: an existing Dask scheduler's address (default: a local cluster)")
+    rep.add_argument("--workers", type=int, default=None, help="several inputs: local worker processes (default: the cores)")
+    rep.add_argument("--memory-limit", default="6GiB", help="several inputs: memory per local worker (default 6GiB; past it Dask restarts the worker)")
+    rep.add_argument("--over-the-wire", action="store_true", help="several inputs: each stage as its own gadget process (default: in each worker's process)")
     rep.set_defaults(func=_cmd_replay)
 
     srv = sub.add_parser("serve", help="serve Gadgetron's client protocol with CycGuard pipelines")

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 mode=${1:-run}
 case "$mode" in
   run) extras="" ; debs="" ;;
-  dev) extras="[dev,data]" ; debs="ismrmrd-tools bart orthanc openssl dicom3tools" ;;
+  dev) extras="[dev,data,scale]" ; debs="ismrmrd-tools bart orthanc openssl dicom3tools" ;;
   *) echo "usage: $0 run|dev" >&2; exit 2 ;;
 esac
 
