@@ -95,9 +95,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    from gadgets.runner.batch import is_archive
     from gadgets.runner.replay import replay
 
-    if len(args.input) > 1 or Path(args.input[0]).is_dir() or Path(args.input[0]).suffix in (".txt", ".lst") or any(c in args.input[0] for c in "*?["):
+    if is_archive(args.input):
         return _replay_batch(args)
     if args.scheduler or args.workers:
         raise ValueError("--scheduler and --workers are for several raw files (a folder, a glob, a list file)")
@@ -122,8 +123,7 @@ def _replay_batch(args: argparse.Namespace) -> int:
         args.input, args.config, Path(args.output), scheduler=args.scheduler, workers=args.workers, memory_limit=args.memory_limit,
         in_process=not args.over_the_wire,
     )
-    counts = {status: sum(f.status == status for f in summary.files) for status in ("done", "skipped", "failed")}
-    _out(f"files: {', '.join(f'{k} {v}' for k, v in counts.items())}; images: {', '.join(f'{k} {v}' for k, v in sorted(summary.verdicts().items()))}")
+    _out(f"files: {', '.join(f'{k} {v}' for k, v in summary.statuses().items())}; images: {', '.join(f'{k} {v}' for k, v in sorted(summary.verdicts().items()))}")
     _out(f"summary: {summary.summary_html}")
     for outcome in summary.files:
         if outcome.status == "failed":

@@ -135,12 +135,12 @@ def scores_like(
     rng = np.random.default_rng(seed)
     refs = mni.catalog("heldout")
     identity = np.eye(protocol.coils, dtype=np.complex64)
+    acs = family.acs_mask(ny)
     scores = []
     for n in tqdm(range(count), desc=f"calibrate like {Path(scan_path).name}", disable=not progress):
         magnitude = mni.magnitude_slice(refs[int(rng.integers(len(refs)))], ny, rng)
         obj = (magnitude * np.exp(1j * smooth_phase((ny, nx), rng))).astype(np.complex64)
         clean = simulate_kspace(obj, maps[n % len(maps)], 0.0, identity, rng)
-        acs = family.acs_mask(ny)
         level = float(np.exp(rng.uniform(np.log(low), np.log(high))))
         clean *= level / max(float(np.sqrt(np.mean(np.abs(clean[:, acs, :]) ** 2))), 1e-30)
         mask = family.sample(ny, rng)

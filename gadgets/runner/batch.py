@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DONE_SUFFIX = ".done.json"
 LIST_SUFFIXES = (".txt", ".lst")
+GLOB_CHARS = "*?["
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,31 @@ class BatchSummary:
 
     def verdicts(self) -> dict[str, int]:
         """Images per verdict over every file (done and skipped)."""
-        total: dict[str, int] = {}
-        for outcome in self.files:
-            for verdict, count in outcome.verdicts.items():
-                total[verdict] = total.get(verdict, 0) + count
-        return total
+        return count_verdicts(self.files)
+
+    def statuses(self) -> dict[str, int]:
+        """Files per status (``done``, ``skipped``, ``failed``)."""
+        return count_statuses(self.files)
+
+
+def count_verdicts(files: Sequence[FileOutcome]) -> dict[str, int]:
+    """Images per verdict over ``files``."""
+    total: dict[str, int] = {}
+    for outcome in files:
+        for verdict, count in outcome.verdicts.items():
+            total[verdict] = total.get(verdict, 0) + count
+    return total
+
+
+def count_statuses(files: Sequence[FileOutcome]) -> dict[str, int]:
+    """Files per status, every status named."""
+    return {status: sum(f.status == status for f in files) for status in ("done", "skipped", "failed")}
+
+
+def is_archive(specs: Sequence[str]) -> bool:
+    """Whether ``specs`` name more than one raw file's worth: several, a folder, a list file or a glob."""
+    first = Path(specs[0])
+    return len(specs) > 1 or first.is_dir() or first.suffix in LIST_SUFFIXES or any(char in specs[0] for char in GLOB_CHARS)
 
 
 def expand_inputs(specs: Sequence[str]) -> list[Path]:
@@ -85,7 +106,7 @@ def expand_inputs(specs: Sequence[str]) -> list[Path]:
         elif path.suffix in LIST_SUFFIXES and path.is_file():
             lines = [line.strip() for line in path.read_text().splitlines()]
             found += [(path.parent / line) for line in lines if line and not line.startswith("#")]
-        elif any(char in spec for char in "*?["):
+        elif any(char in spec for char in GLOB_CHARS):
             found += sorted(Path(p) for p in glob.glob(spec, recursive=True))
         else:
             found.append(path)
@@ -233,11 +254,7 @@ def replay_many(
 
 def _write_summary(out_dir: Path, pipeline: str, files: Sequence[FileOutcome], seconds: float) -> tuple[Path, Path]:
     """``summary.json`` and ``summary.html``: counts per verdict and status, failures, a row a file."""
-    verdicts: dict[str, int] = {}
-    for outcome in files:
-        for verdict, count in outcome.verdicts.items():
-            verdicts[verdict] = verdicts.get(verdict, 0) + count
-    statuses = {status: sum(f.status == status for f in files) for status in ("done", "skipped", "failed")}
+    verdicts, statuses = count_verdicts(files), count_statuses(files)
     payload = {"pipeline": pipeline, "seconds": seconds, "files": statuses, "verdicts": verdicts, "outcomes": [asdict(f) for f in files]}
     json_path = out_dir / "summary.json"
     json_path.write_text(json.dumps(payload, indent=1))

@@ -35,7 +35,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
 
-from recon.verdict import VERDICT_KEY
+from recon.verdict import METHOD_KEY, VERDICT_KEY
 
 log = logging.getLogger(__name__)
 NAMESPACE = uuid.UUID("6f0b1c7e-3c55-4d0e-9a43-637963677561")  # CycGuard's uuid5 namespace
@@ -242,7 +242,7 @@ def to_dicom(image: ismrmrd.Image, info: HeaderInfo) -> Dataset:
     ds.WindowCenter, ds.WindowWidth = _ds((low + high) / 2), _ds(max(high - low, slope))
     ds.ImageComments = image_comment(meta)
     if verdict == "mitigated":
-        method = meta.get("CycGuard.MitigationMethod", "")
+        method = meta.get(METHOD_KEY, "")
         how = METHODS.get(method, f"method {method or 'not recorded'}")
         ds.DerivationDescription = (f"Rewritten by CycGuard ({how}) after failing the cyclic consistency check: " + meta.get("ImageComment", ""))[:1024]
     ds.PixelData = pixels.tobytes()
