@@ -46,10 +46,10 @@ site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purel
 cmp -s gadgets/cycguard-gadgetron.pth "$site/cycguard-gadgetron.pth" || cp gadgets/cycguard-gadgetron.pth "$site/"
 
 # dev: the real Gadgetron 4.7.2 server and client for the tests marked `gadgetron`, unpacked into
-# .cache/gadgetron from the prepared package (CYCGUARD_GADGETRON_TOOL: its folder, by default the
-# team's tools folder beside the repository; tests/gadgetron_host.py says what it holds)
+# .cache/gadgetron from the prepared package in tools/gadgetron (CYCGUARD_GADGETRON_TOOL: another
+# copy's folder; its README says what it holds)
 if [ "$mode" = dev ]; then
-  tool=${CYCGUARD_GADGETRON_TOOL:-../shared/tools/gadgetron}
+  tool=${CYCGUARD_GADGETRON_TOOL:-tools/gadgetron}
   home=${CYCGUARD_GADGETRON_HOME:-.cache/gadgetron}
   if [ -f "$tool/gadgetron.sh" ]; then
     [ -x "$home/gadgetron-4.7.2-cpu/bin/gadgetron" ] || echo "bootstrap: unpacking the real Gadgetron into $home" >&2

@@ -2,7 +2,7 @@
 
 The server, client and ISMRMRD 1.14.1 tools come as a prepared package with a driver script
 (``gadgetron.sh``: install, start, client) in the folder named by ``CYCGUARD_GADGETRON_TOOL``
-(default: ``tools/gadgetron`` of the team folder beside the repository);
+(default: the repository's ``tools/gadgetron``, whose README says what it holds);
 ``scripts/bootstrap.sh dev`` unpacks it into ``.cache/gadgetron`` (``CYCGUARD_GADGETRON_HOME``).
 Where it is missing, the tests skip with the reason, and fail under CI.
 
@@ -29,7 +29,7 @@ import ismrmrd
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = Path(os.environ.get("CYCGUARD_GADGETRON_TOOL", ROOT.parent / "shared" / "tools" / "gadgetron"))
+TOOL = Path(os.environ.get("CYCGUARD_GADGETRON_TOOL", ROOT / "tools" / "gadgetron"))
 HOME = Path(os.environ.get("CYCGUARD_GADGETRON_HOME", ROOT / ".cache" / "gadgetron"))
 PREFIX = HOME / "gadgetron-4.7.2-cpu"
 CLIENT_TIMEOUT = 120
