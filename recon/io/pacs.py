@@ -27,6 +27,7 @@ import socket
 import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -147,6 +148,21 @@ class Pusher:
         except OSError as err:
             raise OSError(f"cannot spool image {ds.SOPInstanceUID} to {self.spool}: {err.strerror or err}; it was not delivered") from err
 
+    def _associate(self, ae: AE, tls: tuple[ssl.SSLContext, str] | None) -> tuple[Any, Any]:
+        """An association with the PACS and, when it was not established, the A-ASSOCIATE answer
+        that came (``None``: none came); the socket of a failed one closed."""
+        assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.ae_title, tls_args=tls)
+        if assoc.is_established:
+            return assoc, None
+        transport = getattr(assoc.dul, "socket", None)
+        raw = getattr(transport, "socket", None)
+        if transport is not None:  # pynetdicom leaves the socket open after a failed association
+            transport.close()
+        if raw is not None:
+            raw.close()
+        answer = getattr(assoc.acceptor, "primitive", None)  # set by the association before it reports the outcome
+        return assoc, answer if getattr(answer, "result", None) is not None else None
+
     def flush(self) -> int:
         """Send every spooled file; returns how many the PACS acknowledged now."""
         files = self.pending()
@@ -164,17 +180,13 @@ class Pusher:
         if self.target.tls_ca:
             context = ssl.create_default_context(cafile=self.target.tls_ca)
             tls = (context, self.target.host)
-        assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.ae_title, tls_args=tls)
+        # the TCP connection is there (probed above): an association that ends with no answer lost
+        # the race between the PACS's answer and its closing the connection; it is asked once more
+        for _ in range(2):
+            assoc, answer = self._associate(ae, tls)
+            if assoc.is_established or answer is not None:
+                break
         if not assoc.is_established:
-            transport = getattr(assoc.dul, "socket", None)
-            raw = getattr(transport, "socket", None)
-            if transport is not None:  # pynetdicom leaves the socket open after a failed association
-                transport.close()
-            if raw is not None:
-                raw.close()
-            # the A-ASSOCIATE answer, set by the association before it reports the outcome (None: no answer came)
-            answer = getattr(assoc.acceptor, "primitive", None)
-            answer = answer if getattr(answer, "result", None) is not None else None
             if assoc.is_rejected and answer is not None and answer.result == 0x01:
                 reason = f"association rejected permanently ({answer.source_str}: {answer.reason_str})"
                 for path in files:
