@@ -144,6 +144,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
             status = 1
             continue
         _out(f"ok   {name} ({len(pipeline.nodes)} nodes: {', '.join(_node_name(n) for n in pipeline.nodes)})")
+        if pipeline.distributed:
+            start, end = pipeline.span
+            _out(f"     distributed: nodes {start + 1}-{end} run on Gadgetron workers ({pipeline.distributed}); replay and serve run them in line")
         for warning in warnings:
             _out(f"     warning: {warning}")
     return status
@@ -212,6 +215,25 @@ def _cmd_pipelines(args: argparse.Namespace) -> int:
         _out(f"{name:<20} {summary.removeprefix('CycGuard: ')}")
     folder = next(iter(shipped.values())).parent if shipped else None
     _out(f"\nfiles: {folder}/*.xml (copy them into Gadgetron's share/gadgetron/config/ to use them there)")
+    return 0
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    from gadgets.workers import WORKERS_ENV, answering, configured, discovery_output
+
+    try:
+        workers = configured(args.workers)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    if not workers:
+        log.error("no workers: name them (host:port ...) or set %s", WORKERS_ENV)
+        return 2
+    alive = answering(workers, args.timeout)
+    if not alive:
+        log.error("none of the %d worker(s) answers: Gadgetron runs the distributed stream on the main node", len(workers))
+        return 1
+    _out(discovery_output(alive))
     return 0
 
 
@@ -404,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     pacs.add_argument("--calling-aet", default="CYCGUARD", help="our AE title (default CYCGUARD)")
     pacs.add_argument("--timeout", type=float, default=10.0, help="seconds per network step")
     pacs.set_defaults(func=_cmd_pacs)
+
+    wrk = sub.add_parser("workers", help="Gadgetron worker discovery: print the workers that answer, as $GADGETRON_REMOTE_WORKER_COMMAND must")
+    wrk.add_argument("workers", nargs="*", help="host:port of each worker (default: $CYCGUARD_WORKERS, comma- or space-separated)")
+    wrk.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for each worker's TCP connection (default 1)")
+    wrk.set_defaults(func=_cmd_workers)
 
     chk = sub.add_parser("check", help="validate Gadgetron pipelines (exit 1 naming what is wrong)")
     chk.add_argument("pipelines", nargs="+", help="installed names or XML files")

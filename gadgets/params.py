@@ -47,6 +47,10 @@ class ReconSettings:
     device: str = prop("auto", "compute device: auto (CUDA when present), cpu, cuda or cuda:N")
     forward_internal: bool = prop(False, "also forward the k-space buffer and coil maps for downstream CycGuard stages")
     series: int = prop(1, "image_series_index of the images", low=0, high=65535)
+    account_slices: bool = prop(
+        True, "report the slices the header announces that never arrived (false inside a <distributed> stream, where each worker "
+        "gets some of them; gadgets.order on the main node then accounts for every slice)"
+    )
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,18 @@ class AttackSettings:
 
 
 @dataclass(frozen=True)
+class OrderSettings:
+    """``gadgets.order``: after a ``<distributed>`` block, puts the images its workers return (in
+    arrival order, each numbered by its own worker) back in slice order, numbers them 1, 2, ...
+    as a single node does, and reports every slice the header announces that no worker returned."""
+
+    hold_seconds: float = prop(
+        600.0, "longest an image waits for the slices before it; after that it goes on out of order (with a warning) and the "
+        "late slice follows when it comes", unit="s", low=0.0, high=86400.0,
+    )
+
+
+@dataclass(frozen=True)
 class ExportSettings:
     """``gadgets.export``: the chain's last CycGuard stage: checks every image carries a verdict,
     drops internal messages, writes DICOM to a folder and/or pushes it to a PACS, forwards
@@ -134,7 +150,7 @@ class ExportSettings:
 class ComposedSettings:
     """``gadgets.composed``: several stages in one process (saves serialisation)."""
 
-    stages: str = prop("recon,detect,mitigate,export", "comma-separated stages in order: attack, recon, detect, mitigate, export")
+    stages: str = prop("recon,detect,mitigate,export", "comma-separated stages in order: attack, recon, detect, mitigate, order, export")
 
 
 STAGE_SETTINGS: dict[str, type] = {
@@ -142,6 +158,7 @@ STAGE_SETTINGS: dict[str, type] = {
     "recon": ReconSettings,
     "detect": DetectSettings,
     "mitigate": MitigateSettings,
+    "order": OrderSettings,
     "export": ExportSettings,
 }
 
@@ -151,6 +168,7 @@ GADGETS: dict[tuple[str, str], tuple[type, ...]] = {
     ("gadgets.detect", "detect"): (DetectSettings,),
     ("gadgets.mitigate", "mitigate"): (MitigateSettings,),
     ("gadgets.redteam", "attack"): (AttackSettings,),
+    ("gadgets.order", "order"): (OrderSettings,),
     ("gadgets.export", "export"): (ExportSettings,),
     ("gadgets.composed", "composed"): (ComposedSettings,),
 }

@@ -67,6 +67,19 @@ class Stage(Protocol):
         ...
 
 
+def launched_without_target(argv: list[str]) -> bool:
+    """Whether Gadgetron started a gadget as ``python -m gadgetron PORT MODULE`` without its
+    target: a Gadgetron that drops it (and the ``<configuration>``) when it forwards a
+    ``<distributed>`` stream to a worker, as stock 4.7.2 does. gadgetron-python then fails
+    with a bare TypeError after importing the module, so the module says why first."""
+    return len(argv) == 3 and argv[0].replace("\\", "/").endswith("gadgetron/__main__.py") and argv[2].startswith("gadgets.")
+
+
+if launched_without_target(sys.argv):
+    log.critical("Gadgetron started %s without a target (and so without its <configuration>): this Gadgetron drops both when it "
+                 "forwards a <distributed> stream to a worker, as stock 4.7.2 does; it needs the fix in docs/DISTRIBUTED.md", sys.argv[2])
+
+
 # ------------------------------------------------------------------ shared resources
 
 
@@ -227,6 +240,7 @@ STAGE_CLASSES = {
     params.ReconSettings: "gadgets.recon:ReconStage",
     params.DetectSettings: "gadgets.detect:DetectStage",
     params.MitigateSettings: "gadgets.mitigate:MitigateStage",
+    params.OrderSettings: "gadgets.order:OrderStage",
     params.ExportSettings: "gadgets.export:ExportStage",
 }
 

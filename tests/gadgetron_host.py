@@ -79,7 +79,8 @@ class ClientRun:
 class Gadgetron:
     """A real Gadgetron server on loopback (with the storage stand-in the package brings)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+        """``env``: more environment for the server (e.g. ``GADGETRON_REMOTE_WORKER_COMMAND``)."""
         self.workdir = workdir
         self.port = free_port()
         # the package's storage stand-in listens on PORT + 100
@@ -87,7 +88,7 @@ class Gadgetron:
             self.port = free_port()
         started = subprocess.run(
             ["bash", str(TOOL / "gadgetron.sh"), "start", str(HOME), str(self.port), str(workdir)],
-            env=tool_env(), capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+            env={**tool_env(), **(env or {})}, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
         )
         line = next((ln for ln in started.stdout.splitlines() if ln.startswith("PIDS ")), None)
         if started.returncode != 0 or line is None:
@@ -129,6 +130,19 @@ class Gadgetron:
                 return run
         return run
 
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        """Whether the server process is still running."""
+        try:
+            os.kill(self.groups[0], 0)
+        except ProcessLookupError:
+            return False
+        state = Path(f"/proc/{self.groups[0]}/stat")
+        return not (state.is_file() and state.read_text().split(") ")[-1].startswith("Z"))
+
     def python_children(self) -> list[int]:
         """Python gadget processes Gadgetron launched that are still running."""
         found = []
@@ -150,6 +164,29 @@ class Gadgetron:
                 os.killpg(group, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+class Cluster:
+    """A main Gadgetron and its workers on loopback (Gadgetron's distributed mode), found by
+    ``cycguard workers`` as the main node's discovery command. ``listed``: more addresses to
+    list (e.g. a worker that is down)."""
+
+    def __init__(self, workdir: Path, workers: int, listed: tuple[str, ...] = ()) -> None:
+        self.workers: list[Gadgetron] = []
+        self.main: Gadgetron | None = None
+        try:
+            for n in range(workers):
+                self.workers.append(Gadgetron(workdir / f"worker{n + 1}"))
+            addresses = [w.address for w in self.workers] + list(listed)
+            command = f"{Path(sys.executable).parent / 'cycguard'} workers {' '.join(addresses)}"
+            self.main = Gadgetron(workdir / "main", env={"GADGETRON_REMOTE_WORKER_COMMAND": command})
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for server in [*self.workers, *([self.main] if self.main else [])]:
+            server.stop()
 
 
 def _port_free(port: int) -> bool:

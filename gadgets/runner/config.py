@@ -3,8 +3,12 @@
 Accepted: ``<configuration><version>2</version>`` with ``<readers>``, ``<writers>`` and a
 ``<stream>`` of ``<gadget>`` (C++ gadgets the runner has Python equivalents for, see
 :mod:`gadgets.runner.frontend`) and ``<external>`` nodes (``<execute ... type="python"/>`` or
-``<connect port= address=/>``, and a ``<configuration>`` of ``<property>``s). Everything else
-is refused with a message naming it. XML is parsed with defusedxml (no entities, no DTDs).
+``<connect port= address=/>``, and a ``<configuration>`` of ``<property>``s), and one
+``<distributed>`` block (Gadgetron's distributed mode: its ``<stream>`` runs on worker servers,
+one slice each). The runner has no workers: it runs the block's stream in line, in the same
+chain, which gives what the workers give, since every CycGuard stage works slice by slice.
+Everything else is refused with a message naming it. XML is parsed with defusedxml (no
+entities, no DTDs).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import xml.etree.ElementTree as ET  # noqa: S405 - serialising only; parsing goes through defusedxml
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from xml.parsers import expat  # noqa: S410 - line numbers of a document defusedxml already accepted
@@ -28,7 +32,8 @@ KNOWN_READERS = {
     "GadgetIsmrmrdWaveformMessageReader", "MRIImageReader",
 }
 KNOWN_WRITERS = {"ImageWriter", "MRIImageWriter", "IsmrmrdImageArrayWriter", "WaveformWriter", "AcquisitionWriter"}
-UNSUPPORTED_NODES = {"parallel", "distributed", "parallelprocess", "puredistributed"}
+UNSUPPORTED_NODES = {"parallel", "parallelprocess", "puredistributed"}
+DISTRIBUTORS = {"AcquisitionDistributor", "BufferDistributor"}
 
 
 class PipelineError(ValueError):
@@ -81,6 +86,8 @@ class Pipeline:
     readers: tuple[str, ...]
     writers: tuple[str, ...]
     nodes: tuple[CppGadget | ExternalNode, ...]
+    distributed: str = ""  # the <distributed> block's distributor ("" when none)
+    span: tuple[int, int] = (0, 0)  # nodes[start:end] are that block's stream (run in line)
 
     @property
     def externals(self) -> tuple[ExternalNode, ...]:
@@ -139,6 +146,19 @@ def parse_pipeline(text: str | bytes, source: str = "<pipeline>") -> Pipeline:
     if stream is None:
         raise PipelineError(f"{source}: no <stream>")
     lines = _element_lines(text, root)
+    found: list[tuple[str, int, int]] = []
+    nodes = _stream(stream, lines, source, found)
+    if not nodes:
+        raise PipelineError(f"{source}: the <stream> is empty")
+    if not found:
+        return Pipeline(source, readers, writers, tuple(nodes))
+    distributor, start, end = found[0]
+    return Pipeline(source, readers, writers, tuple(nodes), distributor, (start, end))
+
+
+def _stream(stream: ET.Element, lines: dict[int, int], source: str, distributed: list[tuple[str, int, int]]) -> list[CppGadget | ExternalNode]:
+    """The nodes of a ``<stream>``, a ``<distributed>`` block's in line (its distributor and
+    the span of its nodes go into ``distributed``)."""
     nodes: list[CppGadget | ExternalNode] = []
     for number, node in enumerate(stream, start=1):
         where = f"{source}:{lines.get(id(node), '?')}: stream node {number} <{node.tag}>"
@@ -146,13 +166,46 @@ def parse_pipeline(text: str | bytes, source: str = "<pipeline>") -> Pipeline:
             nodes.append(_gadget(node, where))
         elif node.tag == "external":
             nodes.append(_external(node, where))
+        elif node.tag == "distributed":
+            if distributed:
+                raise PipelineError(f"{where}: only one <distributed> block is supported (this one is inside or after another)")
+            distributor = _distributor(node, where)
+            inner = node.find("stream")
+            if inner is None or not len(inner):
+                raise PipelineError(f"{where}: needs a <stream> of the nodes its workers run")
+            distributed.append((distributor, -1, -1))  # a nested block is refused
+            start = len(nodes)
+            nodes += _stream(inner, lines, source, distributed)
+            distributed[0] = (distributor, start, len(nodes))
         elif node.tag in UNSUPPORTED_NODES:
-            raise PipelineError(f"{where} is not supported by the CycGuard runner (gadget and external only)")
+            raise PipelineError(f"{where} is not supported by the CycGuard runner (gadget, external and distributed only)")
         else:
             raise PipelineError(f"{where}: unknown element (Gadgetron accepts gadget, external, parallel, distributed)")
-    if not nodes:
-        raise PipelineError(f"{source}: the <stream> is empty")
-    return Pipeline(source, readers, writers, tuple(nodes))
+    return nodes
+
+
+def _distributor(node: ET.Element, where: str) -> str:
+    """Check a ``<distributed>`` block's own elements; its distributor's class name."""
+    for child in node:
+        if child.tag not in ("readers", "writers", "distributor", "stream"):
+            raise PipelineError(f"{where}: unknown element <{child.tag}> (readers, writers, distributor, stream)")
+    for group, item, known in (("readers", "reader", KNOWN_READERS), ("writers", "writer", KNOWN_WRITERS)):
+        classes = _classes(node, group, item, known, where)
+        if not {f"Image{item.title()}", f"MRIImage{item.title()}"} & set(classes):
+            raise PipelineError(f"{where}: its <{group}> need the Image{item.title()}: the workers' images come back through them")
+    distributor = node.find("distributor")
+    classname = (distributor.findtext("classname") or "").strip() if distributor is not None else ""
+    if classname not in DISTRIBUTORS:
+        raise PipelineError(f"{where}: <distributor> {classname or '(none)'!r} is not supported (known: {', '.join(sorted(DISTRIBUTORS))})")
+    assert distributor is not None
+    props = dict(_properties(distributor.findall("property"), f"{where} {classname}"))
+    unknown = set(props) - ({"parallel_dimension"} if classname == "AcquisitionDistributor" else set())
+    if unknown:
+        raise PipelineError(f"{where}: {classname} has no property {sorted(unknown)[0]!r}")
+    dimension = props.get("parallel_dimension", "slice")
+    if classname == "AcquisitionDistributor" and dimension != "slice":
+        raise PipelineError(f"{where}: {classname} parallel_dimension {dimension!r}: CycGuard's stages need whole slices (use slice)")
+    return classname
 
 
 def _element_lines(text: str | bytes, root: ET.Element) -> dict[int, int]:
@@ -295,7 +348,31 @@ def check_pipeline(pipeline: Pipeline, allow_foreign: bool = True, connect_stage
         )
     if not any(s == "detect" for s, _ in stages) and any(s == "recon" for s, _ in stages):
         warnings.append("no detect stage: images leave tagged unverified")
+    if pipeline.distributed:
+        warnings += _check_distributed(pipeline)
     return warnings
+
+
+def _check_distributed(pipeline: Pipeline) -> list[str]:
+    """A ``<distributed>`` block: each worker gets some slices, so the recon stage there must
+    not count the others as missing, and ordering and export belong on the main node."""
+    start, end = pipeline.span
+    inside = [n for n in pipeline.nodes[start:end] if isinstance(n, ExternalNode) and n.ours]
+    after = [name for n in pipeline.nodes[end:] if isinstance(n, ExternalNode) for name in stage_names(n)]
+    for node in inside:
+        names = stage_names(node)
+        for name in ("order", "export"):
+            if name in names:
+                raise PipelineError(f"{pipeline.source}: {node.name} runs the {name} stage inside the <distributed> block; "
+                                    "it belongs after the block, on the main node")
+        if "recon" in names and params.parse(node.module, node.target, node.configuration)[params.ReconSettings].account_slices:
+            raise PipelineError(f"{pipeline.source}: the recon stage of {node.name} inside the <distributed> block would report every "
+                                "slice another worker gets as missing: set its account_slices=false (gadgets.order after the block "
+                                "accounts for every slice)")
+    if "order" not in after:
+        return ["images come back from the <distributed> workers in arrival order, each numbered by its worker: "
+                "put gadgets.order after the block"]
+    return []
 
 
 def _check_foreign(node: ExternalNode, source: str) -> None:
@@ -348,4 +425,4 @@ def with_stage_properties(pipeline: Pipeline, stage: str, values: dict[str, str]
         nodes.append(node)
     if not found:
         raise PipelineError(f"{pipeline.source}: no {stage} stage (gadgets.{stage}) to take {', '.join(values)}")
-    return Pipeline(pipeline.source, pipeline.readers, pipeline.writers, tuple(nodes))
+    return replace(pipeline, nodes=tuple(nodes))

@@ -26,7 +26,7 @@ from tests.gadgetron_host import Gadgetron
 
 pytestmark = [pytest.mark.gadgetron, pytest.mark.slow]
 
-PIPELINES = ("recon", "detect", "defended", "defended_composed", "redteam")
+PIPELINES = ("recon", "detect", "defended", "defended_composed", "defended_distributed", "redteam")
 FILES = ("demo", "shepp_logan_114", "variant")
 ERROR_DEADLINE_S = 60.0
 
