@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -85,22 +85,16 @@ if launched_without_target(sys.argv):
 
 @dataclass
 class Resources:
-    """What several stages of one process share: the ISMRMRD header and loaded networks."""
+    """What several stages of one process share: the ISMRMRD header and the loaded networks."""
 
     header_xml: str
-    _models: dict[tuple[str, str], Any] = field(default_factory=dict)
     _protocol: Any = None
 
     def model(self, weights: str, device: str) -> tuple[Any, Any, Any]:
-        """``(model, manifest, torch_device)`` for a weights path ("" = shipped default), loaded once."""
-        from recon.models.weights import load_model, resolve_device
-
-        key = (weights, device)
-        if key not in self._models:
-            torch_device = resolve_device(device)
-            model, manifest = load_model(Path(weights) if weights else None, torch_device)
-            self._models[key] = (model, manifest, torch_device)
-        return self._models[key]
+        """``(model, manifest, torch_device)`` for a weights path ("" = shipped default): loaded
+        once per process (a batch worker runs many files' stages in one process), again only
+        when the file changes."""
+        return loaded_model(weights, device)
 
     def protocol(self) -> Any:
         """The header's :class:`recon.io.mrd.Protocol` (parsed once)."""
@@ -118,6 +112,27 @@ class Resources:
         """The header's relative receiver noise bandwidth (Gadgetron's default when absent):
         it sets the noise level NoiseAdjust leaves in whitened data."""
         return float(self.protocol().receiver_bandwidth)
+
+
+_LOADED: dict[tuple[str, str, int, int], tuple[Any, Any, Any]] = {}
+
+
+def loaded_model(weights: str, device: str) -> tuple[Any, Any, Any]:
+    """The process's copy of a network (its hash checked when it was loaded), keyed by the file's
+    path, size and modification time and the device."""
+    from recon.models.weights import DEFAULT_WEIGHTS, load_model, resolve_device
+
+    path = Path(weights) if weights else DEFAULT_WEIGHTS
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    key = (str(path.resolve()), device, stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1)
+    if key not in _LOADED or stat is None:
+        torch_device = resolve_device(device)
+        model, manifest = load_model(path, torch_device)  # raises for a missing or changed file
+        _LOADED[key] = (model, manifest, torch_device)
+    return _LOADED[key]
 
 
 # ------------------------------------------------------------------ the internal messages

@@ -110,3 +110,39 @@ def test_a_gadgetron_that_drops_the_target_on_its_workers_fails_saying_so(cluste
     workers_log = "".join(worker.log() for worker in cluster.workers)
     assert "started gadgets.recon without a target" in workers_log
     assert not cluster.main.python_children()
+
+
+def test_warm_workers_give_the_same_slices_from_one_forking_gadget_server(cluster: Cluster, tmp_path: Path) -> None:
+    """``defended_distributed_warm``: each worker's slice stream connects to a CycGuard gadget
+    server started once (``gadgets.listen --forever``), which forks a warm process per slice."""
+    import subprocess
+    import sys
+
+    assert cluster.main is not None
+    port = host.free_port()
+    pipeline = tmp_path / "warm.xml"
+    pipeline.write_text((ROOT / "pipelines" / "defended_distributed_warm.xml").read_text().replace('port="18000"', f'port="{port}"'))
+    log = tmp_path / "listen.log"
+    with log.open("w") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gadgets.listen", "gadgets.composed", "composed", "--port", str(port), "--forever", "--max-sessions", "2"],
+            stdout=subprocess.DEVNULL, stderr=sink, env=host.tool_env(),
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "warm: serving" not in log.read_text() and time.monotonic() < deadline:
+            assert server.poll() is None, log.read_text()
+            time.sleep(0.2)
+        run = cluster.main.client(DEMO_RAW, tmp_path / "warm.h5", script=pipeline)
+        assert run.wrote, f"{run.output}\n{log.read_text()[-3000:]}"
+        warm = host.read_output(run.out)
+        single = host.read_output(cluster.main.client(DEMO_RAW, tmp_path / "single.h5", config="defended.xml").out)
+        # one torch thread per session here against two in the single node: sums round differently
+        assert host.parity_problems(warm, single) == []
+        assert [warm[key].image_index for key in sorted(warm)] == [1, 2, 3, 4]
+        assert log.read_text().count("connection from") == 4  # one forked session per slice
+        assert server.poll() is None, "the gadget server ended with a session"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert server.returncode == 0, log.read_text()[-2000:]

@@ -60,3 +60,55 @@ def test_an_archive_replays_on_dask_as_each_file_alone_and_resumes(tmp_path: Pat
             assert meta["CycGuard.Score"] == reference_meta["CycGuard.Score"]
     again = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert "files: done 0, skipped 2, failed 1; images: clean 8" in again.stdout, again.stdout
+
+
+def test_a_worker_killed_mid_archive_loses_and_duplicates_no_file(tmp_path: Path) -> None:
+    """A worker process dies (SIGKILL) while it replays a file: Dask's nanny starts a new one and
+    the task runs again; every file ends done exactly once, with its images once."""
+    import signal
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from gadgets.runner.batch import DONE_SUFFIX, replay_many
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    names = [f"scan{n}" for n in range(4)]
+    for name in names:
+        shutil.copyfile(DEMO_RAW, archive / f"{name}.h5")
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+        pids = client.run(os.getpid)
+        killed: list[int] = []
+
+        def kill_a_busy_worker() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                busy = [address for address, keys in client.processing().items() if keys]
+                if busy:
+                    time.sleep(2.0)  # the task has started: the model is loading or the file replaying
+                    killed.append(pids[busy[0]])
+                    os.kill(pids[busy[0]], signal.SIGKILL)
+                    return
+                time.sleep(0.1)
+
+        killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
+        killer.start()
+        summary = replay_many([str(archive)], "recon", out, scheduler=cluster.scheduler_address, progress=False)
+        killer.join()
+    assert killed, "no worker was killed"
+    assert [(f.name, f.status) for f in sorted(summary.files, key=lambda f: f.name)] == [(name, "done") for name in names]
+    assert sorted(p.name for p in out.glob(f"*{DONE_SUFFIX}")) == [f"{name}{DONE_SUFFIX}" for name in names]
+    for name in names:
+        assert len(read_images(out / f"{name}.h5", group="images")) == 4
+    assert json.loads((out / "summary.json").read_text())["files"] == {"done": 4, "skipped": 0, "failed": 0}
+
+
+def test_a_worker_process_loads_the_network_once() -> None:
+    from gadgets.stages import Resources
+
+    header = "<ismrmrdHeader/>"
+    first, second = Resources(header).model("", "cpu"), Resources(header).model("", "cpu")
+    assert first[0] is second[0]

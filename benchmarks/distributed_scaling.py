@@ -1,0 +1,167 @@
+"""Online scaling on Gadgetron's distributed mode: a real Gadgetron 4.7.2 main node and 1, 2, 4 workers.
+
+    python -m benchmarks.distributed_scaling [--slices 8] [--repeats 2] [--workers 1,2,4]
+
+One raw file of the demo protocol (``--slices`` held-out MNI slices) goes through the real
+client to a real Gadgetron: the single-node pipelines ``defended`` and ``defended_composed``
+on one server, and ``defended_distributed`` (one ``<external>`` per stage on the workers) and
+the same with the worker stages in one ``gadgets.composed`` process, on a main node with N
+worker servers on this machine (found by ``cycguard workers``). Wall time from the client's
+start to its exit; slices/s; speed-up over the single-node ``defended``. Per-slice latency:
+for each slice, the time its worker stream took (from the worker's accepting the slice's
+connection to its end, read from the worker's log). Every run's verdicts must equal the
+single-node run's. Results: ``benchmarks/results/distributed_scaling.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from tqdm import tqdm
+
+from recon.data.demo import make_demo
+from recon.verdict import VERDICT_KEY
+from tests import gadgetron_host as host
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+SLICE_POOL = (60, 63, 66, 69, 72, 75, 78, 81, 84, 87, 90, 93, 96, 99, 102, 105)  # MNI z, held-out range
+STAMP = re.compile(r"^(\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ")
+
+
+def composed_variant(folder: Path) -> Path:
+    """``defended_distributed`` with the three worker stages in one ``gadgets.composed`` process."""
+    text = (ROOT / "pipelines" / "defended_distributed.xml").read_text()
+    start = text.index('        <external>\n          <execute name="gadgets.recon"')
+    end = text.index("      </stream>")
+    composed = """        <external>
+          <execute name="gadgets.composed" target="composed" type="python"/>
+          <configuration>
+            <property name="stages" value="recon,detect,mitigate"/>
+            <property name="account_slices" value="false"/>
+            <property name="noise_level" value="whitened"/>
+          </configuration>
+        </external>
+"""
+    path = folder / "defended_distributed_composed.xml"
+    path.write_text(text[:start] + composed + text[end:])
+    return path
+
+
+def worker_stream_seconds(logs: list[str]) -> list[float]:
+    """Seconds of each slice's stream on the workers: from a connection's start to its end."""
+    out = []
+    for text in logs:
+        opened: list[datetime] = []
+        for line in text.splitlines():
+            match = STAMP.match(line)
+            if not match:
+                continue
+            when = datetime.strptime("2026-" + match.group(1), "%Y-%m-%d %H:%M:%S.%f")
+            if "Accepted connection" in line:
+                opened.append(when)
+            elif "Connection state: [FINISHED]" in line and opened:
+                out.append((when - opened.pop(0)).total_seconds())
+    return out
+
+
+def run_once(raw: Path, script: Path | None, config: str | None, workers: int | None, work: Path) -> dict[str, object]:
+    if workers is None:
+        server = host.Gadgetron(work / "single")
+        servers, main = [server], server
+    else:
+        cluster = host.Cluster(work / "cluster", workers=workers)
+        assert cluster.main is not None
+        servers, main = [*cluster.workers, cluster.main], cluster.main
+    try:
+        start = time.monotonic()
+        run = main.client(raw, work / "out.h5", script=script, config=config, timeout=900)
+        wall = time.monotonic() - start
+        if not run.wrote:
+            raise RuntimeError(f"no images: {run.output[-2000:]}")
+        images = host.read_output(run.out)
+        logs = [s.log() for s in servers if s is not main] if workers else []
+    finally:
+        for server in servers:
+            server.stop()
+    return {
+        "wall_s": wall,
+        "verdicts": [images[key].meta.get(VERDICT_KEY) for key in sorted(images)],
+        "image_index": [images[key].image_index for key in sorted(images)],
+        "stream_s": worker_stream_seconds(logs),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", default="1,2,4")
+    args = parser.parse_args()
+    reason = host.unavailable()
+    if reason:
+        raise SystemExit(reason)
+    host.install_pipelines()
+    counts = [int(n) for n in args.workers.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        raw, _ = make_demo(folder / "raw", slices=SLICE_POOL[: args.slices])
+        variant = composed_variant(folder)
+        cases: list[tuple[str, Path | None, str | None, int | None]] = [
+            ("defended (single node)", None, "defended.xml", None),
+            ("defended_composed (single node)", None, "defended_composed.xml", None),
+        ]
+        for n in counts:
+            cases.append((f"defended_distributed, {n} worker(s)", ROOT / "pipelines" / "defended_distributed.xml", None, n))
+            cases.append((f"distributed, composed worker stage, {n} worker(s)", variant, None, n))
+        rows = []
+        reference = None
+        for name, script, config, workers in tqdm(cases, desc="configurations", unit="case"):
+            runs = []
+            for repeat in range(args.repeats):
+                work = folder / f"run{len(rows)}_{repeat}"
+                work.mkdir()
+                runs.append(run_once(raw, script, config, workers, work))
+            verdicts = runs[0]["verdicts"]
+            reference = reference or verdicts
+            if any(r["verdicts"] != reference for r in runs):
+                raise RuntimeError(f"{name}: verdicts {[r['verdicts'] for r in runs]} differ from the single node's {reference}")
+            if any(r["image_index"] != list(range(1, args.slices + 1)) for r in runs):
+                raise RuntimeError(f"{name}: image numbers {[r['image_index'] for r in runs]}")
+            wall = statistics.median(float(r["wall_s"]) for r in runs)  # type: ignore[arg-type]
+            streams = [s for r in runs for s in r["stream_s"]]  # type: ignore[union-attr]
+            rows.append({
+                "case": name, "workers": workers, "wall_s": round(wall, 2), "slices_per_s": round(args.slices / wall, 3),
+                "stream_s_median": round(statistics.median(streams), 2) if streams else None,
+                "stream_s_max": round(max(streams), 2) if streams else None,
+                "runs_wall_s": [round(float(r["wall_s"]), 2) for r in runs],  # type: ignore[arg-type]
+            })
+    base = rows[0]["slices_per_s"]
+    for row in rows:
+        row["speed_up"] = round(float(row["slices_per_s"]) / float(base), 2)  # type: ignore[arg-type]
+    result = {
+        "command": f"python -m benchmarks.distributed_scaling --slices {args.slices} --repeats {args.repeats} --workers {args.workers}",
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "slices": args.slices, "verdicts": reference, "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "distributed_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"`{result['command']}` on {result['machine']}; verdicts {reference}", "",
+             "| case | wall s | slices/s | speed-up | worker stream s median / max |", "|---|---|---|---|---|"]
+    for row in rows:
+        stream = f"{row['stream_s_median']} / {row['stream_s_max']}" if row["stream_s_median"] is not None else ""
+        lines.append(f"| {row['case']} | {row['wall_s']} | {row['slices_per_s']} | {row['speed_up']} | {stream} |")
+    (RESULTS / "distributed_scaling.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
