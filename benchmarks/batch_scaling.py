@@ -3,10 +3,12 @@
     python -m benchmarks.batch_scaling [--files 6] [--pipelines recon defended]
 
 Copies of the demo raw file (4 slices each) are replayed with ``cycguard replay FOLDER``'s
-function (:func:`gadgets.runner.batch.replay_many`, stages in each worker's process), once per
-worker count, into a fresh folder. Reported: wall seconds, slices per second and the
-efficiency against linear scaling from one worker. On this machine's 2 cores, 2 workers is
-the most that can scale.
+function (:func:`gadgets.runner.batch.replay_many`, stages in each worker's process), into a
+fresh folder each time: 1 worker with 1 torch thread (one core), 1 worker with every core's
+thread, and N workers of 1 thread each. Reported: wall seconds (cluster start-up and the
+per-file reports included), slices per second, the efficiency against linear scaling in cores
+(N workers of one core each against one worker on one core) and the speed-up over one worker
+that has every core. On this machine's 2 cores, 2 workers is the most that can scale.
 
 Results: ``benchmarks/results/batch_scaling.json``.
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,16 +44,21 @@ def main() -> None:
         archive.mkdir()
         for n in range(args.files):
             shutil.copyfile(DEMO_RAW, archive / f"scan{n:03d}.h5")
+        cores = os.cpu_count() or 1
         for pipeline in args.pipelines:
-            base = None
-            for workers in args.workers:
-                summary = replay_many([str(archive)], pipeline, Path(tmp) / f"{pipeline}-{workers}", workers=workers, progress=False)
+            rates: dict[tuple[int, int], float] = {}
+            for workers, threads in [(1, 1), (1, cores), *[(w, 1) for w in args.workers if w > 1]]:
+                folder = Path(tmp) / f"{pipeline}-{workers}x{threads}"
+                summary = replay_many([str(archive)], pipeline, folder, workers=workers, threads=threads, progress=False)
                 assert summary.ok, [f.failures for f in summary.files if f.failures]
                 rate = args.files * SLICES_PER_FILE / summary.seconds
-                base = base or rate
+                rates[(workers, threads)] = rate
                 row = {
-                    "pipeline": pipeline, "workers": workers, "files": args.files, "seconds": summary.seconds, "slices_per_s": rate,
-                    "speed_up": rate / base, "efficiency": rate / (base * workers), "verdicts": summary.verdicts(),
+                    "pipeline": pipeline, "workers": workers, "threads": threads, "files": args.files, "seconds": summary.seconds,
+                    "slices_per_s": rate, "file_seconds_median": statistics.median(f.seconds for f in summary.files),
+                    "efficiency_vs_one_core": rate / (rates[(1, 1)] * workers * threads),
+                    "speed_up_vs_one_worker_all_cores": rate / rates[(1, cores)] if (1, cores) in rates else None,
+                    "verdicts": summary.verdicts(),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)

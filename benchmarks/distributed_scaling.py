@@ -1,12 +1,14 @@
 """Online scaling on Gadgetron's distributed mode: a real Gadgetron 4.7.2 main node and 1, 2, 4 workers.
 
-    python -m benchmarks.distributed_scaling [--slices 8] [--repeats 2] [--workers 1,2,4]
+    python -m benchmarks.distributed_scaling [--slices 8] [--repeats 2] [--workers 1,2,4] [--only warm]
 
 One raw file of the demo protocol (``--slices`` held-out MNI slices) goes through the real
 client to a real Gadgetron: the single-node pipelines ``defended`` and ``defended_composed``
 on one server, and ``defended_distributed`` (one ``<external>`` per stage on the workers) and
-the same with the worker stages in one ``gadgets.composed`` process, on a main node with N
-worker servers on this machine (found by ``cycguard workers``). Wall time from the client's
+the same with the worker stages in one ``gadgets.composed`` process, and
+``defended_distributed_warm`` (the worker streams connect to one warm gadget server,
+``gadgets.listen --forever``, which forks a session per slice), on a main node with N worker
+servers on this machine (found by ``cycguard workers``). Wall time from the client's
 start to its exit; slices/s; speed-up over the single-node ``defended``. Per-slice latency:
 for each slice, the time its worker stream took (from the worker's accepting the slice's
 connection to its end, read from the worker's log). Every run's verdicts must equal the
@@ -20,10 +22,14 @@ import json
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -56,6 +62,34 @@ def composed_variant(folder: Path) -> Path:
     return path
 
 
+def warm_variant(folder: Path, port: int) -> Path:
+    """``defended_distributed_warm`` pointed at ``port``."""
+    path = folder / "defended_distributed_warm.xml"
+    path.write_text((ROOT / "pipelines" / "defended_distributed_warm.xml").read_text().replace('port="18000"', f'port="{port}"'))
+    return path
+
+
+class WarmServer:
+    """``gadgets.listen gadgets.composed composed --forever`` on ``port``, up until stopped."""
+
+    def __init__(self, port: int, sessions: int, log: Path) -> None:
+        self.log = log
+        with log.open("w") as sink:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gadgets.listen", "gadgets.composed", "composed", "--port", str(port), "--forever",
+                 "--max-sessions", str(sessions)], stdout=subprocess.DEVNULL, stderr=sink, env=host.tool_env(),
+            )
+        deadline = time.monotonic() + 120
+        while "warm: serving" not in log.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the warm gadget server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=120)
+
+
 def worker_stream_seconds(logs: list[str]) -> list[float]:
     """Seconds of each slice's stream on the workers: from a connection's start to its end."""
     out = []
@@ -73,7 +107,18 @@ def worker_stream_seconds(logs: list[str]) -> list[float]:
     return out
 
 
-def run_once(raw: Path, script: Path | None, config: str | None, workers: int | None, work: Path) -> dict[str, object]:
+@dataclass(frozen=True)
+class Run:
+    """One client run: its wall time, the verdicts and image numbers in slice order, and how
+    long each worker stream was open."""
+
+    wall_s: float
+    verdicts: list[str | None]
+    image_index: list[int]
+    stream_s: list[float]
+
+
+def run_once(raw: Path, script: Path | None, config: str | None, workers: int | None, work: Path) -> Run:
     if workers is None:
         server = host.Gadgetron(work / "single")
         servers, main = [server], server
@@ -92,12 +137,10 @@ def run_once(raw: Path, script: Path | None, config: str | None, workers: int | 
     finally:
         for server in servers:
             server.stop()
-    return {
-        "wall_s": wall,
-        "verdicts": [images[key].meta.get(VERDICT_KEY) for key in sorted(images)],
-        "image_index": [images[key].image_index for key in sorted(images)],
-        "stream_s": worker_stream_seconds(logs),
-    }
+    return Run(
+        wall, [images[key].meta.get(VERDICT_KEY) for key in sorted(images)], [images[key].image_index for key in sorted(images)],
+        worker_stream_seconds(logs),
+    )
 
 
 def main() -> int:
@@ -105,6 +148,7 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--only", default="", help="only the cases whose name holds this (and the single-node reference)")
     args = parser.parse_args()
     reason = host.unavailable()
     if reason:
@@ -115,6 +159,8 @@ def main() -> int:
         folder = Path(tmp)
         raw, _ = make_demo(folder / "raw", slices=SLICE_POOL[: args.slices])
         variant = composed_variant(folder)
+        port = host.free_port()
+        warm = warm_variant(folder, port)
         cases: list[tuple[str, Path | None, str | None, int | None]] = [
             ("defended (single node)", None, "defended.xml", None),
             ("defended_composed (single node)", None, "defended_composed.xml", None),
@@ -122,43 +168,53 @@ def main() -> int:
         for n in counts:
             cases.append((f"defended_distributed, {n} worker(s)", ROOT / "pipelines" / "defended_distributed.xml", None, n))
             cases.append((f"distributed, composed worker stage, {n} worker(s)", variant, None, n))
-        rows = []
-        reference = None
+            cases.append((f"defended_distributed_warm, {n} worker(s)", warm, None, n))
+        if args.only:
+            cases = cases[:1] + [case for case in cases[1:] if args.only in case[0]]
+        rows: list[dict[str, Any]] = []
+        reference: list[str | None] | None = None
         for name, script, config, workers in tqdm(cases, desc="configurations", unit="case"):
             runs = []
-            for repeat in range(args.repeats):
-                work = folder / f"run{len(rows)}_{repeat}"
-                work.mkdir()
-                runs.append(run_once(raw, script, config, workers, work))
-            verdicts = runs[0]["verdicts"]
-            reference = reference or verdicts
-            if any(r["verdicts"] != reference for r in runs):
-                raise RuntimeError(f"{name}: verdicts {[r['verdicts'] for r in runs]} differ from the single node's {reference}")
-            if any(r["image_index"] != list(range(1, args.slices + 1)) for r in runs):
-                raise RuntimeError(f"{name}: image numbers {[r['image_index'] for r in runs]}")
-            wall = statistics.median(float(r["wall_s"]) for r in runs)  # type: ignore[arg-type]
-            streams = [s for r in runs for s in r["stream_s"]]  # type: ignore[union-attr]
+            # one warm gadget server for the machine (all workers here share it), sessions as the cores
+            server = WarmServer(port, 2, folder / f"listen{len(rows)}.log") if script == warm else None
+            try:
+                for repeat in range(args.repeats):
+                    work = folder / f"run{len(rows)}_{repeat}"
+                    work.mkdir()
+                    runs.append(run_once(raw, script, config, workers, work))
+            finally:
+                if server is not None:
+                    server.stop()
+            reference = reference or runs[0].verdicts
+            if any(r.verdicts != reference for r in runs):
+                raise RuntimeError(f"{name}: verdicts {[r.verdicts for r in runs]} differ from the single node's {reference}")
+            if any(r.image_index != list(range(1, args.slices + 1)) for r in runs):
+                raise RuntimeError(f"{name}: image numbers {[r.image_index for r in runs]}")
+            wall = statistics.median(r.wall_s for r in runs)
+            streams = [s for r in runs for s in r.stream_s]
             rows.append({
                 "case": name, "workers": workers, "wall_s": round(wall, 2), "slices_per_s": round(args.slices / wall, 3),
                 "stream_s_median": round(statistics.median(streams), 2) if streams else None,
                 "stream_s_max": round(max(streams), 2) if streams else None,
-                "runs_wall_s": [round(float(r["wall_s"]), 2) for r in runs],  # type: ignore[arg-type]
+                "runs_wall_s": [round(r.wall_s, 2) for r in runs],
             })
     base = rows[0]["slices_per_s"]
     for row in rows:
-        row["speed_up"] = round(float(row["slices_per_s"]) / float(base), 2)  # type: ignore[arg-type]
+        row["speed_up"] = round(float(row["slices_per_s"]) / float(base), 2)
     result = {
-        "command": f"python -m benchmarks.distributed_scaling --slices {args.slices} --repeats {args.repeats} --workers {args.workers}",
+        "command": f"python -m benchmarks.distributed_scaling --slices {args.slices} --repeats {args.repeats} --workers {args.workers}"
+                   + (f" --only {args.only}" if args.only else ""),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "slices": args.slices, "verdicts": reference, "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distributed_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "distributed_scaling" + (f"_{args.only}" if args.only else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"`{result['command']}` on {result['machine']}; verdicts {reference}", "",
              "| case | wall s | slices/s | speed-up | worker stream s median / max |", "|---|---|---|---|---|"]
     for row in rows:
         stream = f"{row['stream_s_median']} / {row['stream_s_max']}" if row["stream_s_median"] is not None else ""
         lines.append(f"| {row['case']} | {row['wall_s']} | {row['slices_per_s']} | {row['speed_up']} | {stream} |")
-    (RESULTS / "distributed_scaling.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

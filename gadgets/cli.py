@@ -121,7 +121,7 @@ def _replay_batch(args: argparse.Namespace) -> int:
         raise ValueError(f"--{', --'.join(unsupported)}: for one raw file only (several write per-file reports into the -o folder)")
     summary = replay_many(
         args.input, args.config, Path(args.output), scheduler=args.scheduler, workers=args.workers, memory_limit=args.memory_limit,
-        in_process=not args.over_the_wire,
+        in_process=not args.over_the_wire, threads=args.threads,
     )
     _out(f"files: {', '.join(f'{k} {v}' for k, v in summary.statuses().items())}; images: {', '.join(f'{k} {v}' for k, v in sorted(summary.verdicts().items()))}")
     _out(f"summary: {summary.summary_html}")
@@ -294,7 +294,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from recon.calibrate import build_calibration, scores_from_raw, scores_from_simulation, scores_like
+    if not args.progress_file:
+        return _calibrate(args)
+    from gadgets.autocalibrate import finish  # a background job: its pending file tells the stages how it went
+
+    try:
+        status = _calibrate(args)
+    except Exception as err:
+        finish(Path(args.progress_file), f"{type(err).__name__}: {err}")
+        raise
+    finish(Path(args.progress_file), None)
+    return status
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from recon.calibrate import LikeSeed, build_calibration, scores_from_raw, scores_from_simulation, scores_like
     from recon.detect.defense import cached_calibration_path, default_calibration_path, detector_for, model_protocol
     from recon.detect.statistics import COMBINATIONS
     from recon.models.weights import load_model
@@ -307,10 +321,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         scores, protocol = scores_from_raw([Path(p) for p in args.raw], model, manifest, statistic=args.statistic)
         source = f"clean scans: {', '.join(Path(p).name for p in args.raw)} ({len(scores)} slices)"
     elif args.like:
+        from gadgets.autocalibrate import progress_writer
+
         count = args.simulate or LIKE_SLICES
-        scores, protocol, levels = scores_like(Path(args.like), count, model, manifest, seed=args.seed, statistic=args.statistic)
-        _out(f"simulated {count} clean slices of {protocol.describe()} with the coil maps of {args.like}, signal levels {levels[0]:.3g}-{levels[1]:.3g}")
-        source = f"simulated: {count} held-out MNI152 brain slices (augmented) with the coil maps of {Path(args.like).name}, unit noise"
+        like = LikeSeed.load(Path(args.like)) if args.like.endswith(".npz") else LikeSeed.of_scan(Path(args.like), manifest)
+        progress = progress_writer(Path(args.progress_file)) if args.progress_file else None
+        scores, protocol, levels = scores_like(like, count, model, manifest, seed=args.seed, statistic=args.statistic, on_progress=progress)
+        _out(f"simulated {count} clean slices of {protocol.describe()} with the coil maps of {like.origin}, signal levels {levels[0]:.3g}-{levels[1]:.3g}")
+        source = f"simulated: {count} held-out MNI152 brain slices (augmented) with the coil maps of {like.origin}, unit noise"
     else:
         scores, protocol = scores_from_simulation(args.simulate, model, manifest, seed=args.seed, statistic=args.statistic)
         source = f"simulated: {args.simulate} held-out MNI152 brain slices (augmented), birdcage coil model, correlated noise"
@@ -378,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--report", help="report folder (default: OUTPUT_report)")
     rep.add_argument("--reference", help="ISMRMRD image .h5 with one reference per slice (adds PSNR/SSIM)")
     rep.add_argument("--in-process", action="store_true", help="run the gadget stages in this process (no sockets)")
-    rep.add_argument("--threads", type=int, default=None, help="torch threads per gadget process (default: cores / gadgets)")
+    rep.add_argument("--threads", type=int, default=None, help="torch threads per gadget process (default: cores / gadgets; several inputs: per file's task, default cores / workers)")
     rep.add_argument("--dicom", help="also write DICOM files into this folder (the pipeline needs gadgets.export)")
     rep.add_argument("--pacs", help="push DICOM by C-STORE to AET@host:port; unacknowledged images stay spooled")
     rep.add_argument("--spool", help="spool folder for the PACS (default ~/.local/state/cycguard/spool)")
@@ -463,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--like", metavar="SCAN.h5", default=None,
         help=f"calibrate for the protocol of this raw file by simulation (its coil maps, {LIKE_SLICES} slices unless --simulate N; "
-        "written to the calibration cache, CYCGUARD_CALIBRATIONS, where the stages find it)",
+        "written to the calibration cache, CYCGUARD_CALIBRATIONS, where the stages find it); also a .seed.npz the detect stage wrote",
     )
+    cal.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)  # a background job's pending file (gadgets.autocalibrate)
     cal.add_argument("--seed", type=int, default=101, help="seed of the simulated slices")
     cal.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default 0.01)")
     cal.add_argument(

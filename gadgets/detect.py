@@ -17,9 +17,10 @@ from typing import Any
 
 import ismrmrd
 
+from gadgets.autocalibrate import auto_calibration_allowed
 from gadgets.convert import image_pixels, set_meta
 from gadgets.params import DetectSettings
-from gadgets.stages import CheckedImageStage, Resources, SliceContext, gadget_logging, serve
+from gadgets.stages import AutoCalibrate, CheckedImageStage, Resources, SliceContext, gadget_logging, serve
 from recon.detect.defense import noise_level, protocol_of
 from recon.pipeline import check, check_meta, prepare_with_maps
 from recon.verdict import PROTOCOL_KEY, SECONDS_PREFIX, verdict_meta
@@ -33,7 +34,9 @@ class DetectStage(CheckedImageStage):
     name = "detect"
 
     def __init__(self, settings: DetectSettings, resources: Resources) -> None:
-        super().__init__(settings.forward_internal, settings.weights, settings.calibration, settings.device, resources)
+        slices = settings.auto_calibrate_slices if settings.auto_calibrate and auto_calibration_allowed() else 0
+        auto = AutoCalibrate(slices, settings.noise_level == "whitened", settings.weights)
+        super().__init__(settings.forward_internal, settings.weights, settings.calibration, settings.device, resources, auto)
         self.settings = settings
 
     def handle(self, item: ismrmrd.Image, context: SliceContext) -> list[Any]:
@@ -42,6 +45,7 @@ class DetectStage(CheckedImageStage):
         defense = self.defenses.defense(data)
         protocol = protocol_of(data, self.defenses.manifest, self.defenses.acceleration)
         if isinstance(defense, str):
+            log.warning("%s: unverified: %s", data.key, defense)
             set_meta(item, {"ImageComment": f"unverified: no consistency check ran: {defense}", PROTOCOL_KEY: protocol.describe()})
             return [item]
         sigma, doubt = noise_level(data, whitened=self.settings.noise_level == "whitened")

@@ -65,6 +65,11 @@ class DetectSettings:
     )
     device: str = prop("auto", "compute device: auto, cpu, cuda or cuda:N")
     forward_internal: bool = prop(False, "also forward the k-space buffer and coil maps for downstream CycGuard stages")
+    auto_calibrate: bool = prop(
+        True, "when a protocol has no calibration (none named, not the model's own, none in the calibration cache), make one in the background "
+        "by simulation from this scan's coil maps and signal level (cycguard calibrate --like); its slices stay unverified until it is ready"
+    )
+    auto_calibrate_slices: int = prop(300, "simulated clean slices of such a calibration (at least 100: a 1 % false-positive rate needs 99)", low=100, high=100000)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from gadgetron.types.recon_data import ReconData
 from gadgets import params
 from gadgets.convert import BufferSlice, ContractError, buffer_slices, image_key, is_maps, maps_of, meta_of, meta_value
 from recon.detect.calibration import ProtocolKey
-from recon.detect.defense import Defense, fit_defense, protocol_of
+from recon.detect.defense import Defense, cached_calibration_path, fit_defense, model_protocol, protocol_of
 from recon.models.weights import model_tag
 from recon.types import SliceKey
 from recon.verdict import MODEL_KEY
@@ -198,15 +198,29 @@ def is_ours(item: Any) -> bool:
 # ------------------------------------------------------------------ stages that check CycGuard images
 
 
-class DefenseCache:
-    """Defenses per protocol for one model and calibration file (shared by detect and mitigate)."""
+@dataclass(frozen=True)
+class AutoCalibrate:
+    """A stage's ``auto_calibrate`` settings: simulated slices per calibration (0: off), whether
+    its data are prewhitened, the weights the job must use."""
 
-    def __init__(self, stage: str, weights: str, calibration: str, device: str, resources: Resources) -> None:
+    slices: int = 0
+    whitened: bool = False
+    weights: str = ""
+
+
+class DefenseCache:
+    """Defenses per protocol for one model and calibration file (shared by detect and mitigate).
+    With ``auto`` on, a protocol without a calibration gets one made in the background
+    (:mod:`gadgets.autocalibrate`) and is looked up again once it exists."""
+
+    def __init__(self, stage: str, weights: str, calibration: str, device: str, resources: Resources, auto: AutoCalibrate | None = None) -> None:
         self.stage = stage
         self.model, self.manifest, self.device = resources.model(weights, device)
         self.calibration = Path(calibration) if calibration else None
         self.acceleration = resources.acceleration()
         self.cache: dict[ProtocolKey, Defense | str] = {}
+        self.auto = auto or AutoCalibrate()
+        self.pending: dict[ProtocolKey, tuple[Path, str]] = {}  # protocol -> (calibration to come, why it is missing)
 
     def check_model(self, image: ismrmrd.Image) -> None:
         tag = meta_value(meta_of(image), MODEL_KEY)
@@ -216,9 +230,33 @@ class DefenseCache:
     def defense(self, data: Any) -> Defense | str:
         """The defense for ``data``'s protocol, or why no calibration fits it."""
         protocol = protocol_of(data, self.manifest, self.acceleration)
+        if protocol in self.pending:
+            target, why = self.pending[protocol]
+            if not target.exists():
+                return self._background(protocol, data, target, why)
+            del self.pending[protocol]  # made meanwhile: looked up again
+            self.cache.pop(protocol, None)
         if protocol not in self.cache:
-            self.cache[protocol] = fit_defense(self.model, self.manifest, protocol, self.calibration)
+            found = fit_defense(self.model, self.manifest, protocol, self.calibration)
+            target = cached_calibration_path(self.manifest, protocol)
+            auto = self.auto.slices and self.calibration is None and protocol != model_protocol(self.manifest)
+            if isinstance(found, str) and auto and not target.exists() and protocol.matrix[0] == protocol.matrix[1]:
+                self.pending[protocol] = (target, found.split(": make one with")[0])
+                return self._background(protocol, data, target, self.pending[protocol][1])
+            self.cache[protocol] = found
         return self.cache[protocol]
+
+    def _background(self, protocol: ProtocolKey, data: Any, target: Path, why: str) -> str:
+        """Why a slice of a protocol without calibration stays unverified, with the state of the
+        background job that makes one (started here when none runs)."""
+        from gadgets import autocalibrate
+        from recon.calibrate import LikeSeed
+
+        state = autocalibrate.status(target)
+        if state is None and not target.exists():
+            seed = LikeSeed.of_slices([data], self.auto.whitened, self.manifest, self.acceleration, f"a {self.stage}-stage slice")
+            state = autocalibrate.start(seed, target, self.auto.weights, self.auto.slices)
+        return f"{why}: {autocalibrate.describe(state or {}, target)}"
 
 
 class CheckedImageStage:
@@ -227,9 +265,11 @@ class CheckedImageStage:
 
     name = "checked"
 
-    def __init__(self, forward_internal: bool, weights: str, calibration: str, device: str, resources: Resources) -> None:
+    def __init__(
+        self, forward_internal: bool, weights: str, calibration: str, device: str, resources: Resources, auto: AutoCalibrate | None = None
+    ) -> None:
         self.store = InternalStore(self.name, forward_internal, resources.receiver_bandwidth())
-        self.defenses = DefenseCache(self.name, weights, calibration, device, resources)
+        self.defenses = DefenseCache(self.name, weights, calibration, device, resources, auto)
 
     def process(self, item: Any) -> Iterable[Any]:
         forwarded = self.store.offer(item)

@@ -8,9 +8,10 @@ protocol; the file records it with the model's hash and the detector's settings.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from recon.models.weights import ModelManifest
 from recon.physics.masks import MaskFamily
 from recon.physics.sense import SenseOp
 from recon.pipeline import prepare
+from recon.types import SliceKSpace
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +94,68 @@ def scores_from_simulation(
     return scores, model_protocol(manifest)
 
 
+@dataclass(frozen=True)
+class LikeSeed:
+    """What a calibration by simulation takes from a scan: its protocol, the coil maps estimated
+    from each slice's ACS lines and the signal levels of its slices (in noise sigmas). No image
+    of the patient: the maps are smooth coil sensitivities. ``origin`` names the scan."""
+
+    protocol: ProtocolKey
+    maps: tuple[np.ndarray, ...]
+    levels: tuple[float, ...]
+    origin: str
+
+    @classmethod
+    def of_slices(cls, slices: Sequence[SliceKSpace], whitened: bool, manifest: ModelManifest, acceleration: int, origin: str) -> LikeSeed:
+        """The seed of a scan's slices (``whitened``: prewhitened with its noise scans)."""
+        from recon.detect.cyclic import signal_level
+        from recon.physics.coils import estimate_coil_maps
+
+        if not slices:
+            raise ValueError(f"{origin}: no complete slice to take the protocol from")
+        protocol = protocol_of(slices[0], manifest, acceleration)
+        maps, levels = [], []
+        for data in slices:
+            kspace = torch.from_numpy(np.array(data.kspace))
+            maps.append(estimate_coil_maps(kspace, data.acs).numpy())
+            sigma = slice_noise_sigma(data, whitened=whitened)
+            levels.append(float(signal_level(kspace[None] / sigma, torch.from_numpy(np.array(data.acs)), 1.0)))
+        return cls(protocol, tuple(maps), tuple(levels), origin)
+
+    @classmethod
+    def of_scan(cls, scan_path: Path, manifest: ModelManifest) -> LikeSeed:
+        scan = read_raw(scan_path)
+        return cls.of_slices(scan.slices, scan.whitened, manifest, scan.protocol.acceleration, Path(scan_path).name)
+
+    def save(self, path: Path) -> None:
+        """As ``.npz`` (written whole, then renamed into place)."""
+        partial = path.with_name(path.name + ".partial.npz")
+        header = {"protocol": asdict(self.protocol), "levels": list(self.levels), "origin": self.origin}
+        np.savez(partial, header=np.array(json.dumps(header)), maps=np.stack(self.maps))
+        partial.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> LikeSeed:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            maps = tuple(np.array(m) for m in data["maps"])
+        fields = header["protocol"]
+        protocol = ProtocolKey(tuple(fields["matrix"]), fields["coils"], fields["mask_kind"], fields["acceleration"], fields["acs_lines"])
+        return cls(protocol, maps, tuple(header["levels"]), header["origin"])
+
+
 def scores_like(
-    scan_path: Path, count: int, model: MoDL, manifest: ModelManifest, seed: int = 101, progress: bool = True, statistic: str | None = None
+    scan: Path | LikeSeed, count: int, model: MoDL, manifest: ModelManifest, seed: int = 101, progress: bool = True,
+    statistic: str | None = None, on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[DetectionScores], ProtocolKey, tuple[float, float]]:
     """Scores of ``count`` simulated clean slices in the protocol of a scan (``cycguard calibrate
-    --like``): its matrix, coils, acceleration and ACS lines, the coil maps estimated from its
-    own ACS lines (slice after slice), unit noise as its prewhitened data have, and signal
-    levels drawn log-uniformly over a third of its lowest to three times its highest slice's;
-    the anatomy is the held-out MNI152 slab (augmented). Every slice goes the product's way
-    (coil maps from its ACS, the network, the detector). Returns the scores, the protocol and
-    the signal levels drawn between.
+    --like``; the scan's file or its :class:`LikeSeed`): its matrix, coils, acceleration and ACS
+    lines, the coil maps estimated from its own ACS lines (slice after slice), unit noise as its
+    prewhitened data have, and signal levels drawn log-uniformly over a third of its lowest to
+    three times its highest slice's; the anatomy is the held-out MNI152 slab (augmented). Every
+    slice goes the product's way (coil maps from its ACS, the network, the detector).
+    ``on_progress(done, count)`` is called after each slice. Returns the scores, the protocol
+    and the signal levels drawn between.
 
     Raises:
         ValueError: a scan with the model's own protocol (its calibration ships with it), a
@@ -109,27 +163,15 @@ def scores_like(
     """
     from recon.data import mni
     from recon.data.simulate import complex_noise, simulate_kspace, smooth_phase
-    from recon.detect.cyclic import signal_level
-    from recon.physics.coils import estimate_coil_maps
-    from recon.types import SliceKSpace
 
-    scan = read_raw(scan_path)
-    if not scan.slices:
-        raise ValueError(f"{scan_path}: no complete slice to take the protocol from")
-    protocol = protocol_of(scan.slices[0], manifest, scan.protocol.acceleration)
+    like = scan if isinstance(scan, LikeSeed) else LikeSeed.of_scan(Path(scan), manifest)
+    protocol = like.protocol
     if protocol == model_protocol(manifest):
-        raise ValueError(f"{scan_path} has the model's own protocol ({protocol.describe()}): its calibration ships with the model")
+        raise ValueError(f"{like.origin} has the model's own protocol ({protocol.describe()}): its calibration ships with the model")
     ny, nx = protocol.matrix
     if ny != nx:
-        raise ValueError(f"{scan_path}: a {ny}x{nx} matrix; simulated calibrations are square only: calibrate from clean scans (cycguard calibrate CLEAN.h5)")
-    maps = []
-    levels = []
-    for data in scan.slices:
-        kspace = torch.from_numpy(np.array(data.kspace))
-        maps.append(estimate_coil_maps(kspace, data.acs).numpy())
-        sigma = slice_noise_sigma(data, whitened=scan.whitened)
-        levels.append(float(signal_level(kspace[None] / sigma, torch.from_numpy(np.array(data.acs)), 1.0)))
-    low, high = min(levels) / 3, max(levels) * 3
+        raise ValueError(f"{like.origin}: a {ny}x{nx} matrix; simulated calibrations are square only: calibrate from clean scans (cycguard calibrate CLEAN.h5)")
+    low, high = min(like.levels) / 3, max(like.levels) * 3
     family = MaskFamily(protocol.mask_kind, protocol.acceleration, protocol.acs_lines)
     detector = detector_for(model, manifest, protocol)
     rng = np.random.default_rng(seed)
@@ -137,16 +179,18 @@ def scores_like(
     identity = np.eye(protocol.coils, dtype=np.complex64)
     acs = family.acs_mask(ny)
     scores = []
-    for n in tqdm(range(count), desc=f"calibrate like {Path(scan_path).name}", disable=not progress):
+    for n in tqdm(range(count), desc=f"calibrate like {like.origin}", disable=not progress):
         magnitude = mni.magnitude_slice(refs[int(rng.integers(len(refs)))], ny, rng)
         obj = (magnitude * np.exp(1j * smooth_phase((ny, nx), rng))).astype(np.complex64)
-        clean = simulate_kspace(obj, maps[n % len(maps)], 0.0, identity, rng)
+        clean = simulate_kspace(obj, like.maps[n % len(like.maps)], 0.0, identity, rng)
         level = float(np.exp(rng.uniform(np.log(low), np.log(high))))
         clean *= level / max(float(np.sqrt(np.mean(np.abs(clean[:, acs, :]) ** 2))), 1e-30)
         mask = family.sample(ny, rng)
         kspace = (clean + complex_noise(clean.shape, rng)) * mask[None, :, None]
         prepared = prepare(SliceKSpace(kspace.astype(np.complex64), mask, acs))
         scores.append(_score(model, detector, prepared.op, prepared.y, 1.0, statistic))
+        if on_progress is not None:
+            on_progress(n + 1, count)
     return scores, protocol, (low, high)
 
 

@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+# no background calibrations from the gadgets of tests that do not ask for one (their
+# processes would outlive the test); the test of the feature turns it on
+os.environ.setdefault("CYCGUARD_AUTO_CALIBRATE", "off")
+
 from recon.data.simulate import birdcage_maps, noise_cholesky, simulate_kspace, smooth_phase
 from recon.io.mrd_write import ScanDescription, write_raw
 from recon.physics.masks import MaskFamily

@@ -193,10 +193,12 @@ def replay_many(
     memory_limit: str = "6GiB",
     in_process: bool = True,
     progress: bool = True,
+    threads: int | None = None,
 ) -> BatchSummary:
     """Replay every raw file of ``inputs`` through ``pipeline`` on a Dask cluster, one task a
     file; see the module docstring. ``workers`` (default: the cores) and ``memory_limit`` size
-    the local cluster; ``scheduler`` uses an existing one instead."""
+    the local cluster; ``scheduler`` uses an existing one instead. ``threads``: torch threads
+    of each task (default: the cores shared among the local workers, 1 on a scheduler's)."""
     from distributed import Client, LocalCluster, as_completed
 
     from gadgets.runner.config import load_pipeline
@@ -223,7 +225,7 @@ def replay_many(
     if todo:
         cores = os.cpu_count() or 1
         count = workers or cores
-        threads = max(1, cores // count) if scheduler is None else 1
+        threads = threads or (max(1, cores // count) if scheduler is None else 1)
         cluster = None if scheduler else LocalCluster(
             n_workers=count, threads_per_worker=1, processes=True, memory_limit=memory_limit, dashboard_address=":0",
         )

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from recon.io.mrd_write import read_images
@@ -279,3 +281,55 @@ def test_the_detector_takes_the_alternatives_a_protocol_has() -> None:
     model, manifest = load_model()
     assert detector_for(model, manifest).alternatives == 3
     assert [detector_for(model, manifest, ProtocolKey((64, 64), 4, "equispaced", r, 12)).alternatives for r in (2, 3, 5)] == [1, 2, 3]
+
+
+def test_the_detect_stage_has_a_new_protocol_calibrated_in_the_background(
+    small_raw: tuple, tmp_path: Path, _calibration_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan of a protocol with no calibration through the defended chain: its slices leave
+    ``unverified`` saying a calibration is being made; one background job makes it into the
+    cache (from the scan's coil maps: no image kept); the same scan is then checked."""
+
+    from gadgets import autocalibrate
+    from gadgets.runner.replay import replay
+
+    monkeypatch.setenv("CYCGUARD_AUTO_CALIBRATE", "on")
+    monkeypatch.setattr(autocalibrate, "_STARTED", [])
+    try:
+        _calibrated_in_the_background(small_raw, tmp_path, _calibration_cache, replay)
+    finally:
+        for job in autocalibrate._STARTED:  # a job of a failed run does not outlive the test
+            job.kill()
+            job.wait()
+
+
+def _calibrated_in_the_background(small_raw: tuple, tmp_path: Path, _calibration_cache: Path, replay: Any) -> None:
+    import time
+
+    text = (ROOT / "pipelines" / "defended.xml").read_text().replace(
+        '<property name="noise_level" value="whitened"/>', '<property name="noise_level" value="whitened"/><property name="auto_calibrate_slices" value="100"/>'
+    )
+    pipeline = tmp_path / "defended_auto.xml"
+    pipeline.write_text(text)
+    first = replay(small_raw[0], str(pipeline), tmp_path / "first.h5", None, group="images", in_process=True, progress=False)
+    reasons = [meta.get("ImageComment", "") for _, meta in read_images(tmp_path / "first.h5", group="images")]
+    assert [meta["CycGuard.Verdict"] for _, meta in read_images(tmp_path / "first.h5", group="images")] == ["unverified", "unverified"]
+    assert all("is being made in the background" in r and "of 100 slices" in r for r in reasons), reasons
+    assert first.ok or all("unverified" in f for f in first.failures), first.failures
+    folder = next(_calibration_cache.iterdir())
+    target = folder / "32x32_4ch_equispaced_R2_acs8.json"
+    assert len(list(folder.glob("*.pending.json"))) <= 1  # one job, though two slices asked
+    deadline = time.monotonic() + 300
+    while not target.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    pending = folder / "32x32_4ch_equispaced_R2_acs8.pending.json"
+    while pending.exists() and time.monotonic() < deadline:  # the job removes it once the calibration is in place
+        time.sleep(0.5)
+    assert target.exists() and not pending.exists(), (folder / "32x32_4ch_equispaced_R2_acs8.log").read_text()[-2000:]
+    made = json.loads(target.read_text())
+    assert made["source"].startswith("simulated: 100 held-out MNI152 brain slices (augmented) with the coil maps of a detect-stage slice")
+    with np.load(folder / "32x32_4ch_equispaced_R2_acs8.seed.npz") as seed:
+        assert sorted(seed.files) == ["header", "maps"] and seed["maps"].shape == (1, 4, 32, 32)
+    replay(small_raw[0], str(pipeline), tmp_path / "second.h5", None, group="images", in_process=True, progress=False)
+    verdicts = [meta["CycGuard.Verdict"] for _, meta in read_images(tmp_path / "second.h5", group="images")]
+    assert len(verdicts) == 2 and "unverified" not in verdicts, [meta.get("ImageComment") for _, meta in read_images(tmp_path / "second.h5", group="images")]
