@@ -14,10 +14,10 @@ Reads the measured figures in ``benchmarks/results/`` and writes
 Online: a worker keeps up when its busy share stays under ``UTILISATION`` (queues grow without
 bound as it nears 1), so a scanner that sends a slice every ``T`` seconds needs
 ``ceil(cost / (T * UTILISATION))`` workers, ``cost = clean + flagged_share * rewrite +
-overhead``. Archive: ``files * per_file / workers``, a worker being a machine like this one
-(2 cores, one Dask worker with 2 torch threads, the per-file cost measured at 1 worker):
-linear across machines, which nothing here measures (on this one machine 2 workers reached the
-efficiency in ``batch_scaling.json``, sharing its 2 cores).
+overhead``. Archive: ``files * per_file / machines``, a machine being one like this (2 cores,
+2 Dask workers of one torch thread each, its measured best: ``per_file`` is that run's wall
+time, cluster start-up included, over its files); linear across machines, which nothing here
+measures.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ UTILISATION = 0.8
 INTERVALS_S = (0.2, 0.3, 0.5)
 FLAGGED_SHARES = (0.01, 0.10)  # the calibrated false-positive rate; a scan under attack on a tenth of its slices
 ARCHIVE_FILES = 10_000
-ARCHIVE_WORKERS = (1, 2, 8, 32)
+ARCHIVE_WORKERS = (1, 4, 16, 64)
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -75,11 +75,11 @@ def main() -> int:
                     "workers_in_process": math.ceil(cost / (interval * UTILISATION)),
                     "workers_distributed_warm": math.ceil((cost + overhead) / (interval * UTILISATION)),
                 })
-    batch = {(row["pipeline"], row["workers"]): row for row in _load("batch_scaling.json")["rows"]}
+    batch = {(row["pipeline"], row["workers"], row["threads"]): row for row in _load("batch_scaling.json")["rows"]}
     archive = []
     for pipeline in ("recon", "defended"):
-        one = batch[(pipeline, 1)]
-        per_file = one["seconds"] / one["files"]
+        machine = batch[(pipeline, 2, 1)]
+        per_file = machine["seconds"] / machine["files"]
         for workers in ARCHIVE_WORKERS:
             hours = ARCHIVE_FILES * per_file / workers / 3600
             archive.append({"pipeline": pipeline, "workers": workers, "per_file_s": round(per_file, 2), "hours": round(hours, 1)})
