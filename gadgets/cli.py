@@ -100,8 +100,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     if is_archive(args.input):
         return _replay_batch(args)
-    if args.scheduler or args.workers:
-        raise ValueError("--scheduler and --workers are for several raw files (a folder, a glob, a list file)")
+    if args.scheduler or args.workers or args.slices_per_task:
+        raise ValueError("--scheduler, --workers and --slices-per-task are for several raw files (a folder, a glob, a list file)")
     out = Path(args.output)
     report = Path(args.report) if args.report else out.with_suffix("").with_name(out.stem + "_report")
     result = replay(
@@ -121,7 +121,7 @@ def _replay_batch(args: argparse.Namespace) -> int:
         raise ValueError(f"--{', --'.join(unsupported)}: for one raw file only (several write per-file reports into the -o folder)")
     summary = replay_many(
         args.input, args.config, Path(args.output), scheduler=args.scheduler, workers=args.workers, memory_limit=args.memory_limit,
-        in_process=not args.over_the_wire, threads=args.threads,
+        in_process=not args.over_the_wire, threads=args.threads, slices_per_task=args.slices_per_task,
     )
     _out(f"files: {', '.join(f'{k} {v}' for k, v in summary.statuses().items())}; images: {', '.join(f'{k} {v}' for k, v in sorted(summary.verdicts().items()))}")
     _out(f"summary: {summary.summary_html}")
@@ -403,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--calling-aet", default="CYCGUARD", help="our AE title (default CYCGUARD)")
     rep.add_argument("--scheduler", help="several inputs: an existing Dask scheduler's address (default: a local cluster)")
     rep.add_argument("--workers", type=int, default=None, help="several inputs: local worker processes (default: the cores)")
+    rep.add_argument("--slices-per-task", type=int, default=0, help="several inputs: split files of more slices into tasks of this many (default 0: a task a file)")
     rep.add_argument("--memory-limit", default="6GiB", help="several inputs: memory per local worker (default 6GiB; past it Dask restarts the worker)")
     rep.add_argument("--over-the-wire", action="store_true", help="several inputs: each stage as its own gadget process (default: in each worker's process)")
     rep.set_defaults(func=_cmd_replay)

@@ -3,8 +3,11 @@
 One task per file, each the single-file replay (:func:`gadgets.runner.replay.replay`, its
 images, report and verdicts exactly as a replay of that file alone gives them), on a local
 cluster of worker processes (one thread each, a memory limit each) or on an existing
-scheduler (``--scheduler ADDRESS``). Per file the output folder gets ``NAME.h5`` (group
-``images``), ``NAME_report/`` and, written last, ``NAME.done.json``: the file's fingerprint
+scheduler (``--scheduler ADDRESS``). A file of more slices than ``--slices-per-task`` is
+split: one task per group of slices (the others' acquisitions are not sent to it), then one
+task that merges their images into the file's output in slice order, numbered as a replay of
+the whole file numbers them, and their report lines into one report. Per file the output
+folder gets ``NAME.h5`` (group ``images``), ``NAME_report/`` and, written last, ``NAME.done.json``: the file's fingerprint
 (its path, size and modification time, the pipeline's text and the model's hash) and what
 came out. A later run with the same pipeline and model skips every file whose marker matches;
 a file whose task died (a killed worker) has no marker and runs again, its partial output
@@ -164,11 +167,121 @@ def replay_one(raw: str, pipeline: str, out_dir: str, name: str, print_: dict[st
         failures = [f"{type(err).__name__}: {err}"]
     outcome = FileOutcome(raw, name, "failed" if failures else "done", verdicts, tuple(failures), time.perf_counter() - started)
     if not failures:
-        marker = Path(out_dir) / f"{name}{DONE_SUFFIX}"
-        partial = marker.with_suffix(".tmp")
-        partial.write_text(json.dumps({"fingerprint": print_, "outcome": asdict(outcome)}, indent=1))
-        partial.replace(marker)
+        _mark_done(Path(out_dir), name, print_, outcome)
     return asdict(outcome)
+
+
+def replay_part(
+    raw: str, pipeline: str, out_dir: str, name: str, part: int, slices: list[int], in_process: bool, threads: int
+) -> dict[str, Any]:
+    """One group of slices of a large file on a worker: ``NAME.partK.h5`` and ``NAME_report/partK/``."""
+    import torch
+
+    from gadgets.runner.replay import replay
+
+    if in_process:
+        torch.set_num_threads(threads)
+    out = Path(out_dir) / f"{name}.part{part}.h5"
+    out.unlink(missing_ok=True)  # a partial output of an interrupted run
+    try:
+        result = replay(
+            Path(raw), pipeline, out, Path(out_dir) / f"{name}_report" / f"part{part}", group="images", in_process=in_process,
+            threads=threads, progress=False, echo_stderr=False, slices=frozenset(slices),
+        )
+        return {"part": part, "output": str(out), "rows": list(result.rows), "report": str(result.report_json or ""), "failures": list(result.failures)}
+    except Exception as err:  # this part's failure is the file's, listed; the other parts go on
+        return {"part": part, "output": str(out), "rows": [], "report": "", "failures": [f"slices {slices}: {type(err).__name__}: {err}"]}
+
+
+def merge_parts(parts: list[dict[str, Any]], raw: str, out_dir: str, name: str, print_: dict[str, Any], started: float) -> dict[str, Any]:
+    """The parts of a large file into its ``NAME.h5`` (slice order, numbered as one replay),
+    one report over all their slices, and its marker when no part failed."""
+    from dataclasses import replace
+
+    from recon.report import RunContext, write_report
+
+    parts = sorted(parts, key=lambda p: int(p["part"]))
+    failures = [failure for p in parts for failure in p["failures"]]
+    out = Path(out_dir) / f"{name}.h5"
+    outputs = [Path(p["output"]) for p in parts if Path(p["output"]).is_file()]
+    if outputs:
+        merge_image_files(outputs, out, "images")
+    rows = [replace(row, picture=f"part{p['part']}/{row.picture}") for p in parts for row in p["rows"]]
+    context = next((json.loads(Path(p["report"]).read_text()) for p in parts if p["report"]), None)
+    if context is not None:
+        run = RunContext(context["model"], context["pipeline"], context["properties"], context["created"], context["software"])
+        write_report(Path(out_dir) / f"{name}_report", f"CycGuard replay of {Path(raw).name} in {len(parts)} parts", raw, rows, run)
+    for path in outputs:
+        path.unlink()
+    verdicts: dict[str, int] = {}
+    for row in rows:
+        verdicts[row.verdict] = verdicts.get(row.verdict, 0) + 1
+    outcome = FileOutcome(raw, name, "failed" if failures else "done", verdicts, tuple(failures), time.time() - started)
+    if not failures:
+        _mark_done(Path(out_dir), name, print_, outcome)
+    return asdict(outcome)
+
+
+def merge_image_files(parts: Sequence[Path], out: Path, group: str) -> None:
+    """Images of several outputs of one file's slices into one output, every series in slice
+    order, ``image_index`` numbered 1, 2, ... by slice as a replay of the whole file numbers them
+    (an as-received copy keeps its image's number)."""
+    import h5py
+    import numpy as np
+
+    series: dict[str, list[tuple[Any, Any, Any]]] = {}
+    with h5py.File(parts[0], "r") as first:
+        header_xml = first[group]["xml"][()]
+    for path in parts:
+        with h5py.File(path, "r") as handle:
+            for key, item in handle[group].items():
+                if isinstance(item, h5py.Group) and "header" in item:
+                    series.setdefault(key, []).append((item["header"][()], item["data"][()], item["attributes"][()] if "attributes" in item else None))
+    merged = {}
+    for key, chunks in series.items():
+        headers = np.concatenate([c[0] for c in chunks])
+        order = np.lexsort([headers[field] for field in ("phase", "set", "contrast", "slice", "repetition")])
+        attributes = None if any(c[2] is None for c in chunks) else np.concatenate([c[2] for c in chunks])[order]
+        merged[key] = (headers[order], np.concatenate([c[1] for c in chunks])[order], attributes)
+    main = min(merged, key=lambda k: int(merged[k][0]["image_series_index"][0]))
+    number = {tuple(int(h[f]) for f in ("repetition", "contrast", "phase", "set", "slice")): n + 1 for n, h in enumerate(merged[main][0])}
+    partial = out.with_name(out.name + ".partial")
+    with h5py.File(partial, "w") as handle:
+        target = handle.create_group(group)
+        target.create_dataset("xml", data=header_xml)
+        for key, (headers, data, attributes) in merged.items():
+            for h in headers:
+                h["image_index"] = number.get(tuple(int(h[f]) for f in ("repetition", "contrast", "phase", "set", "slice")), h["image_index"])
+            holder = target.create_group(key)
+            holder.create_dataset("header", data=headers)
+            holder.create_dataset("data", data=data)
+            if attributes is not None:
+                holder.create_dataset("attributes", data=attributes, dtype=h5py.string_dtype())
+    partial.replace(out)
+
+
+def _mark_done(out_dir: Path, name: str, print_: dict[str, Any], outcome: FileOutcome) -> None:
+    """``NAME.done.json``, written whole and last."""
+    marker = out_dir / f"{name}{DONE_SUFFIX}"
+    partial = marker.with_suffix(".tmp")
+    partial.write_text(json.dumps({"fingerprint": print_, "outcome": asdict(outcome)}, indent=1))
+    partial.replace(marker)
+
+
+def slice_groups(raw: Path, per_task: int) -> list[list[int]] | None:
+    """The slices of a file in groups of ``per_task`` when it has more, else ``None`` (one task);
+    ``None`` too for a file that cannot be surveyed (its own task reports why)."""
+    from gadgets.runner.replay import preflight
+
+    if per_task <= 0:
+        return None
+    try:
+        slices = sorted({key.slice for key in preflight(raw)[1]})
+    except Exception:  # noqa: BLE001 - the whole-file task fails with the message
+        return None
+    if len(slices) <= per_task:
+        return None
+    return [slices[n : n + per_task] for n in range(0, len(slices), per_task)]
 
 
 def _skipped(out_dir: Path, name: str, print_: dict[str, Any]) -> FileOutcome | None:
@@ -194,11 +307,13 @@ def replay_many(
     in_process: bool = True,
     progress: bool = True,
     threads: int | None = None,
+    slices_per_task: int = 0,
 ) -> BatchSummary:
     """Replay every raw file of ``inputs`` through ``pipeline`` on a Dask cluster, one task a
     file; see the module docstring. ``workers`` (default: the cores) and ``memory_limit`` size
     the local cluster; ``scheduler`` uses an existing one instead. ``threads``: torch threads
-    of each task (default: the cores shared among the local workers, 1 on a scheduler's)."""
+    of each task (default: the cores shared among the local workers, 1 on a scheduler's).
+    ``slices_per_task``: split files of more slices than that (0: one task a file)."""
     from distributed import Client, LocalCluster, as_completed
 
     from gadgets.runner.config import load_pipeline
@@ -231,13 +346,19 @@ def replay_many(
         )
         try:
             with Client(scheduler or cluster) as client:
-                futures = {
-                    client.submit(
-                        replay_one, str(raw), pipeline, str(out_dir.resolve()), names[raw], print_, in_process, threads,
-                        key=f"replay-{names[raw]}-{print_['mtime_ns']}", pure=False, retries=1,
-                    ): (raw, names[raw])
-                    for raw, print_ in todo
-                }
+                futures = {}
+                for raw, print_ in todo:
+                    name, folder, key = names[raw], str(out_dir.resolve()), f"{names[raw]}-{print_['mtime_ns']}"
+                    groups = slice_groups(raw, slices_per_task)
+                    if groups is None:
+                        future = client.submit(replay_one, str(raw), pipeline, folder, name, print_, in_process, threads, key=f"replay-{key}", pure=False, retries=1)
+                    else:
+                        parts = [
+                            client.submit(replay_part, str(raw), pipeline, folder, name, n, group, in_process, threads, key=f"part{n}-{key}", pure=False, retries=1)
+                            for n, group in enumerate(groups)
+                        ]
+                        future = client.submit(merge_parts, parts, str(raw), folder, name, print_, time.time(), key=f"merge-{key}", pure=False, retries=1)
+                    futures[future] = (raw, name)
                 for future in tqdm(as_completed(futures), total=len(futures), desc="replay", unit="file", disable=not progress):
                     raw, name = futures[future]
                     try:

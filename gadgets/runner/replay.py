@@ -112,14 +112,17 @@ def preflight(raw: Path) -> tuple[str, list[SliceKey]]:
     return header_xml, expected
 
 
-def stream_raw(raw: Path, dataset: str = "dataset") -> Generator[Any, None, None]:
-    """Acquisitions and waveforms interleaved by time stamp, as gadgetron_ismrmrd_client sends them."""
+def stream_raw(raw: Path, dataset: str = "dataset", slices: frozenset[int] | None = None) -> Generator[Any, None, None]:
+    """Acquisitions and waveforms interleaved by time stamp, as gadgetron_ismrmrd_client sends them
+    (``slices``: only the acquisitions of these slices, and the noise scans)."""
     try:
         with ismrmrd.File(str(raw), "r") as handle:
             group = handle[dataset]
             waveforms = sorted(group.waveforms, key=lambda w: w.time_stamp) if group.has_waveforms() else []
             position = 0
             for acq in group.acquisitions:
+                if slices is not None and acq.idx.slice not in slices and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                    continue
                 while position < len(waveforms) and waveforms[position].time_stamp <= acq.acquisition_time_stamp:
                     yield waveforms[position]
                     position += 1
@@ -158,10 +161,13 @@ def replay(
     pacs: str | None = None,
     spool: Path | None = None,
     calling_aet: str = "CYCGUARD",
+    slices: frozenset[int] | None = None,
 ) -> ReplayResult:
     """Replay ``raw`` through a pipeline (installed name or XML path); see the module docstring.
 
     ``on_image`` is called as each image arrives (benchmarks time the stream with it).
+    ``slices``: only these slices of the file (a part of a large file in a batch replay): the
+    others are neither sent nor expected, and the recon stage does not report them missing.
     ``dicom``, ``pacs`` (``AET@host:port``), ``spool`` and ``calling_aet`` set the export
     stage's properties of the same meaning (the pipeline must have one).
     """
@@ -182,9 +188,16 @@ def replay(
             pipeline = with_stage_properties(pipeline, "mitigate", {"send_received": "true"})
         except PipelineError:
             pass  # no mitigate stage: nothing is rewritten
+    if slices is not None:
+        try:
+            pipeline = with_stage_properties(pipeline, "recon", {"account_slices": "false"})
+        except PipelineError:
+            pass  # no recon stage
     for warning in check_pipeline(pipeline):
         log.warning("%s", warning)
     header_xml, expected = preflight(raw)
+    if slices is not None:
+        expected = [key for key in expected if key.slice in slices]
     check_output(output, [raw] + ([reference] if reference is not None else []))
     references = [image for image, _ in read_images(reference)] if reference is not None else None
     if references is not None and len(references) != len(expected):
@@ -205,7 +218,7 @@ def replay(
     try:
         # the pipeline ends (its threads joined) before the raw file closes, both here and now: h5py
         # closes every object of a file when one handle to it closes, even another reader's
-        with closing(stream_raw(raw)) as source, closing(run_pipeline(pipeline, header_xml, source, in_process=in_process, threads=threads, echo_stderr=echo_stderr)) as stream:
+        with closing(stream_raw(raw, slices=slices)) as source, closing(run_pipeline(pipeline, header_xml, source, in_process=in_process, threads=threads, echo_stderr=echo_stderr)) as stream:
             for item in stream:
                 if is_received(item):
                     dataset.append_image(f"image_{item.image_series_index}", item)

@@ -112,3 +112,73 @@ def test_a_worker_process_loads_the_network_once() -> None:
     header = "<ismrmrdHeader/>"
     first, second = Resources(header).model("", "cpu"), Resources(header).model("", "cpu")
     assert first[0] is second[0]
+
+
+def test_a_large_file_in_slice_tasks_gives_what_its_whole_replay_gives(tmp_path: Path) -> None:
+    """``--slices-per-task 2``: each 4-slice file runs as two tasks of 2 slices and a merge; its
+    output holds the pixels, numbers and meta (timings aside) of a replay of the whole file, and
+    one report over its slices."""
+    from gadgets.runner.batch import DONE_SUFFIX, replay_many
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("first.h5", "second.h5"):
+        shutil.copyfile(DEMO_RAW, archive / name)
+    out = tmp_path / "out"
+    summary = replay_many([str(archive)], "defended", out, workers=2, threads=1, slices_per_task=2, progress=False)
+    assert [(f.name, f.status) for f in summary.files] == [("first", "done"), ("second", "done")], summary.files
+    assert summary.verdicts() == {"clean": 8}
+    assert not list(out.glob("*.part*.h5")) and (out / f"first{DONE_SUFFIX}").is_file()
+    torch.set_num_threads(1)
+    whole = replay(DEMO_RAW, "defended", tmp_path / "whole.h5", tmp_path / "whole_report", group="images", in_process=True, threads=1, progress=False)
+    assert whole.ok
+    expected = _series(tmp_path / "whole.h5")
+    for name in ("first", "second"):
+        merged = _series(out / f"{name}.h5")
+        assert sorted(merged) == sorted(expected) == ["image_1"]
+        headers, data, attributes = expected["image_1"]
+        got = merged["image_1"]
+        assert np.array_equal(got[1], data)
+        for field in ("slice", "image_index", "image_series_index"):
+            assert list(got[0][field]) == list(headers[field]), field
+        without_seconds = [[line for line in text.split("<meta>") if "Seconds" not in line] for text in attributes]
+        assert [[line for line in text.split("<meta>") if "Seconds" not in line] for text in got[2]] == without_seconds
+        report = json.loads((out / f"{name}_report" / "report.json").read_text())
+        assert [s["verdict"] for s in report["slices"]] == ["clean"] * 4
+        assert all((out / f"{name}_report" / s["picture"]).is_file() for s in report["slices"])
+
+
+def test_merged_parts_are_in_slice_order_numbered_as_one_replay(tmp_path: Path) -> None:
+    """An as-received copy (series 101) keeps its rewritten image's number."""
+    import ismrmrd
+
+    from gadgets.runner.batch import merge_image_files
+
+    def part(path: Path, slices: list[int]) -> Path:
+        dataset = ismrmrd.Dataset(str(path), "images", create_if_needed=True)
+        dataset.write_xml_header("<ismrmrdHeader/>")
+        for number, slice_ in enumerate(slices, start=1):
+            for series in (1, 101) if slice_ == 3 else (1,):
+                image = ismrmrd.Image.from_array(np.full((4, 4), slice_ + series, dtype=np.complex64))
+                image.slice, image.image_index, image.image_series_index = slice_, number, series
+                dataset.append_image(f"image_{series}", image)
+        dataset.close()
+        return path
+
+    merge_image_files([part(tmp_path / "b.h5", [2, 3]), part(tmp_path / "a.h5", [0, 1])], tmp_path / "out.h5", "images")
+    merged = _series(tmp_path / "out.h5")
+    assert list(merged["image_1"][0]["slice"]) == [0, 1, 2, 3] and list(merged["image_1"][0]["image_index"]) == [1, 2, 3, 4]
+    assert [float(d[0, 0, 0, 0]["real"]) for d in merged["image_1"][1]] == [1.0, 2.0, 3.0, 4.0]
+    assert list(merged["image_101"][0]["slice"]) == [3] and list(merged["image_101"][0]["image_index"]) == [4]
+
+
+def _series(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Every image series of an output's ``images`` group: headers, pixels, meta text."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        return {
+            key: (item["header"][()], item["data"][()], [a.decode() if isinstance(a, bytes) else str(a) for a in item["attributes"][()]])
+            for key, item in handle["images"].items()
+            if isinstance(item, h5py.Group)
+        }
