@@ -240,7 +240,7 @@ class DefenseCache:
             found = fit_defense(self.model, self.manifest, protocol, self.calibration)
             target = cached_calibration_path(self.manifest, protocol)
             auto = self.auto.slices and self.calibration is None and protocol != model_protocol(self.manifest)
-            if isinstance(found, str) and auto and not target.exists() and protocol.matrix[0] == protocol.matrix[1]:
+            if isinstance(found, str) and auto and not target.exists():
                 self.pending[protocol] = (target, found.split(": make one with")[0])
                 return self._background(protocol, data, target, self.pending[protocol][1])
             self.cache[protocol] = found

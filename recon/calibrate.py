@@ -152,14 +152,15 @@ def scores_like(
     --like``; the scan's file or its :class:`LikeSeed`): its matrix, coils, acceleration and ACS
     lines, the coil maps estimated from its own ACS lines (slice after slice), unit noise as its
     prewhitened data have, and signal levels drawn log-uniformly over a third of its lowest to
-    three times its highest slice's; the anatomy is the held-out MNI152 slab (augmented). Every
+    three times its highest slice's; the anatomy is the held-out MNI152 slab (augmented; for a
+    rectangular matrix the square image cropped about its centre). Every
     slice goes the product's way (coil maps from its ACS, the network, the detector).
     ``on_progress(done, count)`` is called after each slice. Returns the scores, the protocol
     and the signal levels drawn between.
 
     Raises:
-        ValueError: a scan with the model's own protocol (its calibration ships with it), a
-            rectangular matrix, or no complete slice.
+        ValueError: a scan with the model's own protocol (its calibration ships with it), or no
+            complete slice.
     """
     from recon.data import mni
     from recon.data.simulate import complex_noise, simulate_kspace, smooth_phase
@@ -169,8 +170,8 @@ def scores_like(
     if protocol == model_protocol(manifest):
         raise ValueError(f"{like.origin} has the model's own protocol ({protocol.describe()}): its calibration ships with the model")
     ny, nx = protocol.matrix
-    if ny != nx:
-        raise ValueError(f"{like.origin}: a {ny}x{nx} matrix; simulated calibrations are square only: calibrate from clean scans (cycguard calibrate CLEAN.h5)")
+    side = max(ny, nx)  # a rectangular field of view: the square anatomy image cropped about its centre
+    rows, cols = slice((side - ny) // 2, (side - ny) // 2 + ny), slice((side - nx) // 2, (side - nx) // 2 + nx)
     low, high = min(like.levels) / 3, max(like.levels) * 3
     family = MaskFamily(protocol.mask_kind, protocol.acceleration, protocol.acs_lines)
     detector = detector_for(model, manifest, protocol)
@@ -180,7 +181,7 @@ def scores_like(
     acs = family.acs_mask(ny)
     scores = []
     for n in tqdm(range(count), desc=f"calibrate like {like.origin}", disable=not progress):
-        magnitude = mni.magnitude_slice(refs[int(rng.integers(len(refs)))], ny, rng)
+        magnitude = mni.magnitude_slice(refs[int(rng.integers(len(refs)))], side, rng)[rows, cols]
         obj = (magnitude * np.exp(1j * smooth_phase((ny, nx), rng))).astype(np.complex64)
         clean = simulate_kspace(obj, like.maps[n % len(like.maps)], 0.0, identity, rng)
         level = float(np.exp(rng.uniform(np.log(low), np.log(high))))
