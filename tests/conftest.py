@@ -105,8 +105,13 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def small_raw(tmp_path: Path) -> tuple[Path, ScanDescription, np.ndarray]:
     """A real ISMRMRD raw file: 2 slices, 4 coils, 32x32, 2x readout oversampling, noise scans."""
-    rng = np.random.default_rng(11)
-    desc = ScanDescription(matrix=(32, 32), coils=4, acceleration=2)
+    return write_small_raw(tmp_path / "small.h5")
+
+
+def write_small_raw(path: Path, matrix: tuple[int, int] = (32, 32), seed: int = 11) -> tuple[Path, ScanDescription, np.ndarray]:
+    """:func:`small_raw`'s file at ``path``, of another matrix or seed when asked."""
+    rng = np.random.default_rng(seed)
+    desc = ScanDescription(matrix=matrix, coils=4, acceleration=2)
     ny, nx = desc.matrix
     maps = birdcage_maps(4, (ny, 2 * nx), rng, radius=1.3, extent=(1.0, 2.0))
     chol = noise_cholesky(4, rng)
@@ -119,7 +124,7 @@ def small_raw(tmp_path: Path) -> tuple[Path, ScanDescription, np.ndarray]:
         masks.append(family.equispaced(ny, n))
         geometries.append(SliceGeometry(position=(0.0, 0.0, 5.0 * n)))
     noise = 0.01 * np.einsum("ij,jn->in", chol, (rng.standard_normal((4, 512)) + 1j * rng.standard_normal((4, 512))) / np.sqrt(2))
-    path = write_raw(tmp_path / "small.h5", desc, kspaces, masks, family.acs_mask(ny), geometries, noise.astype(np.complex64))
+    path = write_raw(path, desc, kspaces, masks, family.acs_mask(ny), geometries, noise.astype(np.complex64))
     return path, desc, chol
 
 

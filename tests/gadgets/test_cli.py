@@ -338,27 +338,9 @@ def _calibrated_in_the_background(small_raw: tuple, tmp_path: Path, _calibration
 def test_a_rectangular_protocol_is_calibrated_by_simulation(tmp_path: Path, _calibration_cache: Path) -> None:
     """48x32 (a rectangular field of view): ``calibrate --like`` simulates it (the square anatomy
     cropped about its centre) and the scan is then checked instead of ``unverified``."""
-    from recon.data.simulate import birdcage_maps, noise_cholesky, simulate_kspace, smooth_phase
-    from recon.io.mrd_write import ScanDescription, write_raw
-    from recon.physics.masks import MaskFamily
-    from recon.types import SliceGeometry
-    from tests.conftest import disc_phantom
+    from tests.conftest import write_small_raw
 
-    rng = np.random.default_rng(5)
-    desc = ScanDescription(matrix=(48, 32), coils=4, acceleration=2)
-    ny, nx = desc.matrix
-    maps = birdcage_maps(4, (ny, 2 * nx), rng, radius=1.3, extent=(1.0, 2.0))
-    chol = noise_cholesky(4, rng)
-    family = MaskFamily("equispaced", 2, 8)
-    kspaces, masks = [], []
-    for n in range(2):
-        obj = np.zeros((ny, 2 * nx), np.complex64)
-        obj[:, nx // 2 : nx // 2 + nx] = disc_phantom((ny, nx)) * np.exp(1j * smooth_phase((ny, nx), rng, 1.0))
-        kspaces.append(simulate_kspace(obj, maps, 0.01, chol, rng))
-        masks.append(family.equispaced(ny, n))
-    noise = 0.01 * np.einsum("ij,jn->in", chol, (rng.standard_normal((4, 512)) + 1j * rng.standard_normal((4, 512))) / np.sqrt(2))
-    geometries = [SliceGeometry(position=(0.0, 0.0, 5.0 * n)) for n in range(2)]
-    raw = str(write_raw(tmp_path / "rect.h5", desc, kspaces, masks, family.acs_mask(ny), geometries, noise.astype(np.complex64)))
+    raw = str(write_small_raw(tmp_path / "rect.h5", matrix=(48, 32), seed=5)[0])
     made = _run("calibrate", "--like", raw, "--simulate", "100", "--fpr", "0.05")
     assert made.returncode == 0, made.stderr
     assert "simulated 100 clean slices of 48x32, 4 coils, equispaced R=2, 8 ACS lines" in made.stdout
