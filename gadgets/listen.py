@@ -106,8 +106,7 @@ def warm_up() -> None:
         return
     from gadgets.stages import loaded_model
 
-    for device in ("auto", "cpu"):
-        loaded_model("", device)
+    loaded_model("", "auto")  # without CUDA the same copy serves "cpu"
 
 
 def serve_forever(server: socket.socket, target: Callable[[Any], None], max_sessions: int, threads: int) -> int:

@@ -119,7 +119,8 @@ _LOADED: dict[tuple[str, str, int, int], tuple[Any, Any, Any]] = {}
 
 def loaded_model(weights: str, device: str) -> tuple[Any, Any, Any]:
     """The process's copy of a network (its hash checked when it was loaded), keyed by the file's
-    path, size and modification time and the device."""
+    path, size and modification time and the device it resolves to (``auto`` and ``cpu`` share
+    one on a machine without CUDA)."""
     from recon.models.weights import DEFAULT_WEIGHTS, load_model, resolve_device
 
     path = Path(weights) if weights else DEFAULT_WEIGHTS
@@ -127,9 +128,9 @@ def loaded_model(weights: str, device: str) -> tuple[Any, Any, Any]:
         stat = path.stat()
     except OSError:
         stat = None
-    key = (str(path.resolve()), device, stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1)
+    torch_device = resolve_device(device)
+    key = (str(path.resolve()), str(torch_device), stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1)
     if key not in _LOADED or stat is None:
-        torch_device = resolve_device(device)
         model, manifest = load_model(path, torch_device)  # raises for a missing or changed file
         _LOADED[key] = (model, manifest, torch_device)
     return _LOADED[key]
@@ -235,7 +236,6 @@ class DefenseCache:
             if not target.exists():
                 return self._background(protocol, data, target, why)
             del self.pending[protocol]  # made meanwhile: looked up again
-            self.cache.pop(protocol, None)
         if protocol not in self.cache:
             found = fit_defense(self.model, self.manifest, protocol, self.calibration)
             target = cached_calibration_path(self.manifest, protocol)

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 DONE_SUFFIX = ".done.json"
 LIST_SUFFIXES = (".txt", ".lst")
 GLOB_CHARS = "*?["
+COUNTERS = ("repetition", "slice", "contrast", "set", "phase")  # the merge's order of an image's counters, most significant first
 
 
 @dataclass(frozen=True)
@@ -142,29 +144,39 @@ def fingerprint(raw: Path, pipeline_text: str, model_sha256: str) -> dict[str, A
     }
 
 
-def replay_one(raw: str, pipeline: str, out_dir: str, name: str, print_: dict[str, Any], in_process: bool, threads: int) -> dict[str, Any]:
-    """One file on a worker: the single-file replay, then its marker (a task killed before
-    the end leaves none, so the file runs again)."""
+def _replay_into(
+    raw: str, pipeline: str, out: Path, report: Path, in_process: bool, threads: int, slices: list[int] | None = None
+) -> tuple[Any, list[str]]:
+    """The single-file replay on a worker (of ``slices`` only, when given) into ``out``, which
+    an interrupted run may have left half-written: ``(result or None, failures)``."""
     import torch
 
     from gadgets.runner.replay import replay
 
     if in_process:  # the stages run in this worker: its share of the cores
         torch.set_num_threads(threads)
-    started = time.perf_counter()
-    out = Path(out_dir) / f"{name}.h5"
-    out.unlink(missing_ok=True)  # a partial output of an interrupted run
-    verdicts: dict[str, int] = {}
+    out.unlink(missing_ok=True)
     try:
         result = replay(
-            Path(raw), pipeline, out, Path(out_dir) / f"{name}_report", group="images", in_process=in_process, threads=threads,
-            progress=False, echo_stderr=False,
+            Path(raw), pipeline, out, report, group="images", in_process=in_process, threads=threads, progress=False,
+            echo_stderr=False, slices=None if slices is None else frozenset(slices),
         )
-        failures = list(result.failures)
-        for row in result.rows:
-            verdicts[row.verdict] = verdicts.get(row.verdict, 0) + 1
-    except Exception as err:  # a file's failure is its own: listed, never the batch's end
-        failures = [f"{type(err).__name__}: {err}"]
+        return result, list(result.failures)
+    except Exception as err:  # a file's (or part's) failure is its own: listed, never the batch's end
+        return None, [f"{f'slices {slices}: ' if slices is not None else ''}{type(err).__name__}: {err}"]
+
+
+def _verdicts(rows: Sequence[Any]) -> dict[str, int]:
+    """Images per verdict over report rows (verdicts that occur only)."""
+    return dict(Counter(row.verdict for row in rows))
+
+
+def replay_one(raw: str, pipeline: str, out_dir: str, name: str, print_: dict[str, Any], in_process: bool, threads: int) -> dict[str, Any]:
+    """One file on a worker: the single-file replay, then its marker (a task killed before
+    the end leaves none, so the file runs again)."""
+    started = time.perf_counter()
+    result, failures = _replay_into(raw, pipeline, Path(out_dir) / f"{name}.h5", Path(out_dir) / f"{name}_report", in_process, threads)
+    verdicts = _verdicts(result.rows) if result is not None else {}
     outcome = FileOutcome(raw, name, "failed" if failures else "done", verdicts, tuple(failures), time.perf_counter() - started)
     if not failures:
         _mark_done(Path(out_dir), name, print_, outcome)
@@ -175,22 +187,11 @@ def replay_part(
     raw: str, pipeline: str, out_dir: str, name: str, part: int, slices: list[int], in_process: bool, threads: int
 ) -> dict[str, Any]:
     """One group of slices of a large file on a worker: ``NAME.partK.h5`` and ``NAME_report/partK/``."""
-    import torch
-
-    from gadgets.runner.replay import replay
-
-    if in_process:
-        torch.set_num_threads(threads)
     out = Path(out_dir) / f"{name}.part{part}.h5"
-    out.unlink(missing_ok=True)  # a partial output of an interrupted run
-    try:
-        result = replay(
-            Path(raw), pipeline, out, Path(out_dir) / f"{name}_report" / f"part{part}", group="images", in_process=in_process,
-            threads=threads, progress=False, echo_stderr=False, slices=frozenset(slices),
-        )
-        return {"part": part, "output": str(out), "rows": list(result.rows), "report": str(result.report_json or ""), "failures": list(result.failures)}
-    except Exception as err:  # this part's failure is the file's, listed; the other parts go on
-        return {"part": part, "output": str(out), "rows": [], "report": "", "failures": [f"slices {slices}: {type(err).__name__}: {err}"]}
+    result, failures = _replay_into(raw, pipeline, out, Path(out_dir) / f"{name}_report" / f"part{part}", in_process, threads, slices)
+    rows = list(result.rows) if result is not None else []
+    report = str(result.report_json or "") if result is not None else ""
+    return {"part": part, "output": str(out), "rows": rows, "report": report, "failures": failures}
 
 
 def merge_parts(parts: list[dict[str, Any]], raw: str, out_dir: str, name: str, print_: dict[str, Any], started: float) -> dict[str, Any]:
@@ -213,10 +214,7 @@ def merge_parts(parts: list[dict[str, Any]], raw: str, out_dir: str, name: str, 
         write_report(Path(out_dir) / f"{name}_report", f"CycGuard replay of {Path(raw).name} in {len(parts)} parts", raw, rows, run)
     for path in outputs:
         path.unlink()
-    verdicts: dict[str, int] = {}
-    for row in rows:
-        verdicts[row.verdict] = verdicts.get(row.verdict, 0) + 1
-    outcome = FileOutcome(raw, name, "failed" if failures else "done", verdicts, tuple(failures), time.time() - started)
+    outcome = FileOutcome(raw, name, "failed" if failures else "done", _verdicts(rows), tuple(failures), time.time() - started)
     if not failures:
         _mark_done(Path(out_dir), name, print_, outcome)
     return asdict(outcome)
@@ -237,21 +235,24 @@ def merge_image_files(parts: Sequence[Path], out: Path, group: str) -> None:
             for key, item in handle[group].items():
                 if isinstance(item, h5py.Group) and "header" in item:
                     series.setdefault(key, []).append((item["header"][()], item["data"][()], item["attributes"][()] if "attributes" in item else None))
+    def counters(header: Any) -> tuple[int, ...]:
+        return tuple(int(header[field]) for field in COUNTERS)
+
     merged = {}
     for key, chunks in series.items():
         headers = np.concatenate([c[0] for c in chunks])
-        order = np.lexsort([headers[field] for field in ("phase", "set", "contrast", "slice", "repetition")])
+        order = np.lexsort([headers[field] for field in reversed(COUNTERS)])
         attributes = None if any(c[2] is None for c in chunks) else np.concatenate([c[2] for c in chunks])[order]
         merged[key] = (headers[order], np.concatenate([c[1] for c in chunks])[order], attributes)
     main = min(merged, key=lambda k: int(merged[k][0]["image_series_index"][0]))
-    number = {tuple(int(h[f]) for f in ("repetition", "contrast", "phase", "set", "slice")): n + 1 for n, h in enumerate(merged[main][0])}
+    number = {counters(h): n + 1 for n, h in enumerate(merged[main][0])}
     partial = out.with_name(out.name + ".partial")
     with h5py.File(partial, "w") as handle:
         target = handle.create_group(group)
         target.create_dataset("xml", data=header_xml)
         for key, (headers, data, attributes) in merged.items():
             for h in headers:
-                h["image_index"] = number.get(tuple(int(h[f]) for f in ("repetition", "contrast", "phase", "set", "slice")), h["image_index"])
+                h["image_index"] = number.get(counters(h), h["image_index"])
             holder = target.create_group(key)
             holder.create_dataset("header", data=headers)
             holder.create_dataset("data", data=data)
