@@ -227,6 +227,15 @@ class Image:
 Key = tuple[int, ...]
 
 
+def readable_output(path: Path) -> bool:
+    """Whether HDF5 can open the output file (a client that died mid-run may leave one it cannot)."""
+    try:
+        with h5py.File(path, "r"):
+            return True
+    except OSError:
+        return False
+
+
 def read_output(path: Path) -> dict[Key, Image]:
     """Every image in every group and series of an output file, by its slice counters
     ``(slice, contrast, repetition, set, phase)``; a slice that comes twice is an error."""

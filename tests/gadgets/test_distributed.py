@@ -58,27 +58,54 @@ def test_two_workers_give_every_slice_once_in_order_as_the_single_node_chain(clu
     assert "Errors received" not in run.output, run.output
 
 
-def test_a_worker_killed_mid_scan_leaves_no_slice_silently_missing(cluster: Cluster, tmp_path: Path) -> None:
+def _kill_run(cluster: Cluster, out: Path) -> host.ClientRun:
+    """One scan through ``cluster`` whose second worker is killed (the server and its gadget
+    processes) as soon as its first gadget starts."""
     assert cluster.main is not None
-    victim, survivor = cluster.workers[1], cluster.workers[0]
+    victim = cluster.workers[1]
     killed = threading.Event()
 
     def kill_when_it_starts_a_slice() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and "gadgets.recon" not in victim.log():
             time.sleep(0.1)
-        victim.stop()  # the worker server and its gadget processes
+        victim.stop()
         killed.set()
 
     threading.Thread(target=kill_when_it_starts_a_slice, daemon=True).start()
-    run = cluster.main.client(DEMO_RAW, tmp_path / "out.h5", script=DISTRIBUTED)
+    run = cluster.main.client(DEMO_RAW, out, script=DISTRIBUTED)
     assert killed.is_set()
-    came_back = {key[0] for key in host.read_output(run.out)} if run.wrote else set()
-    missing = _missing(run.output)
-    assert missing, f"the killed worker's slices are not reported:\n{run.output}"
-    assert came_back | missing == SLICES and not came_back & missing, (came_back, missing, run.output)
-    assert cluster.main.alive(), "the main server died with its worker"
-    assert not cluster.main.python_children() and not survivor.python_children()
+    return run
+
+
+def _host_race(run: host.ClientRun) -> bool:
+    """Whether the client died in Gadgetron 4.7.2's reset race (see
+    ``Gadgetron.client_until_answered``): "read: End of file", or an output file it never closed."""
+    return run.returncode != 0 and ("read: End of file" in run.output or (run.wrote and not host.readable_output(run.out)))
+
+
+def test_a_worker_killed_mid_scan_leaves_no_slice_silently_missing(cluster: Cluster, tmp_path: Path) -> None:
+    """A run the host's reset race cut short says nothing about our chain: it is repeated on a
+    fresh cluster (the killed worker is gone), at most twice."""
+    clusters = [cluster]
+    try:
+        run = _kill_run(cluster, tmp_path / "out.h5")
+        for attempt in range(2):
+            if not _host_race(run):
+                break
+            clusters.append(Cluster(tmp_path / f"again{attempt}", workers=2))
+            run = _kill_run(clusters[-1], tmp_path / f"out-again{attempt}.h5")
+        answered = clusters[-1]
+        assert answered.main is not None
+        came_back = {key[0] for key in host.read_output(run.out)} if run.wrote else set()
+        missing = _missing(run.output)
+        assert missing, f"the killed worker's slices are not reported:\n{run.output}"
+        assert came_back | missing == SLICES and not came_back & missing, (came_back, missing, run.output)
+        assert answered.main.alive(), "the main server died with its worker"
+        assert not answered.main.python_children() and not answered.workers[0].python_children()
+    finally:
+        for started in clusters[1:]:
+            started.stop()
 
 
 def test_a_worker_that_does_not_answer_is_left_out_and_the_main_server_lives(gadgetron: Gadgetron, tmp_path: Path) -> None:
