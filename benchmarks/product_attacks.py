@@ -1,9 +1,11 @@
 """Every k-space attack family through the product: damage, verdict and what ships, in PSNR and SSIM.
 
-    python -m benchmarks.product_attacks [--seeds 2] [--slices 8] [--out benchmarks/results]
+    python -m benchmarks.product_attacks [--seeds 2] [--slices 8] [--set training-like|held-out] [--out DIR]
 
-The product's own path, as ``cycguard recon`` runs a raw file: held-out axial slices in the
-demo protocol (8 coils, R = 4 + 16 ACS, 2x readout oversampling, noise scans;
+The product's own path, as ``cycguard recon`` runs a raw file: slices of one of the two sets
+of ``benchmarks.sets`` (``training-like``, the default: the MNI152 held-out axial slab and the
+training coil model; ``held-out``: an anatomy source and a coil model nothing was made from)
+in the demo protocol (8 coils, R = 4 + 16 ACS, 2x readout oversampling, noise scans;
 ``recon.data.demo.make_demo``, one raw file per seed, each with its own coil maps, phase and
 noise) read by ``read_raw`` (prewhitening, oversampling removed), the shipped weights and
 calibration (``ScanDefenses``), ``recon.pipeline.defend`` per slice. Each slice is sent
@@ -48,9 +50,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.defense import Item, attack  # noqa: E402
+from benchmarks.sets import SETS, raw_file  # noqa: E402
 from recon.baselines import cg_sense  # noqa: E402
-from recon.data import mni  # noqa: E402
-from recon.data.demo import make_demo  # noqa: E402
 from recon.detect.cyclic import noise_norm  # noqa: E402
 from recon.detect.defense import (
     Defense,  # noqa: E402
@@ -111,14 +112,13 @@ def outcome(data: SliceKSpace, defense: Defense, reference: np.ndarray) -> dict[
 
 
 def victims(
-    model: MoDL, manifest: Any, seeds: int, slices: int, folder: Path, calibration: Path | None = None
+    model: MoDL, manifest: Any, seeds: int, slices: int, folder: Path, calibration: Path | None = None, data_set: str = "training-like"
 ) -> list[tuple[SliceKSpace, np.ndarray, Defense]]:
-    """Every slice of ``seeds`` raw files of ``slices`` held-out slices, with its reference
-    and the defense the product gives it."""
-    z = mni.heldout_axial(slices)
+    """Every slice of ``seeds`` raw files of ``slices`` slices of ``data_set``, with its
+    reference and the defense the product gives it."""
     out = []
     for seed in range(3000, 3000 + seeds):
-        raw, reference = make_demo(folder / str(seed), seed=seed, slices=z)
+        raw, reference = raw_file(data_set, folder / str(seed), seed, slices)
         defenses = ScanDefenses(model, manifest, read_raw(raw), calibration)
         refs = [image for image, _ in read_images(reference)]
         for data, ref in zip(defenses.scan.slices, refs, strict=True):
@@ -129,14 +129,14 @@ def victims(
     return out
 
 
-def run(seeds: int, slices: int, out: Path, calibration: Path | None = None) -> dict[str, Any]:
+def run(seeds: int, slices: int, out: Path, calibration: Path | None = None, data_set: str = "training-like") -> dict[str, Any]:
     """Every victim clean and under every attack; the JSON after every slice."""
     model, manifest = load_model()
     rows: list[dict[str, Any]] = []
-    results: dict[str, Any] = {"hardware": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}", "rows": rows}
+    results: dict[str, Any] = {"hardware": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}", "set": data_set, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        items = victims(model, manifest, seeds, slices, Path(tmp), calibration)
+        items = victims(model, manifest, seeds, slices, Path(tmp), calibration, data_set)
     with tqdm(total=len(items) * (len(ATTACKS) + 1), desc="slices x cases", unit="case") as bar:
         for n, (data, reference, defense) in enumerate(items):
             results["statistic"], results["threshold"] = defense.statistic, defense.calibration.threshold
@@ -201,7 +201,7 @@ def markdown(results: dict[str, Any], summary: dict[str, dict[str, Any]], comman
 
     lines = [
         f"Command: `{command}` ({results['hardware']}).", "",
-        f"{len(rows)} held-out slices through `defend` (`{results['statistic']}`, threshold {results['threshold']:.4g}). "
+        f"{len(rows)} slices of the `{results.get('set', 'training-like')}` set through `defend` (`{results['statistic']}`, threshold {results['threshold']:.4g}). "
         f"Clean: network {np.mean([c['psnr'] for c in clean]):.2f} dB / SSIM {np.mean([c['ssim'] for c in clean]):.4f}, "
         f"CG-SENSE {np.mean([c['psnr_cg'] for c in clean]):.2f} dB; flagged {flagged}, rewritten {rewritten}; "
         f"shipped {np.mean([c['psnr_shipped'] for c in clean]):.2f} dB.", "",
@@ -249,11 +249,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--calibration", type=Path, default=None, help="calibration JSON (default: the one shipped with the weights)")
+    parser.add_argument("--set", dest="data_set", choices=SETS, default="training-like", help="the data set (benchmarks.sets)")
     parser.add_argument("--replot", action="store_true", help="only the tables and the plot again from OUT/product_attacks.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     command = f"python -m benchmarks.product_attacks --seeds {args.seeds} --slices {args.slices}" + (f" --calibration {args.calibration}" if args.calibration else "")
-    results = json.loads((args.out / "product_attacks.json").read_text()) if args.replot else run(args.seeds, args.slices, args.out, args.calibration)
+    if args.data_set != "training-like" or args.out != RESULTS:
+        command += f" --set {args.data_set} --out {args.out}"
+    results = json.loads((args.out / "product_attacks.json").read_text()) if args.replot else run(args.seeds, args.slices, args.out, args.calibration, args.data_set)
     summary = summarise(results)
     results["summary"] = summary
     (args.out / "product_attacks.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -1,12 +1,13 @@
 """Clean false-positive rate of the shipped calibration on the product's own path.
 
-    python -m benchmarks.product_fpr [--seeds 15] [--slices 20]
+    python -m benchmarks.product_fpr [--seeds 15] [--slices 20] [--set training-like|held-out] [--out DIR]
 
 The shipped calibration was made from simulated slices scored as the detection benchmarks
 score them (coil maps from the ACS block, the simulated noise level, no raw file). Here clean
 slices go the way a user's data go: raw files in the demo protocol (8 coils, R = 4 + 16 ACS,
 2x readout oversampling, noise scans: `recon.data.demo.make_demo` with a new seed each, so
-new coil maps, phase and noise; the held-out axial slab), read by ``read_raw`` (noise
+new coil maps, phase and noise; the slices of one set of ``benchmarks.sets``: by default
+``training-like``, the MNI152 held-out axial slab, or ``held-out``), read by ``read_raw`` (noise
 prewhitening, oversampling removed), the shipped weights and calibration,
 ``recon.pipeline.defend`` per slice. Reports the flagged share against the calibration's
 target rate, the largest scores, and each component's quantiles beside its scale.
@@ -25,8 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recon.data import mni
-from recon.data.demo import make_demo
+from benchmarks.sets import SETS, raw_file
 from recon.detect.defense import ScanDefenses
 from recon.io.mrd import read_raw
 from recon.models.weights import load_model
@@ -42,15 +42,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--calibration", type=Path, default=None, help="calibration JSON (default: the one shipped with the weights)")
+    parser.add_argument("--set", dest="data_set", choices=SETS, default="training-like", help="the data set (benchmarks.sets)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    z = mni.heldout_axial(args.slices)
     model, manifest = load_model()
     rows: list[dict[str, Any]] = []
     defense = None
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=args.seeds * args.slices, desc="clean slices", unit="slice") as bar:
         for seed in range(1000, 1000 + args.seeds):
-            raw, _ = make_demo(Path(tmp) / str(seed), seed=seed, slices=z)
+            raw, _ = raw_file(args.data_set, Path(tmp) / str(seed), seed, args.slices)
             defenses = ScanDefenses(model, manifest, read_raw(raw), args.calibration)
             for data in defenses.scan.slices:
                 defense = defenses.for_slice(data)
@@ -65,6 +65,7 @@ def main() -> None:
     scores = np.array([r["score"] for r in rows])
     flagged = int(sum(r["verdict"] != "clean" for r in rows))
     summary: dict[str, Any] = {
+        "set": args.data_set,
         "slices": len(rows),
         "flagged": flagged,
         "fpr": flagged / len(rows),
@@ -84,7 +85,8 @@ def main() -> None:
     (args.out / "product_fpr.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
     lines = [
         f"Command: `python -m benchmarks.product_fpr --seeds {args.seeds} --slices {args.slices}"
-        + (f" --calibration {args.calibration} --out {args.out}" if args.calibration else "") + "`",
+        + (f" --calibration {args.calibration}" if args.calibration else "")
+        + (f" --set {args.data_set} --out {args.out}" if args.calibration or args.data_set != "training-like" or args.out != RESULTS else "") + "`",
         "",
         f"{len(rows)} clean slices ({args.seeds} raw files x {args.slices}), statistic `{defense.statistic}`, threshold {cal.threshold:.4g} "
         f"(target FPR {cal.target_fpr:g}): **flagged {flagged} ({flagged / len(rows):.3f})**; verdicts "

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 
 from recon.data import mni
-from recon.data.simulate import birdcage_maps, complex_noise, noise_cholesky, simulate_kspace, smooth_phase
+from recon.data.simulate import (
+    birdcage_maps,
+    complex_noise,
+    loop_array_maps,
+    noise_cholesky,
+    simulate_kspace,
+    smooth_phase,
+)
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import ScanDescription, write_images, write_raw
 from recon.physics.coils import estimate_coil_maps
@@ -40,22 +47,29 @@ DEMO_REFERENCE = DEMO_DIR / "demo_reference.h5"
 DEMO_SLICES = (72, 77, 82, 87)  # MNI z indices, inside mni.HELDOUT_AXIAL
 NOISE_STD = 0.012
 NOISE_SCANS = 4
+COIL_MODELS = ("birdcage", "loop-array")
 
 
 def make_demo(
     out_dir: Path = DEMO_DIR, seed: int = 2026, slices: tuple[int, ...] = DEMO_SLICES, desc: ScanDescription | None = None,
-    magnitudes: Sequence[np.ndarray] | None = None, acs_lines: int = 16,
+    magnitudes: Sequence[np.ndarray] | None = None, acs_lines: int = 16, coil_model: str = "birdcage",
 ) -> tuple[Path, Path]:
     """Write the demo raw file and its reference (``slices``: MNI axial z indices; ``desc``: the
     scan's header, the demo's by default; ``magnitudes``: other objects instead of the MNI
-    slices, ``(y, x)`` in [0, 1] at the scan's matrix, filling its field of view); returns their paths."""
+    slices, ``(y, x)`` in [0, 1] at the scan's matrix, filling its field of view; ``coil_model``: ``birdcage`` or ``loop-array``,
+    :mod:`recon.data.simulate`); returns their paths."""
+    if coil_model not in COIL_MODELS:
+        raise ValueError(f"coil_model must be one of {sorted(COIL_MODELS)}, got {coil_model!r}")
     rng = np.random.default_rng(seed)
     desc = desc or ScanDescription()
     family = MaskFamily("equispaced", desc.acceleration, acs_lines)
     ny, nx = desc.matrix
     os_factor = desc.readout_oversampling
     coils = desc.coils
-    maps = birdcage_maps(coils, (ny, nx * os_factor), rng, radius=1.3, extent=(1.0, float(os_factor)))
+    if coil_model == "birdcage":
+        maps = birdcage_maps(coils, (ny, nx * os_factor), rng, radius=1.3, extent=(1.0, float(os_factor)))
+    else:
+        maps = loop_array_maps(coils, (ny, nx * os_factor), rng, extent=(1.0, float(os_factor)))
     chol = noise_cholesky(coils, rng)
     kspaces, masks, geometries = [], [], []
     if magnitudes is not None:

@@ -1,4 +1,4 @@
-"""Simulated acquisition: birdcage-like coil maps, smooth phase, correlated receiver noise.
+"""Simulated acquisition: coil maps (birdcage-like or a loop array), smooth phase, correlated receiver noise.
 
 All functions take an explicit ``numpy.random.Generator``.
 """
@@ -12,6 +12,7 @@ from scipy import ndimage
 from recon.physics.fft import fft2c
 
 SOFTENING = 0.4  # in units of the object's half field of view
+MEAN_RECEIVE = 0.8  # root-sum-of-squares of birdcage_maps averaged over the object's field of view
 
 
 def birdcage_maps(
@@ -52,6 +53,46 @@ def birdcage_maps(
     rss = np.sqrt(np.sum(np.abs(maps) ** 2, axis=0))
     inside = (np.abs(y) <= 1) & (np.abs(x) <= 1)  # the object's field of view
     return (maps / rss[inside].max()).astype(np.complex64)
+
+
+def loop_array_maps(
+    coils: int,
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    extent: tuple[float, float] = (1.0, 1.0),
+) -> np.ndarray:
+    """Receive fields of a flat loop array: half the loops in a row in front of the object,
+    half behind it (as a body array's anterior and posterior elements), each a circular loop
+    of radius ``a`` seen in its own plane's normal, whose sensitivity falls as
+    ``a^2 / (a^2 + d^2)^(3/2)`` with the distance ``d`` (a loop's on-axis field), with a phase
+    that turns with the angle off the loop's axis. Steeper and less even than
+    :func:`birdcage_maps`: the object's centre is the array's weakest point.
+
+    ``extent`` as for :func:`birdcage_maps`. Returns ``(C, y, x)`` complex64, scaled so that
+    the root-sum-of-squares averages :data:`MEAN_RECEIVE` over the object's field of view, as
+    a head array of :func:`birdcage_maps` does: the same receive efficiency, distributed
+    differently (peaks near the loops, about 1.6).
+    """
+    ny, nx = shape
+    front = (coils + 1) // 2
+    standoff = float(rng.uniform(1.15, 1.4))  # the rows' distance from the centre, half-FOVs
+    loop = float(rng.uniform(0.7, 0.9))  # loop radius, half-FOVs
+    tilt = float(rng.uniform(-0.15, 0.15))
+    y, x = np.meshgrid(np.linspace(-extent[0], extent[0], ny), np.linspace(-extent[1], extent[1], nx), indexing="ij")
+    maps = np.empty((coils, ny, nx), dtype=np.complex64)
+    for c in range(coils):
+        row, count = (0, front) if c < front else (1, coils - front)
+        slot = c if row == 0 else c - front
+        cx = (slot + 0.5) / count * 2.0 - 1.0 + float(rng.uniform(-0.05, 0.05))
+        cy = (-standoff if row == 0 else standoff) + tilt * cx
+        depth, lateral = np.abs(y - cy), x - cx
+        distance2 = depth**2 + lateral**2
+        amplitude = loop**2 / (loop**2 + distance2) ** 1.5
+        phase = np.arctan2(lateral, depth) + float(rng.uniform(0, 2 * np.pi))
+        maps[c] = amplitude * np.exp(1j * phase)
+    rss = np.sqrt(np.sum(np.abs(maps) ** 2, axis=0))
+    inside = (np.abs(y) <= 1) & (np.abs(x) <= 1)
+    return (maps * (MEAN_RECEIVE / rss[inside].mean())).astype(np.complex64)
 
 
 def smooth_phase(shape: tuple[int, int], rng: np.random.Generator, max_radians: float = np.pi) -> np.ndarray:
