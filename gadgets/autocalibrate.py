@@ -1,7 +1,7 @@
 """Calibrations made in the background for protocols that have none (the detect stage's ``auto_calibrate``).
 
-When the detect stage meets a protocol with no calibration (not the model's own, none named,
-none in the calibration cache), it starts ``cycguard calibrate --like SEED`` as a detached
+When the detect stage (or ``cycguard recon``) meets a protocol with no calibration (not the
+model's own, none named, none in the calibration cache), it starts ``cycguard calibrate --like SEED`` as a detached
 process: the seed is what a calibration by simulation needs from the scan (its protocol, the
 coil maps estimated from the slice's ACS lines and its signal level; no image), written beside
 the calibration it will make, in the cache. One job per protocol and model, whichever gadget
@@ -124,6 +124,15 @@ def start(seed: Any, target: Path, weights: str, slices: int) -> dict[str, Any]:
     _write(pending, {**state, **_read(pending)})  # the job may already have written its progress
     log.warning("%s: no calibration; started one in the background (pid %d, %d simulated slices, log %s)", target.stem, job.pid, slices, log_path(target))
     return state
+
+
+def ensure(target: Path, seed: Callable[[], Any], weights: str, slices: int) -> str:
+    """The state in words of the job making ``target``, started (from ``seed()``, a
+    :class:`recon.calibrate.LikeSeed`) when none runs and the calibration does not exist yet."""
+    state = status(target)
+    if state is None and not target.exists():
+        state = start(seed(), target, weights, slices)
+    return describe(state or {}, target)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -277,11 +277,41 @@ def _cmd_recon(args: argparse.Namespace) -> int:
     out = Path(args.output)
     report = Path(args.report) if args.report else out.with_suffix("").with_name(out.stem + "_report")
     result = reconstruct_file(
-        Path(args.input), out, report, Path(args.reference) if args.reference else None, args.weights, args.device, calibration=args.calibration
+        Path(args.input), out, report, Path(args.reference) if args.reference else None, args.weights, args.device, calibration=args.calibration,
+        on_missing=None if args.calibration or args.no_auto_calibrate else _background_calibration(str(args.weights or ""), args.auto_calibrate_slices),
     )
     _out(_summary(result.rows))
     _out(f"images: {result.images}\nreport: {result.report_html}")
     return 0
+
+
+def _at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _background_calibration(weights: str, slices: int) -> Any:
+    """For ``cycguard recon``: a protocol without calibration gets one made in the background,
+    as the detect stage does (:mod:`gadgets.autocalibrate`; ``CYCGUARD_AUTO_CALIBRATE=off``
+    turns it off); its slices carry the job's state."""
+    from gadgets import autocalibrate
+    from recon.detect.defense import cached_calibration_path, model_protocol
+
+    if not autocalibrate.auto_calibration_allowed():
+        return None
+
+    def on_missing(protocol: Any, manifest: Any, seed: Any, why: str) -> str:
+        if protocol == model_protocol(manifest):  # the shipped calibration is missing or broken: not simulated over
+            return why
+        target = cached_calibration_path(manifest, protocol)
+        return f"{why.split(': make one with')[0]}: {autocalibrate.ensure(target, seed, weights, slices)}"
+
+    return on_missing
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -464,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--weights", type=Path, default=None)
     recon.add_argument("--device", default="auto")
     recon.add_argument("--calibration", type=Path, default=None, help="detection calibration (default: shipped)")
+    recon.add_argument("--no-auto-calibrate", action="store_true",
+                       help="do not start a background calibration for a protocol that has none (its slices stay unverified)")
+    recon.add_argument("--auto-calibrate-slices", type=_at_least(100), default=300, metavar="N",
+                       help="simulated clean slices of such a calibration (default 300, at least 100: a 1%% false-positive rate needs 99)")
     recon.set_defaults(func=_cmd_recon)
 
     train = sub.add_parser("train", help="retrain the default network (needs cycguard[data])")

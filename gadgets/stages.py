@@ -252,11 +252,10 @@ class DefenseCache:
         from gadgets import autocalibrate
         from recon.calibrate import LikeSeed
 
-        state = autocalibrate.status(target)
-        if state is None and not target.exists():
-            seed = LikeSeed.of_slices([data], self.auto.whitened, self.manifest, self.acceleration, f"a {self.stage}-stage slice")
-            state = autocalibrate.start(seed, target, self.auto.weights, self.auto.slices)
-        return f"{why}: {autocalibrate.describe(state or {}, target)}"
+        def seed() -> LikeSeed:
+            return LikeSeed.of_slices([data], self.auto.whitened, self.manifest, self.acceleration, f"a {self.stage}-stage slice")
+
+        return f"{why}: {autocalibrate.ensure(target, seed, self.auto.weights, self.auto.slices)}"
 
 
 class CheckedImageStage:

@@ -10,13 +10,16 @@ warning: an image never looks verified when it is not.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from recon.detect.defense import ScanDefenses, protocol_of
+from recon.detect.defense import ProtocolKey, ScanDefenses, protocol_of
 from recon.io.mrd import read_raw
 from recon.io.mrd_write import check_output, read_images, write_images
 from recon.metrics import quality
@@ -35,6 +38,10 @@ from recon.verdict import (
 )
 
 log = logging.getLogger(__name__)
+
+# called for a protocol without calibration: (protocol, model manifest, the scan's LikeSeed
+# for it when asked, why no calibration fits) -> the reason its slices carry
+OnMissing = Callable[[ProtocolKey, Any, Callable[[], Any], str], str]
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ def reconstruct_file(
     device: str = "auto",
     progress: bool = True,
     calibration: Path | None = None,
+    on_missing: OnMissing | None = None,
 ) -> OfflineResult:
     """Reconstruct every slice of ``raw``, write images to ``out`` and a report to ``report_dir``.
 
@@ -70,6 +78,9 @@ def reconstruct_file(
         calibration: detection calibration (default: the one shipped beside the weights;
             a missing default makes images ``unverified``, a named file that does not fit
             is an error).
+        on_missing: for a protocol no calibration fits, once per protocol: may start one
+            (``cycguard recon`` starts it in the background) and returns the reason its
+            slices carry; they stay ``unverified`` in this run either way.
     """
     check_output(out, [raw] + ([reference] if reference is not None else []))
     torch_device = resolve_device(device)
@@ -82,9 +93,15 @@ def reconstruct_file(
     defenses = ScanDefenses(model, manifest, scan, calibration)
     tag = model_tag(manifest)
     images, rows = [], []
+    missing: dict[ProtocolKey, str] = {}
     for n, data in enumerate(tqdm(scan.slices, desc="recon", unit="slice", disable=not progress)):
         defense = defenses.fit(data)
-        protocol = protocol_of(data, manifest, scan.protocol.acceleration).describe()
+        key = protocol_of(data, manifest, scan.protocol.acceleration)
+        protocol = key.describe()
+        if isinstance(defense, str) and on_missing is not None:
+            if key not in missing:
+                missing[key] = on_missing(key, manifest, partial(_seed, raw, scan, manifest, key), defense)
+            defense = missing[key]
         checked: dict[str, str] = {}
         if isinstance(defense, str):
             result = reconstruct(data, model, torch_device)
@@ -132,6 +149,15 @@ def reconstruct_file(
     if references is not None:
         log.info("mean PSNR %.2f dB", float(np.mean([r.quality.psnr for r in rows if r.quality])))
     return OfflineResult(out, json_path, html_path, tuple(rows))
+
+
+def _seed(raw: Path, scan: Any, manifest: Any, protocol: ProtocolKey) -> Any:
+    """What a calibration by simulation needs from the slices of ``protocol`` in ``scan``."""
+    from recon.calibrate import LikeSeed
+
+    acceleration = scan.protocol.acceleration
+    slices = [data for data in scan.slices if protocol_of(data, manifest, acceleration) == protocol]
+    return LikeSeed.of_slices(slices, scan.whitened, manifest, acceleration, raw.name)
 
 
 def defended_meta(defended: DefendedResult, checked: dict[str, str], tag: str, protocol: str, method: str) -> dict[str, MetaValue]:

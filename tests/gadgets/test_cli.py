@@ -335,16 +335,44 @@ def _calibrated_in_the_background(small_raw: tuple, tmp_path: Path, _calibration
     assert len(verdicts) == 2 and "unverified" not in verdicts, [meta.get("ImageComment") for _, meta in read_images(tmp_path / "second.h5", group="images")]
 
 
-def test_a_rectangular_protocol_is_calibrated_by_simulation(tmp_path: Path, _calibration_cache: Path) -> None:
-    """48x32 (a rectangular field of view): ``calibrate --like`` simulates it (the square anatomy
-    cropped about its centre) and the scan is then checked instead of ``unverified``."""
+def test_cycguard_recon_has_a_new_rectangular_protocol_calibrated_in_the_background(
+    tmp_path: Path, _calibration_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """48x32 (a rectangular field of view), no calibration: ``cycguard recon`` leaves its slices
+    ``unverified`` and starts one calibration by simulation in the background (the square
+    anatomy cropped about its centre), which outlives the command; the same scan is checked
+    once it is in place. ``--no-auto-calibrate`` starts none."""
+    import os
+    import signal
+    import time
+
     from tests.conftest import write_small_raw
 
+    monkeypatch.setenv("CYCGUARD_AUTO_CALIBRATE", "on")
     raw = str(write_small_raw(tmp_path / "rect.h5", matrix=(48, 32), seed=5)[0])
-    made = _run("calibrate", "--like", raw, "--simulate", "100", "--fpr", "0.05")
-    assert made.returncode == 0, made.stderr
-    assert "simulated 100 clean slices of 48x32, 4 coils, equispaced R=2, 8 ACS lines" in made.stdout
-    assert list(_calibration_cache.rglob("48x32_4ch_equispaced_R2_acs8.json"))
+    off = _run("recon", raw, "-o", str(tmp_path / "off.h5"), "--no-auto-calibrate")
+    assert off.returncode == 0, off.stderr
+    assert {meta["CycGuard.Verdict"] for _, meta in read_images(tmp_path / "off.h5")} == {"unverified"}
+    assert "make one with `cycguard calibrate --like SCAN.h5`" in off.stderr
+    assert not list(_calibration_cache.rglob("*.pending.json"))
+    first = _run("recon", raw, "-o", str(tmp_path / "first.h5"), "--auto-calibrate-slices", "100")
+    assert first.returncode == 0, first.stderr
+    images = read_images(tmp_path / "first.h5")
+    assert {meta["CycGuard.Verdict"] for _, meta in images} == {"unverified"}
+    assert all("is being made in the background" in meta["ImageComment"] and "of 100 slices" in meta["ImageComment"] for _, meta in images)
+    [pending] = _calibration_cache.rglob("48x32_4ch_equispaced_R2_acs8.pending.json")
+    target = pending.with_name("48x32_4ch_equispaced_R2_acs8.json")
+    try:
+        deadline = time.monotonic() + 300
+        while (pending.exists() or not target.exists()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert target.exists() and not pending.exists(), pending.with_name("48x32_4ch_equispaced_R2_acs8.log").read_text()[-2000:]
+    finally:
+        if pending.exists():  # a job that did not finish does not outlive the test
+            pid = json.loads(pending.read_text() or "{}").get("pid")
+            if pid:
+                os.kill(int(pid), signal.SIGKILL)
+    assert json.loads(target.read_text())["source"].startswith("simulated: 100 held-out MNI152 brain slices (augmented) with the coil maps of rect.h5")
     after = _run("recon", raw, "-o", str(tmp_path / "after.h5"))
     assert after.returncode == 0, after.stderr
     verdicts = [meta["CycGuard.Verdict"] for _, meta in read_images(tmp_path / "after.h5")]
