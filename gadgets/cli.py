@@ -374,7 +374,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     _out(f"calibration: {out}\nstatistic {args.statistic}, {len(scores)} clean slices, threshold {calibration.threshold:.6g} for FPR {args.fpr:g}")
     _out(f"scored in {seconds:.0f} s ({seconds / max(len(scores), 1):.2f} s a slice)\ncovers {source}")
     if args.like:
-        _out("made by simulation: clean scans of the protocol make a stronger calibration (cycguard calibrate CLEAN.h5 ...)")
+        _out("made by simulation: clean scans of the protocol make a stronger calibration (cycguard calibrate CLEAN.h5 ...); "
+             "on real files of new protocols such calibrations flagged 2.5-25 % of clean slices, not the target rate "
+             "(benchmarks/RESULTS.md section 13)")
     if calibration.scales:
         _out("scales: " + ", ".join(f"{name} {scale:.4g}" for name, scale in calibration.scales))
     if calibration.gates:
