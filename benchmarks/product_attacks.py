@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,25 @@ def attacked_lines(name: str, budget: float, model: MoDL, prepared: PreparedSlic
     return attack(name, budget, model, item, None, 0.0, "", seed)["y"]  # type: ignore[arg-type]
 
 
+def attack_cases(
+    data: SliceKSpace, defense: Defense, reference: np.ndarray, model: MoDL, attacks: Sequence[tuple[str, float, str]], seed: int,
+    on_case: Callable[[], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """What the product does with ``data`` under each attack (seeds ``seed``, ``seed + 1``, ...),
+    by label, each with the l2 norm it spent in noise norms."""
+    prepared = prepare(data)
+    norm = noise_norm(prepared.op, prepared.y, defense.noise_sigma)
+    cases = {}
+    for a, (name, budget, unit) in enumerate(attacks):
+        lines = attacked_lines(name, budget, model, prepared, reference, defense.noise_sigma, seed=seed + a)
+        case = outcome(data.with_measured(lines[0].numpy()), defense, reference)
+        case["spent_noise_norms"] = float(torch.linalg.vector_norm(lines - prepared.y)) / norm
+        cases[label(name, budget, unit)] = case
+        if on_case is not None:
+            on_case()
+    return cases
+
+
 def outcome(data: SliceKSpace, defense: Defense, reference: np.ndarray) -> dict[str, Any]:
     """What the product does with one received slice, and what the network and CG-SENSE
     alone make of the same data (qualities against ``reference``)."""
@@ -142,20 +162,13 @@ def run(seeds: int, slices: int, out: Path, calibration: Path | None = None, dat
             results["statistic"], results["threshold"] = defense.statistic, defense.calibration.threshold
             row: dict[str, Any] = {"file": n // slices, "slice": data.key.slice, "clean": outcome(data, defense, reference), "attacks": {}}
             bar.update()
-            prepared = prepare(data)
-            norm = noise_norm(prepared.op, prepared.y, defense.noise_sigma)
-            for a, (name, budget, unit) in enumerate(ATTACKS):
-                lines = attacked_lines(name, budget, model, prepared, reference, defense.noise_sigma, seed=7000 + 100 * n + a)
-                case = outcome(data.with_measured(lines[0].numpy()), defense, reference)
-                case["spent_noise_norms"] = float(torch.linalg.vector_norm(lines - prepared.y)) / norm
-                row["attacks"][label(name, budget, unit)] = case
-                bar.update()
+            row["attacks"] = attack_cases(data, defense, reference, model, ATTACKS, 7000 + 100 * n, lambda: bar.update())
             rows.append(row)
             (out / "product_attacks.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
-def _share(clean: float, attacked: float, shipped: float) -> float:
+def loss_share(clean: float, attacked: float, shipped: float) -> float:
     return (shipped - attacked) / (clean - attacked)
 
 
@@ -183,8 +196,8 @@ def summarise(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "shipped_ssim_loss": float(np.mean([c["ssim"] - a["ssim_shipped"] for c, a in pairs])),
             "damaging": len(damaging),
             "flagged_damaging": float(np.mean([a["verdict"] != "clean" for _, a in damaging])) if damaging else None,
-            "recovered_psnr": float(np.mean([_share(c["psnr"], a["psnr"], a["psnr_shipped"]) for c, a in damaging])) if damaging else None,
-            "recovered_ssim": float(np.mean([_share(c["ssim"], a["ssim"], a["ssim_shipped"]) for c, a in damaging])) if damaging else None,
+            "recovered_psnr": float(np.mean([loss_share(c["psnr"], a["psnr"], a["psnr_shipped"]) for c, a in damaging])) if damaging else None,
+            "recovered_ssim": float(np.mean([loss_share(c["ssim"], a["ssim"], a["ssim_shipped"]) for c, a in damaging])) if damaging else None,
             "mitigate_passes": float(np.mean([a["passes"].get("mitigate", 0) for _, a in pairs if a["verdict"] == "mitigated"] or [0])),
         }
     return summary

@@ -43,11 +43,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.bart import pics_l1_wavelet  # noqa: E402
-from benchmarks.product_attacks import DAMAGING_DB, attacked_lines, label, outcome  # noqa: E402
+from benchmarks.product_attacks import DAMAGING_DB, attack_cases, label, loss_share, outcome  # noqa: E402
 from benchmarks.sets import raw_file  # noqa: E402
 from recon.calibrate import build_calibration, scores_like  # noqa: E402
 from recon.detect.calibration import ProtocolKey  # noqa: E402
-from recon.detect.cyclic import noise_norm  # noqa: E402
 from recon.detect.defense import ScanDefenses, cached_calibration_path, detector_for, model_protocol  # noqa: E402
 from recon.detect.statistics import DEFAULT_STATISTIC  # noqa: E402
 from recon.io.mrd import read_raw  # noqa: E402
@@ -134,15 +133,8 @@ def attack_victim(data: Any, reference: np.ndarray, defense: Any, model: Any, n:
     bart = pics_l1_wavelet(prepared.y[0].numpy(), prepared.op.maps[0].numpy(), BART_LAMBDA)
     bart_seconds = time.monotonic() - started
     q_bart = quality(bart, reference)
-    victim: dict[str, Any] = {"clean": outcome(data, defense, reference), "bart_psnr": q_bart.psnr, "bart_ssim": q_bart.ssim,
-                              "bart_seconds": bart_seconds, "attacks": {}}
-    norm = noise_norm(prepared.op, prepared.y, defense.noise_sigma)
-    for a, (name, budget, unit) in enumerate(ATTACKS):
-        lines = attacked_lines(name, budget, model, prepared, reference, defense.noise_sigma, seed=9000 + 100 * n + a)
-        case = outcome(data.with_measured(lines[0].numpy()), defense, reference)
-        case["spent_noise_norms"] = float(torch.linalg.vector_norm(lines - prepared.y)) / norm
-        victim["attacks"][label(name, budget, unit)] = case
-    return victim
+    return {"clean": outcome(data, defense, reference), "bart_psnr": q_bart.psnr, "bart_ssim": q_bart.ssim, "bart_seconds": bart_seconds,
+            "attacks": attack_cases(data, defense, reference, model, ATTACKS, 9000 + 100 * n)}
 
 
 def summarise(row: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +162,7 @@ def summarise(row: dict[str, Any]) -> dict[str, Any]:
             "damage_db": float(np.mean([c["psnr"] - a["psnr"] for c, a in pairs])) if pairs else None,
             "damaging": len(damaging),
             "tpr": float(np.mean([a["verdict"] != "clean" for _, a in damaging])) if damaging else None,
-            "recovered": float(np.mean([(a["psnr_shipped"] - a["psnr"]) / (c["psnr"] - a["psnr"]) for c, a in damaging])) if damaging else None,
+            "recovered": float(np.mean([loss_share(c["psnr"], a["psnr"], a["psnr_shipped"]) for c, a in damaging])) if damaging else None,
         }
     out["attacks"] = per_attack
     return out
