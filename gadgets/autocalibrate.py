@@ -126,13 +126,14 @@ def start(seed: Any, target: Path, weights: str, slices: int) -> dict[str, Any]:
     return state
 
 
-def ensure(target: Path, seed: Callable[[], Any], weights: str, slices: int) -> str:
-    """The state in words of the job making ``target``, started (from ``seed()``, a
+def ensure(target: Path, seed: Callable[[], Any], weights: str, slices: int, why: str) -> str:
+    """Why a slice is ``unverified`` (``why`` no calibration fits, without its advice to make
+    one) and the state of the job making ``target``, started (from ``seed()``, a
     :class:`recon.calibrate.LikeSeed`) when none runs and the calibration does not exist yet."""
     state = status(target)
     if state is None and not target.exists():
         state = start(seed(), target, weights, slices)
-    return describe(state or {}, target)
+    return f"{why.split(': make one with')[0]}: {describe(state or {}, target)}"
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -309,7 +309,7 @@ def _background_calibration(weights: str, slices: int) -> Any:
         if protocol == model_protocol(manifest):  # the shipped calibration is missing or broken: not simulated over
             return why
         target = cached_calibration_path(manifest, protocol)
-        return f"{why.split(': make one with')[0]}: {autocalibrate.ensure(target, seed, weights, slices)}"
+        return autocalibrate.ensure(target, seed, weights, slices, why)
 
     return on_missing
 

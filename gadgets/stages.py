@@ -241,8 +241,8 @@ class DefenseCache:
             target = cached_calibration_path(self.manifest, protocol)
             auto = self.auto.slices and self.calibration is None and protocol != model_protocol(self.manifest)
             if isinstance(found, str) and auto and not target.exists():
-                self.pending[protocol] = (target, found.split(": make one with")[0])
-                return self._background(protocol, data, target, self.pending[protocol][1])
+                self.pending[protocol] = (target, found)
+                return self._background(protocol, data, target, found)
             self.cache[protocol] = found
         return self.cache[protocol]
 
@@ -255,7 +255,7 @@ class DefenseCache:
         def seed() -> LikeSeed:
             return LikeSeed.of_slices([data], self.auto.whitened, self.manifest, self.acceleration, f"a {self.stage}-stage slice")
 
-        return f"{why}: {autocalibrate.ensure(target, seed, self.auto.weights, self.auto.slices)}"
+        return autocalibrate.ensure(target, seed, self.auto.weights, self.auto.slices, why)
 
 
 class CheckedImageStage:
