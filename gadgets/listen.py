@@ -27,6 +27,7 @@ from typing import Any
 
 from gadgetron.external.connection import Connection
 
+from gadgets.cores import share
 from gadgets.stages import SafeSocket
 
 log = logging.getLogger("cycguard.listen")
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("listening on %s: anyone who can reach this port can send data to the gadget", args.bind)
     with socket.create_server((args.bind, args.port)) as server:
         if args.forever:
-            threads = args.threads or max(1, (os.cpu_count() or 1) // args.max_sessions)
+            threads = args.threads or share(args.max_sessions)
             return serve_forever(server, target, args.max_sessions, threads)
         server.settimeout(args.timeout)
         log.info("waiting for Gadgetron on %s:%d", args.bind, args.port)

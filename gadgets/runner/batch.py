@@ -23,7 +23,6 @@ import hashlib
 import html
 import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from gadgets.cores import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ def replay_many(
             todo.append((raw, print_))
     log.info("%d files: %d done before with this pipeline and model, %d to replay", len(files), len(outcomes), len(todo))
     if todo:
-        cores = os.cpu_count() or 1
+        cores = available_cores()
         count = workers or cores
         threads = threads or (max(1, cores // count) if scheduler is None else 1)
         cluster = None if scheduler else LocalCluster(

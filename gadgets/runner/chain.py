@@ -2,17 +2,17 @@
 
 By default every ``<external>`` node runs as its own process over the wire, exactly as
 Gadgetron runs it; ``in_process`` calls the same gadget stages directly (debugging, and the
-benchmark of what the wire costs). Threads: each external process gets
-``cpu_count // externals`` torch threads unless told otherwise, so that pipelined stages do
-not oversubscribe the cores.
+benchmark of what the wire costs). Threads: each external process gets ``cores // externals``
+torch threads (the cores this process may run on, ``gadgets.cores``) unless told otherwise, so
+that pipelined stages do not oversubscribe the cores.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
+from gadgets.cores import share
 from gadgets.runner import frontend
 from gadgets.runner.config import CppGadget, Pipeline, PipelineError
 from gadgets.runner.external import ExternalRun
@@ -33,7 +33,7 @@ def run_pipeline(
     stream: Iterator[Any] = run_stages(front, items)
     externals = pipeline.externals
     if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // max(1, len(externals)))
+        threads = share(len(externals))
     runs: list[ExternalRun] = []
     for node in externals:
         if in_process:

@@ -114,7 +114,9 @@ class ExternalRun:
             try:
                 return socket.create_connection((address, port), timeout=self.start_timeout)
             except OSError as err:
-                raise GadgetError(f"{self.node.name}: cannot connect to the listening gadget at {address}:{port}: {err}") from err
+                raise GadgetError(f"{self.node.name}: cannot connect to the listening gadget at {address}:{port}: {err}; a <connect> "
+                                 f"node needs its gadget started first (python -m gadgets.listen MODULE TARGET --port {port}; "
+                                 "add --forever for a warm gadget server, as the _warm pipelines expect)") from err
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)

@@ -32,6 +32,7 @@ import ismrmrd
 from gadgetron.types.image_array import ImageArray
 from gadgetron.types.recon_data import ReconData
 
+from gadgets.cores import share
 from gadgets.runner import protocol as p
 from gadgets.runner.chain import run_pipeline
 from gadgets.runner.config import (
@@ -331,7 +332,7 @@ class CycGuardServer(socketserver.ThreadingTCPServer):
     def thread_budget(self, gadgets: int) -> int:
         """Torch threads per gadget process so that the sessions in flight share the cores."""
         sessions = max(1, len(self.sessions_where(started=True)))
-        return max(1, (os.cpu_count() or 1) // max(1, gadgets * sessions))
+        return share(gadgets * sessions)
 
 
 class _Handler(socketserver.BaseRequestHandler):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from gadgets.cores import share
 from gadgets.runner.batch import expand_inputs, output_names
 from gadgets.runner.replay import replay
 from recon.data.demo import DEMO_RAW
@@ -49,7 +50,7 @@ def test_an_archive_replays_on_dask_as_each_file_alone_and_resumes(tmp_path: Pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["files"] == {"done": 2, "skipped": 0, "failed": 1} and summary["verdicts"] == {"clean": 8}
     assert "first_report/report.html" in (out / "summary.html").read_text()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as each of the 2 workers runs (sums over other thread counts round otherwise)
+    torch.set_num_threads(share(2))  # as each of the 2 workers runs (sums over other thread counts round otherwise)
     alone = replay(archive / "first.h5", "defended", tmp_path / "alone.h5", group="images", in_process=True, progress=False)
     assert alone.ok
     for name in ("first", "second"):

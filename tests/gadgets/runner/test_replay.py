@@ -99,6 +99,18 @@ def test_passive_connect_pipeline(tmp_path: Path, in_process_images: list[np.nda
         compare(image, ref, 1e-4, 1e-4)
 
 
+
+def test_a_connect_node_with_nothing_listening_says_what_to_start(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pipeline = tmp_path / "connect.xml"
+    pipeline.write_text((ROOT / "pipelines" / "defended_connect.xml").read_text().replace('port="18000"', f'port="{port}"'))
+    result = replay(DEMO_RAW, str(pipeline), tmp_path / "out.h5", None, group="g", progress=False)
+    assert not result.ok
+    failure = next(f for f in result.failures if "cannot connect to the listening gadget" in f)
+    assert f"python -m gadgets.listen MODULE TARGET --port {port}" in failure
+
 def _stream_with(node: str) -> str:
     text = (ROOT / "pipelines" / "recon.xml").read_text()
     return text.replace("  </stream>", node + "  </stream>")
