@@ -1,6 +1,7 @@
 """Online scaling on Gadgetron's distributed mode: a real Gadgetron 4.7.2 main node and 1, 2, 4 workers.
 
     python -m benchmarks.distributed_scaling [--slices 8] [--repeats 2] [--workers 1,2,4] [--only warm]
+    taskset -c 0 python -m benchmarks.distributed_scaling --workers 1 --only warm   # everything on one core
 
 One raw file of the demo protocol (``--slices`` held-out MNI slices) goes through the real
 client to a real Gadgetron: the single-node pipelines ``defended`` and ``defended_composed``
@@ -12,13 +13,18 @@ servers on this machine (found by ``cycguard workers``). Wall time from the clie
 start to its exit; slices/s; speed-up over the single-node ``defended``. Per-slice latency:
 for each slice, the time its worker stream took (from the worker's accepting the slice's
 connection to its end, read from the worker's log). Every run's verdicts must equal the
-single-node run's. Results: ``benchmarks/results/distributed_scaling.{json,md}``.
+single-node run's. Run under ``taskset`` the servers, gadgets and client share the cores it
+names (the results' names then end in ``_Ncore``): the single node on one core against workers
+with a core each is the distributed mode's scaling in cores, which one 2-core machine can show
+where it cannot show a speed-up over a single node that already uses both cores.
+Results: ``benchmarks/results/distributed_scaling[_ONLY][_Sslices][_Ncore].{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -33,6 +39,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from gadgets.cores import available_cores
 from recon.data.demo import make_demo
 from recon.verdict import VERDICT_KEY
 from tests import gadgetron_host as host
@@ -176,7 +183,7 @@ def main() -> int:
         for name, script, config, workers in tqdm(cases, desc="configurations", unit="case"):
             runs = []
             # one warm gadget server for the machine (all workers here share it), sessions as the cores
-            server = WarmServer(port, 2, folder / f"listen{len(rows)}.log") if script == warm else None
+            server = WarmServer(port, available_cores(), folder / f"listen{len(rows)}.log") if script == warm else None
             try:
                 for repeat in range(args.repeats):
                     work = folder / f"run{len(rows)}_{repeat}"
@@ -201,15 +208,18 @@ def main() -> int:
     base = rows[0]["slices_per_s"]
     for row in rows:
         row["speed_up"] = round(float(row["slices_per_s"]) / float(base), 2)
+    cores, machine_cores = available_cores(), os.cpu_count() or 1
+    pinned = f"taskset -c {','.join(map(str, sorted(os.sched_getaffinity(0))))} " if cores < machine_cores else ""
     result = {
-        "command": f"python -m benchmarks.distributed_scaling --slices {args.slices} --repeats {args.repeats} --workers {args.workers}"
+        "command": f"{pinned}python -m benchmarks.distributed_scaling --slices {args.slices} --repeats {args.repeats} --workers {args.workers}"
                    + (f" --only {args.only}" if args.only else ""),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "slices": args.slices, "verdicts": reference, "rows": rows,
+        "machine": f"{platform.machine()}, {machine_cores} cores", "cores_used": cores, "slices": args.slices, "verdicts": reference,
+        "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    stem = "distributed_scaling" + (f"_{args.only}" if args.only else "")
+    stem = "distributed_scaling" + (f"_{args.only}" if args.only else "") + (f"_{args.slices}slices" if args.slices != 8 else "") + (f"_{cores}core" if pinned else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"`{result['command']}` on {result['machine']}; verdicts {reference}", "",
+    lines = [f"`{result['command']}` on {result['machine']} ({cores} used); verdicts {reference}", "",
              "| case | wall s | slices/s | speed-up | worker stream s median / max |", "|---|---|---|---|---|"]
     for row in rows:
         stream = f"{row['stream_s_median']} / {row['stream_s_max']}" if row["stream_s_median"] is not None else ""
