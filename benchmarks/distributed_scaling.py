@@ -40,6 +40,7 @@ from typing import Any
 from tqdm import tqdm
 
 from gadgets.cores import available_cores
+from gadgets.runner.client import send
 from recon.data.demo import make_demo
 from recon.verdict import VERDICT_KEY
 from tests import gadgetron_host as host
@@ -79,12 +80,12 @@ def warm_variant(folder: Path, port: int) -> Path:
 class WarmServer:
     """``gadgets.listen gadgets.composed composed --forever`` on ``port``, up until stopped."""
 
-    def __init__(self, port: int, sessions: int, log: Path) -> None:
+    def __init__(self, port: int, busy: int, log: Path) -> None:
         self.log = log
         with log.open("w") as sink:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gadgets.listen", "gadgets.composed", "composed", "--port", str(port), "--forever",
-                 "--max-sessions", str(sessions)], stdout=subprocess.DEVNULL, stderr=sink, env=host.tool_env(),
+                 "--max-busy", str(busy)], stdout=subprocess.DEVNULL, stderr=sink, env=host.tool_env(),
             )
         deadline = time.monotonic() + 120
         while "warm: serving" not in log.read_text():
@@ -123,9 +124,10 @@ class Run:
     verdicts: list[str | None]
     image_index: list[int]
     stream_s: list[float]
+    latency_s: list[float]  # paced runs: each slice's last acquisition sent -> its image back
 
 
-def run_once(raw: Path, script: Path | None, config: str | None, workers: int | None, work: Path) -> Run:
+def run_once(raw: Path, script: Path | None, config: str | None, workers: int | None, work: Path, tr_ms: float = 0.0) -> Run:
     if workers is None:
         server = host.Gadgetron(work / "single")
         servers, main = [server], server
@@ -135,18 +137,26 @@ def run_once(raw: Path, script: Path | None, config: str | None, workers: int | 
         servers, main = [*cluster.workers, cluster.main], cluster.main
     try:
         start = time.monotonic()
-        run = main.client(raw, work / "out.h5", script=script, config=config, timeout=900)
+        latency: list[float] = []
+        if tr_ms:  # cycguard send, acquisitions released a TR apart, as a scanner sends them
+            sent = send(raw, work / "out.h5", config, script, port=main.port, group="g", pace="tr", tr_ms=tr_ms, echo_text=False)
+            if not sent.ok:
+                raise RuntimeError(f"paced run failed: {sent.errors} {sent.missing} {main.log()[-2000:]}")
+            out, latency = sent.output, list(sent.latency.values())
+        else:
+            run = main.client(raw, work / "out.h5", script=script, config=config, timeout=900)
+            if not run.wrote:
+                raise RuntimeError(f"no images: {run.output[-2000:]}")
+            out = run.out
         wall = time.monotonic() - start
-        if not run.wrote:
-            raise RuntimeError(f"no images: {run.output[-2000:]}")
-        images = host.read_output(run.out)
+        images = host.read_output(out)
         logs = [s.log() for s in servers if s is not main] if workers else []
     finally:
         for server in servers:
             server.stop()
     return Run(
         wall, [images[key].meta.get(VERDICT_KEY) for key in sorted(images)], [images[key].image_index for key in sorted(images)],
-        worker_stream_seconds(logs),
+        worker_stream_seconds(logs), latency,
     )
 
 
@@ -155,6 +165,8 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--pace-tr-ms", type=float, default=0.0,
+                        help="send with cycguard send, acquisitions a TR apart (as a scanner), instead of the real client at full speed")
     parser.add_argument("--only", default="", help="only the cases whose name holds this (and the single-node reference)")
     args = parser.parse_args()
     reason = host.unavailable()
@@ -182,13 +194,13 @@ def main() -> int:
         reference: list[str | None] | None = None
         for name, script, config, workers in tqdm(cases, desc="configurations", unit="case"):
             runs = []
-            # one warm gadget server for the machine (all workers here share it), sessions as the cores
+            # one warm gadget server for the machine (all workers here share it), computing sessions as the cores
             server = WarmServer(port, available_cores(), folder / f"listen{len(rows)}.log") if script == warm else None
             try:
                 for repeat in range(args.repeats):
                     work = folder / f"run{len(rows)}_{repeat}"
                     work.mkdir()
-                    runs.append(run_once(raw, script, config, workers, work))
+                    runs.append(run_once(raw, script, config, workers, work, args.pace_tr_ms))
             finally:
                 if server is not None:
                     server.stop()
@@ -199,11 +211,14 @@ def main() -> int:
                 raise RuntimeError(f"{name}: image numbers {[r.image_index for r in runs]}")
             wall = statistics.median(r.wall_s for r in runs)
             streams = [s for r in runs for s in r.stream_s]
+            latency = [s for r in runs for s in r.latency_s]
             rows.append({
                 "case": name, "workers": workers, "wall_s": round(wall, 2), "slices_per_s": round(args.slices / wall, 3),
                 "stream_s_median": round(statistics.median(streams), 2) if streams else None,
                 "stream_s_max": round(max(streams), 2) if streams else None,
                 "runs_wall_s": [round(r.wall_s, 2) for r in runs],
+                "latency_s_median": round(statistics.median(latency), 3) if latency else None,
+                "latency_s_max": round(max(latency), 3) if latency else None,
             })
     base = rows[0]["slices_per_s"]
     for row in rows:
@@ -212,18 +227,19 @@ def main() -> int:
     pinned = f"taskset -c {','.join(map(str, sorted(os.sched_getaffinity(0))))} " if cores < machine_cores else ""
     result = {
         "command": f"{pinned}python -m benchmarks.distributed_scaling --slices {args.slices} --repeats {args.repeats} --workers {args.workers}"
-                   + (f" --only {args.only}" if args.only else ""),
+                   + (f" --only {args.only}" if args.only else "") + (f" --pace-tr-ms {args.pace_tr_ms:g}" if args.pace_tr_ms else ""),
         "machine": f"{platform.machine()}, {machine_cores} cores", "cores_used": cores, "slices": args.slices, "verdicts": reference,
         "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    stem = "distributed_scaling" + (f"_{args.only}" if args.only else "") + (f"_{args.slices}slices" if args.slices != 8 else "") + (f"_{cores}core" if pinned else "")
+    stem = "distributed_scaling" + (f"_{args.only}" if args.only else "") + (f"_{args.slices}slices" if args.slices != 8 else "") + (f"_tr{args.pace_tr_ms:g}ms" if args.pace_tr_ms else "") + (f"_{cores}core" if pinned else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"`{result['command']}` on {result['machine']} ({cores} used); verdicts {reference}", "",
-             "| case | wall s | slices/s | speed-up | worker stream s median / max |", "|---|---|---|---|---|"]
+             "| case | wall s | slices/s | speed-up | worker stream s median / max | latency s median / max |", "|---|---|---|---|---|---|"]
     for row in rows:
         stream = f"{row['stream_s_median']} / {row['stream_s_max']}" if row["stream_s_median"] is not None else ""
-        lines.append(f"| {row['case']} | {row['wall_s']} | {row['slices_per_s']} | {row['speed_up']} | {stream} |")
+        shown = f"{row['latency_s_median']} / {row['latency_s_max']}" if row["latency_s_median"] is not None else ""
+        lines.append(f"| {row['case']} | {row['wall_s']} | {row['slices_per_s']} | {row['speed_up']} | {stream} | {shown} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

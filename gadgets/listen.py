@@ -6,29 +6,37 @@ exits, for running a gadget under a debugger or in another container. Unlike
 ``--bind`` says otherwise: the protocol has no authentication.
 
 With ``--forever`` it is a warm gadget server: it imports the gadget and loads the shipped
-network once, then serves every connection in a child process forked from that state (at most
-``--max-sessions`` at once), so a connection starts in milliseconds instead of the seconds
-a fresh Python, torch and network take. That is what a ``<distributed>`` worker stream needs,
-where every slice is its own connection (``docs/DISTRIBUTED.md``). On a machine with CUDA the
+network once, then serves every connection in a child process forked from that state, so a
+connection starts in milliseconds instead of the seconds a fresh Python, torch and network
+take. That is what a ``<distributed>`` worker stream needs, where every slice is its own
+connection (``docs/DISTRIBUTED.md``). Gadgetron keeps each slice's connection open until the
+whole scan ends, so connections (``--max-sessions``, default 64) and compute are bounded apart:
+at most ``--max-busy`` sessions (default: the cores) compute at once, each with
+cores / max-busy torch threads, and a session waits for a free slot only while it computes. On a machine with CUDA the
 network is not preloaded (CUDA does not survive a fork): each session loads its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from gadgetron.external.connection import Connection
 
-from gadgets.cores import share
-from gadgets.stages import SafeSocket
+from gadgets.cores import available_cores, share
+from gadgets.stages import COMPUTE_GATE, SafeSocket
 
 log = logging.getLogger("cycguard.listen")
 
@@ -56,21 +64,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for Gadgetron (one connection)")
     parser.add_argument("--forever", action="store_true", help="serve every connection, each in a process forked from a warm start")
-    parser.add_argument("--max-sessions", type=int, default=4, help="with --forever: connections served at once (default 4)")
-    parser.add_argument("--threads", type=int, default=0, help="with --forever: torch threads per connection (default: cores / max-sessions)")
+    parser.add_argument("--max-sessions", type=int, default=64,
+                        help="with --forever: connections open at once (default 64; a distributed scan holds one per slice until it ends)")
+    parser.add_argument("--max-busy", type=int, default=0, help="with --forever: sessions computing at once (default: the cores)")
+    parser.add_argument("--threads", type=int, default=0, help="with --forever: torch threads per session (default: cores / max-busy)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.module.startswith("gadgets."):
         parser.error("only CycGuard gadgets (gadgets.*) are served")
     if args.max_sessions < 1:
         parser.error("--max-sessions must be at least 1")
+    if args.max_busy < 0 or args.threads < 0:
+        parser.error("--max-busy and --threads must not be negative")
     target = getattr(importlib.import_module(args.module), args.target)
     if args.bind not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this port can send data to the gadget", args.bind)
     with socket.create_server((args.bind, args.port)) as server:
         if args.forever:
-            threads = args.threads or share(args.max_sessions)
-            return serve_forever(server, target, args.max_sessions, threads)
+            busy = args.max_busy or available_cores()
+            return serve_forever(server, target, args.max_sessions, busy, args.threads or share(busy))
         server.settimeout(args.timeout)
         log.info("waiting for Gadgetron on %s:%d", args.bind, args.port)
         sock, peer = _accept(server)
@@ -110,9 +122,46 @@ def warm_up() -> None:
     loaded_model("", "auto")  # without CUDA the same copy serves "cpu"
 
 
-def serve_forever(server: socket.socket, target: Callable[[Any], None], max_sessions: int, threads: int) -> int:
-    """Accept connections until SIGTERM or SIGINT; each is served by a forked child."""
+class ComputeSlots:
+    """At most ``count`` forked sessions compute at once: a slot is an exclusive ``flock`` on one
+    of ``count`` files, opened afresh by the session that takes it (a lock belongs to its open
+    file, and forked children would share the parent's), so the kernel frees the slot of a
+    session that dies holding it."""
+
+    def __init__(self, count: int) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="cycguard-slots-"))
+        self.paths = [self.folder / f"slot{n}" for n in range(count)]
+        for path in self.paths:
+            path.touch()
+        self.held: int | None = None
+
+    def __enter__(self) -> ComputeSlots:
+        while True:
+            for path in self.paths:
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                self.held = fd
+                return self
+            time.sleep(0.005)
+
+    def __exit__(self, *_: object) -> None:
+        if self.held is not None:
+            os.close(self.held)  # closing the only descriptor of that open file releases its lock
+            self.held = None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def serve_forever(server: socket.socket, target: Callable[[Any], None], max_sessions: int, max_busy: int, threads: int) -> int:
+    """Accept connections until SIGTERM or SIGINT; each is served by a forked child, at most
+    ``max_sessions`` open and ``max_busy`` computing at once."""
     warm_up()
+    slots = ComputeSlots(max_busy)
     children: set[int] = set()
     stopping = {"now": False}
 
@@ -123,7 +172,8 @@ def serve_forever(server: socket.socket, target: Callable[[Any], None], max_sess
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.getsockname()[:2]
-    log.info("warm: serving every connection on %s:%d, at most %d at once, %d torch thread(s) each", host, port, max_sessions, threads)
+    log.info("warm: serving every connection on %s:%d, at most %d open and %d computing at once, %d torch thread(s) each",
+             host, port, max_sessions, max_busy, threads)
     while not stopping["now"]:
         _reap(children, block=len(children) >= max_sessions)
         try:
@@ -138,6 +188,7 @@ def serve_forever(server: socket.socket, target: Callable[[Any], None], max_sess
                 import torch
 
                 torch.set_num_threads(threads)
+                COMPUTE_GATE[:] = [slots]
                 log.info("connection from %s", peer)
                 with SafeConnection(sock) as connection:
                     target(connection)
@@ -154,6 +205,7 @@ def serve_forever(server: socket.socket, target: Callable[[Any], None], max_sess
     log.info("stopping: waiting for %d session(s) in flight", len(children))
     while children:
         _reap(children, block=True)
+    slots.remove()
     return 0
 
 

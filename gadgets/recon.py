@@ -4,6 +4,12 @@
 each buffer: coil maps from the ACS lines, the zero-filled image and the unrolled network
 (:func:`recon.pipeline.reconstruct`). With ``forward_internal`` the buffer and the coil maps
 go downstream too (contract: :mod:`gadgets.convert`).
+
+Acquisitions may come in instead of buffers (a ``<distributed>`` worker stream, which gets one
+slice's acquisitions and stays open until the whole scan ends): each 2-D slice's acquisitions
+are collected and become its buffer, as ``BucketToBufferGadget`` makes it, as soon as the
+slice's ``ACQ_LAST_IN_SLICE`` acquisition arrives, so its image leaves while the scan goes on;
+whatever is still collected when the stream ends is reconstructed then.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import ismrmrd
 from gadgetron.types.recon_data import ReconData
 
 from gadgets.convert import buffer_slices, maps_message
 from gadgets.params import ReconSettings
+from gadgets.runner.frontend import Bucket, BucketToBuffer
 from gadgets.stages import Resources, SliceError, gadget_logging, serve
 from recon.io.mrd import missing_slices
 from recon.io.mrd_write import to_ismrmrd_image
@@ -39,8 +47,13 @@ class ReconStage:
         self.protocol = resources.protocol()
         self.seen_slices: set[int] = set()
         self.count = 0
+        self.header_xml = resources.header_xml
+        self.to_buffer: BucketToBuffer | None = None
+        self.collecting: dict[tuple[int, ...], Bucket] = {}  # acquisitions in: per 2-D slice until its last
 
     def process(self, item: Any) -> Iterable[Any]:
+        if isinstance(item, ismrmrd.Acquisition):
+            return self._collect(item)
         if not isinstance(item, ReconData):
             return [item]
         parts = buffer_slices(item, self.bandwidth)
@@ -66,10 +79,33 @@ class ReconStage:
             log.info("recon %s in %.3f s", part.data.key, seconds)
         return out
 
+    def _collect(self, acq: ismrmrd.Acquisition) -> list[Any]:
+        idx = acq.idx
+        key = (int(idx.slice), int(idx.contrast), int(idx.repetition), int(idx.set), int(idx.phase))
+        self.collecting.setdefault(key, Bucket()).acquisitions.append(acq)
+        return self._buffers([key]) if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else []
+
+    def _buffers(self, keys: Iterable[tuple[int, ...]]) -> list[Any]:
+        """The collected slices ``keys`` as buffers, reconstructed."""
+        self.to_buffer = self.to_buffer or BucketToBuffer(self.header_xml, {})
+        out: list[Any] = []
+        for key in keys:
+            bucket = self.collecting.pop(key)
+            try:
+                buffers = list(self.to_buffer.process(bucket))
+            except ValueError as err:  # e.g. only calibration lines: that slice fails, the others go on
+                self.seen_slices.add(key[0])
+                out.append(SliceError(f"{err}; not reconstructed"))
+                continue
+            for buffer in buffers:
+                out += self.process(buffer)
+        return out
+
     def close(self) -> Iterable[Any]:
+        out = self._buffers(sorted(self.collecting, key=lambda k: self.collecting[k].acquisitions[0].scan_counter))
         if not self.settings.account_slices:
-            return []
-        return [
+            return out
+        return out + [
             SliceError(f"slice {n}: no data arrived, though the header's encoding limits give {self.protocol.slices} slices (truncated acquisition?)")
             for n in missing_slices(self.protocol, self.seen_slices)
         ]

@@ -13,6 +13,7 @@ to stdout: in Gadgetron it is the data pipe.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import socket
@@ -314,21 +315,31 @@ def build_stages(module: str, target: str, config: Any, header_xml: str) -> list
     return stages
 
 
-def run_stages(stages: list[Stage], items: Iterable[Any]) -> Iterator[Any]:
-    """Push every item through the stages in order, then close them in order."""
+def run_stages(stages: list[Stage], items: Iterable[Any], gate: contextlib.AbstractContextManager[Any] | None = None) -> Iterator[Any]:
+    """Push every item through the stages in order, then close them in order. ``gate`` is held
+    while a stage computes (one ``process`` or ``close`` call at a time, released before what it
+    gave moves on): a warm gadget server bounds how many of its sessions compute at once."""
+    held = gate if gate is not None else contextlib.nullcontext()
 
     def push(index: int, item: Any) -> Iterator[Any]:
         if index == len(stages):
             yield item
             return
-        for out in stages[index].process(item):
+        with held:
+            outs = list(stages[index].process(item))
+        for out in outs:
             yield from push(index + 1, out)
 
     for item in items:
         yield from push(0, item)
     for index, stage in enumerate(stages):
-        for out in stage.close():
+        with held:
+            outs = list(stage.close())
+        for out in outs:
             yield from push(index + 1, out)
+
+
+COMPUTE_GATE: list[contextlib.AbstractContextManager[Any]] = []  # set by a warm gadget server's sessions (gadgets.listen)
 
 
 class SafeSocket:
@@ -396,7 +407,7 @@ def serve(connection: Any, module: str, target: str) -> None:
     name = f"{module}:{target}"
     try:
         stages = build_stages(module, target, connection.raw_bytes.config, _text(connection.raw_bytes.header))
-        for item in run_stages(stages, connection):
+        for item in run_stages(stages, connection, COMPUTE_GATE[0] if COMPUTE_GATE else None):
             if isinstance(item, SliceError):
                 log.error("%s", item.message)
                 connection.socket.write(error_frame(item.message))

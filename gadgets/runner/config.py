@@ -334,7 +334,7 @@ def check_pipeline(pipeline: Pipeline, allow_foreign: bool = True, connect_stage
                     f"{pipeline.source}: the {name} stage of {node.name} needs the k-space buffer and coil maps: "
                     "set forward_internal=true on the CycGuard gadget before it"
                 )
-            if name in ("attack", "recon") and not seen_buffer:
+            if name == "attack" and not seen_buffer:  # recon also takes acquisitions, a slice at its last one
                 raise PipelineError(f"{pipeline.source}: the {name} stage of {node.name} needs BucketToBufferGadget before it")
             if name == "attack":
                 warnings.append(f"{node.name}: the red-team attack gadget perturbs k-space: for evaluation only, never clinical use")

@@ -152,7 +152,7 @@ def test_warm_workers_give_the_same_slices_from_one_forking_gadget_server(cluste
     log = tmp_path / "listen.log"
     with log.open("w") as sink:
         server = subprocess.Popen(
-            [sys.executable, "-m", "gadgets.listen", "gadgets.composed", "composed", "--port", str(port), "--forever", "--max-sessions", "2"],
+            [sys.executable, "-m", "gadgets.listen", "gadgets.composed", "composed", "--port", str(port), "--forever", "--max-busy", "2"],
             stdout=subprocess.DEVNULL, stderr=sink, env=host.tool_env(),
         )
     try:

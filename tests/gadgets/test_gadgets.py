@@ -157,6 +157,46 @@ def _front(header: str) -> list[object]:
     return [frontend.build(n, header, p) for n, p in zip(names, props, strict=True)]
 
 
+
+def test_recon_takes_acquisitions_and_sends_a_slices_image_at_its_last_one(small_raw: tuple) -> None:
+    """A <distributed> worker stream stays open until the scan ends: the recon stage makes each
+    slice's buffer itself, at its ACQ_LAST_IN_SLICE acquisition, not at the end of the stream."""
+    from gadgets.stages import build_stages
+
+    path = small_raw[0]
+    scan = read_raw(path)
+    config = _config(device="cpu", account_slices="false")
+    from_buffers = [i for i in run_stages(build_stages("gadgets.recon", "recon", config, scan.xml),
+                                          run_stages(_front(scan.xml), stream_raw(path))) if isinstance(i, ismrmrd.Image)]  # type: ignore[arg-type]
+    acquisitions = list(run_stages(_front(scan.xml)[:2], stream_raw(path)))  # type: ignore[arg-type]  # whitened, readout cropped
+    last_of_slice = [n for n, a in enumerate(acquisitions) if a.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE)]
+    (stage,) = build_stages("gadgets.recon", "recon", config, scan.xml)
+    sent_at, images = [], []
+    for n, acq in enumerate(acquisitions):
+        out = [i for i in stage.process(acq) if isinstance(i, ismrmrd.Image)]
+        sent_at += [n] * len(out)
+        images += out
+    assert list(stage.close()) == []
+    assert len(last_of_slice) == len(scan.slices) == 2 and sent_at == last_of_slice
+    for image, reference in zip(images, from_buffers, strict=True):
+        assert image.slice == reference.slice and image.image_index == reference.image_index
+        np.testing.assert_array_equal(image.data, reference.data)
+
+
+def test_a_slice_whose_last_acquisition_never_came_is_an_error_at_the_end_as_a_cut_off_one(small_raw: tuple) -> None:
+    from gadgets.stages import SliceError, build_stages
+
+    path = small_raw[0]
+    scan = read_raw(path)
+    acquisitions = list(run_stages(_front(scan.xml)[:2], stream_raw(path)))  # type: ignore[arg-type]
+    for acq in acquisitions:
+        acq.clear_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+    (stage,) = build_stages("gadgets.recon", "recon", _config(device="cpu"), scan.xml)
+    assert [out for acq in acquisitions for out in stage.process(acq)] == []  # held: no slice is complete
+    closing = list(stage.close())
+    assert all(isinstance(item, SliceError) for item in closing) and len(closing) == 2
+    assert all("no ACQ_LAST_IN_SLICE acquisition: the data are truncated; not reconstructed" in e.message for e in closing)
+
 def test_front_end_gives_the_slices_the_offline_reader_gives(small_raw: tuple) -> None:
     path = small_raw[0]
     scan = read_raw(path)
