@@ -31,12 +31,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 from tqdm import tqdm
 
 from gadgets.cores import available_cores
@@ -92,8 +94,25 @@ class WarmServer:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the warm gadget server did not start: {log.read_text()[-2000:]}")
             time.sleep(0.2)
+        self.peak_sessions, self.peak_sessions_gib = 0, 0.0  # its sessions at once, and their memory of their own (USS)
+        self.done = threading.Event()
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+        self.sampler.start()
+
+    def _sample(self) -> None:
+        parent = psutil.Process(self.process.pid)
+        while not self.done.wait(0.3):
+            try:
+                sessions = parent.children()
+                gib = sum(s.memory_full_info().uss for s in sessions) / 2**30
+            except psutil.Error:  # a session ended while being read
+                continue
+            self.peak_sessions = max(self.peak_sessions, len(sessions))
+            self.peak_sessions_gib = max(self.peak_sessions_gib, gib)
 
     def stop(self) -> None:
+        self.done.set()
+        self.sampler.join()
         self.process.terminate()
         self.process.wait(timeout=120)
 
@@ -194,6 +213,7 @@ def main() -> int:
         reference: list[str | None] | None = None
         for name, script, config, workers in tqdm(cases, desc="configurations", unit="case"):
             runs = []
+            peak: dict[str, float] = {}
             # one warm gadget server for the machine (all workers here share it), computing sessions as the cores
             server = WarmServer(port, available_cores(), folder / f"listen{len(rows)}.log") if script == warm else None
             try:
@@ -204,6 +224,7 @@ def main() -> int:
             finally:
                 if server is not None:
                     server.stop()
+                    peak = {"warm_sessions_peak": server.peak_sessions, "warm_sessions_gib_peak": round(server.peak_sessions_gib, 2)}
             reference = reference or runs[0].verdicts
             if any(r.verdicts != reference for r in runs):
                 raise RuntimeError(f"{name}: verdicts {[r.verdicts for r in runs]} differ from the single node's {reference}")
@@ -219,6 +240,7 @@ def main() -> int:
                 "runs_wall_s": [round(r.wall_s, 2) for r in runs],
                 "latency_s_median": round(statistics.median(latency), 3) if latency else None,
                 "latency_s_max": round(max(latency), 3) if latency else None,
+                **peak,
             })
     base = rows[0]["slices_per_s"]
     for row in rows:
