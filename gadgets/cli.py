@@ -146,7 +146,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         _out(f"ok   {name} ({len(pipeline.nodes)} nodes: {', '.join(_node_name(n) for n in pipeline.nodes)})")
         if pipeline.distributed:
             start, end = pipeline.span
-            _out(f"     distributed: nodes {start + 1}-{end} run on Gadgetron workers ({pipeline.distributed}); replay and serve run them in line")
+            nodes = f"node {end} runs" if end == start + 1 else f"nodes {start + 1}-{end} run"
+            _out(f"     distributed: {nodes} on Gadgetron workers ({pipeline.distributed}); replay and serve run the block in line")
         for warning in warnings:
             _out(f"     warning: {warning}")
     return status
