@@ -23,14 +23,12 @@ import fcntl
 import importlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from gadgetron.external.connection import Connection
@@ -65,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for Gadgetron (one connection)")
     parser.add_argument("--forever", action="store_true", help="serve every connection, each in a process forked from a warm start")
     parser.add_argument("--max-sessions", type=int, default=64,
-                        help="with --forever: connections open at once (default 64; a distributed scan holds one per slice until it ends)")
+                        help="with --forever: connections open at once (default 64; a distributed scan holds one per slice until it ends; "
+                             "with CUDA each loads its own network: size it to the GPU's memory)")
     parser.add_argument("--max-busy", type=int, default=0, help="with --forever: sessions computing at once (default: the cores)")
     parser.add_argument("--threads", type=int, default=0, help="with --forever: torch threads per session (default: cores / max-busy)")
     args = parser.parse_args(argv)
@@ -123,22 +122,20 @@ def warm_up() -> None:
 
 
 class ComputeSlots:
-    """At most ``count`` forked sessions compute at once: a slot is an exclusive ``flock`` on one
-    of ``count`` files, opened afresh by the session that takes it (a lock belongs to its open
-    file, and forked children would share the parent's), so the kernel frees the slot of a
-    session that dies holding it."""
+    """At most ``count`` forked sessions compute at once. A slot is an exclusive ``flock`` on one
+    of ``count`` unlinked files the server holds open; a session takes one by opening the file
+    afresh through ``/proc/self/fd`` (a lock belongs to an open file, which forked children would
+    otherwise share), so the kernel frees the slot of a session that dies holding it, and no
+    file on disk can be cleaned away under a server that runs for weeks. Linux only."""
 
     def __init__(self, count: int) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="cycguard-slots-"))
-        self.paths = [self.folder / f"slot{n}" for n in range(count)]
-        for path in self.paths:
-            path.touch()
+        self.files = [tempfile.TemporaryFile() for _ in range(count)]  # noqa: SIM115 - open for the server's life
         self.held: int | None = None
 
     def __enter__(self) -> ComputeSlots:
         while True:
-            for path in self.paths:
-                fd = os.open(path, os.O_RDWR)
+            for slot in self.files:
+                fd = os.open(f"/proc/self/fd/{slot.fileno()}", os.O_RDWR)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -154,7 +151,8 @@ class ComputeSlots:
             self.held = None
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        for slot in self.files:
+            slot.close()
 
 
 def serve_forever(server: socket.socket, target: Callable[[Any], None], max_sessions: int, max_busy: int, threads: int) -> int:
@@ -175,6 +173,9 @@ def serve_forever(server: socket.socket, target: Callable[[Any], None], max_sess
     log.info("warm: serving every connection on %s:%d, at most %d open and %d computing at once, %d torch thread(s) each",
              host, port, max_sessions, max_busy, threads)
     while not stopping["now"]:
+        if len(children) >= max_sessions:
+            log.warning("%d sessions open (--max-sessions): the next connection waits for one to end, which in a distributed "
+                        "scan is the scan's end", len(children))
         _reap(children, block=len(children) >= max_sessions)
         try:
             sock, peer = _accept(server)

@@ -9,7 +9,10 @@ Acquisitions may come in instead of buffers (a ``<distributed>`` worker stream, 
 slice's acquisitions and stays open until the whole scan ends): each 2-D slice's acquisitions
 are collected and become its buffer, as ``BucketToBufferGadget`` makes it, as soon as the
 slice's ``ACQ_LAST_IN_SLICE`` acquisition arrives, so its image leaves while the scan goes on;
-whatever is still collected when the stream ends is reconstructed then.
+whatever is still collected when the stream ends is reconstructed then. This needs a slice's
+lines to end with that flag once: a line that comes after it (another average, a separate
+reference scan) is an error for that slice, not folded silently into another image; noise
+scans must have been consumed by NoiseAdjust upstream.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import ismrmrd
 from gadgetron.types.recon_data import ReconData
 
-from gadgets.convert import buffer_slices, maps_message
+from gadgets.convert import ContractError, buffer_slices, maps_message
 from gadgets.params import ReconSettings
 from gadgets.runner.frontend import Bucket, BucketToBuffer
 from gadgets.stages import Resources, SliceError, gadget_logging, serve
@@ -50,6 +53,8 @@ class ReconStage:
         self.header_xml = resources.header_xml
         self.to_buffer: BucketToBuffer | None = None
         self.collecting: dict[tuple[int, ...], Bucket] = {}  # acquisitions in: per 2-D slice until its last
+        self.released: set[tuple[int, ...]] = set()  # slices made at their last acquisition
+        self.late: set[tuple[int, ...]] = set()  # of those, the ones a line came after (reported once)
 
     def process(self, item: Any) -> Iterable[Any]:
         if isinstance(item, ismrmrd.Acquisition):
@@ -80,10 +85,23 @@ class ReconStage:
         return out
 
     def _collect(self, acq: ismrmrd.Acquisition) -> list[Any]:
+        if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            raise ContractError("a noise scan reached gadgets.recon: put NoiseAdjustGadget before it (it consumes them and whitens the data)")
         idx = acq.idx
         key = (int(idx.slice), int(idx.contrast), int(idx.repetition), int(idx.set), int(idx.phase))
+        if key in self.released:
+            if key in self.late:
+                return []
+            self.late.add(key)
+            return [SliceError(
+                f"slice {key[0]}: acquisitions after its ACQ_LAST_IN_SLICE (another average or a separate reference scan?): its image "
+                "was made at that acquisition, without them; such a scan needs the single-node pipeline's slice trigger"
+            )]
         self.collecting.setdefault(key, Bucket()).acquisitions.append(acq)
-        return self._buffers([key]) if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else []
+        if not acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
+            return []
+        self.released.add(key)
+        return self._buffers([key])
 
     def _buffers(self, keys: Iterable[tuple[int, ...]]) -> list[Any]:
         """The collected slices ``keys`` as buffers, reconstructed."""

@@ -318,14 +318,17 @@ def build_stages(module: str, target: str, config: Any, header_xml: str) -> list
 def run_stages(stages: list[Stage], items: Iterable[Any], gate: contextlib.AbstractContextManager[Any] | None = None) -> Iterator[Any]:
     """Push every item through the stages in order, then close them in order. ``gate`` is held
     while a stage computes (one ``process`` or ``close`` call at a time, released before what it
-    gave moves on): a warm gadget server bounds how many of its sessions compute at once."""
+    gave moves on; collecting an acquisition that does not end its slice is not computing): a
+    warm gadget server bounds how many of its sessions compute at once."""
     held = gate if gate is not None else contextlib.nullcontext()
+    free = contextlib.nullcontext()
 
     def push(index: int, item: Any) -> Iterator[Any]:
         if index == len(stages):
             yield item
             return
-        with held:
+        light = isinstance(item, ismrmrd.Acquisition) and not item.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE)
+        with free if light else held:
             outs = list(stages[index].process(item))
         for out in outs:
             yield from push(index + 1, out)

@@ -289,7 +289,8 @@ def check_pipeline(pipeline: Pipeline, allow_foreign: bool = True, connect_stage
 
     Checks our gadgets' properties, that every detect/mitigate stage receives the internal
     messages it needs, that no internal message leaves the chain, and the order of the
-    C++ front end (accumulate before bucket-to-buffer, bucket-to-buffer before our gadgets).
+    C++ front end (accumulate before bucket-to-buffer, bucket-to-buffer before our gadgets;
+    inside a ``<distributed>`` block the recon stage takes the acquisitions itself).
     ``connect_stages`` names the stages behind a passive ``<connect>`` node when known.
     """
     warnings: list[str] = []
@@ -298,7 +299,8 @@ def check_pipeline(pipeline: Pipeline, allow_foreign: bool = True, connect_stage
     front = [n.classname for n in pipeline.nodes if isinstance(n, CppGadget)]
     if "AcquisitionAccumulateTriggerGadget" in front and "BucketToBufferGadget" not in front:
         raise PipelineError(f"{pipeline.source}: AcquisitionAccumulateTriggerGadget must be followed by BucketToBufferGadget")
-    for node in pipeline.nodes:
+    for number, node in enumerate(pipeline.nodes):
+        in_block = bool(pipeline.distributed) and pipeline.span[0] <= number < pipeline.span[1]
         if isinstance(node, CppGadget):
             if stages:
                 raise PipelineError(f"{pipeline.source}: C++ gadget {node.classname} after an external node is not supported")
@@ -334,8 +336,12 @@ def check_pipeline(pipeline: Pipeline, allow_foreign: bool = True, connect_stage
                     f"{pipeline.source}: the {name} stage of {node.name} needs the k-space buffer and coil maps: "
                     "set forward_internal=true on the CycGuard gadget before it"
                 )
-            if name == "attack" and not seen_buffer:  # recon also takes acquisitions, a slice at its last one
+            # in a <distributed> worker stream recon takes the slice's acquisitions, a slice at its last one
+            if not seen_buffer and (name == "attack" or (name == "recon" and not in_block)):
                 raise PipelineError(f"{pipeline.source}: the {name} stage of {node.name} needs BucketToBufferGadget before it")
+            if name == "recon" and in_block and "NoiseAdjustGadget" not in front:
+                raise PipelineError(f"{pipeline.source}: the recon stage of {node.name} takes the slices' acquisitions: "
+                                    "NoiseAdjustGadget must come before the <distributed> block")
             if name == "attack":
                 warnings.append(f"{node.name}: the red-team attack gadget perturbs k-space: for evaluation only, never clinical use")
                 if any(s == "recon" for s, _ in stages):

@@ -197,6 +197,24 @@ def test_a_slice_whose_last_acquisition_never_came_is_an_error_at_the_end_as_a_c
     assert all(isinstance(item, SliceError) for item in closing) and len(closing) == 2
     assert all("no ACQ_LAST_IN_SLICE acquisition: the data are truncated; not reconstructed" in e.message for e in closing)
 
+
+def test_lines_after_a_slices_last_one_are_an_error_and_noise_scans_a_contract_error(small_raw: tuple) -> None:
+    from gadgets.convert import ContractError
+    from gadgets.stages import SliceError, build_stages
+
+    path = small_raw[0]
+    scan = read_raw(path)
+    acquisitions = list(run_stages(_front(scan.xml)[:2], stream_raw(path)))  # type: ignore[arg-type]
+    first_slice = [a for a in acquisitions if a.idx.slice == 0]
+    (stage,) = build_stages("gadgets.recon", "recon", _config(device="cpu", account_slices="false"), scan.xml)
+    sent = [out for acq in first_slice for out in stage.process(acq)]
+    assert sum(isinstance(i, ismrmrd.Image) for i in sent) == 1
+    again = [out for acq in first_slice[:3] for out in stage.process(acq)]  # a second average of slice 0
+    assert len(again) == 1 and isinstance(again[0], SliceError) and "after its ACQ_LAST_IN_SLICE" in again[0].message
+    raw_noise = next(a for a in stream_raw(path) if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+    with pytest.raises(ContractError, match="put NoiseAdjustGadget before it"):
+        stage.process(raw_noise)
+
 def test_front_end_gives_the_slices_the_offline_reader_gives(small_raw: tuple) -> None:
     path = small_raw[0]
     scan = read_raw(path)

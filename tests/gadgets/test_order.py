@@ -143,6 +143,8 @@ def test_the_runner_runs_a_distributed_block_in_line() -> None:
         (_block(WORKER_STREAM + "<distributed/>"), "only one <distributed> block"),
         (DISTRIBUTED.read_text().replace("<classname>ImageReader</classname>", "<classname>AcquisitionReader</classname>"), "need the ImageReader"),
         (_block(""), "needs a <stream>"),
+        (DISTRIBUTED.read_text().replace("<classname>NoiseAdjustGadget</classname>", "<classname>RemoveROOversamplingGadget</classname>", 1),
+         "NoiseAdjustGadget must come before the <distributed> block"),
     ],
 )
 def test_a_wrong_distributed_block_is_named(text: str, message: str) -> None:
@@ -189,3 +191,12 @@ def test_a_gadget_started_without_its_target_is_recognised() -> None:
     assert launched_without_target(["/x/site-packages/gadgetron/__main__.py", "9002", "gadgets.recon"])
     assert not launched_without_target(["/x/site-packages/gadgetron/__main__.py", "9002", "gadgets.recon", "recon"])
     assert not launched_without_target(["/x/bin/cycguard", "workers", "gadgets.x"])
+
+
+def test_outside_a_distributed_block_recon_still_needs_the_buffer() -> None:
+    text = (ROOT / "pipelines" / "recon.xml").read_text()
+    for classname in ("AcquisitionAccumulateTriggerGadget", "BucketToBufferGadget"):
+        start = text.index(f"<gadget><dll>gadgetron_mricore</dll><classname>{classname}</classname>")
+        text = text[:start] + text[text.index("</gadget>", start) + len("</gadget>"):]
+    with pytest.raises(PipelineError, match="needs BucketToBufferGadget before it"):
+        check_pipeline(parse_pipeline(text, "test.xml"))
