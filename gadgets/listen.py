@@ -27,7 +27,6 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -133,17 +132,21 @@ class ComputeSlots:
         self.held: int | None = None
 
     def __enter__(self) -> ComputeSlots:
-        while True:
-            for slot in self.files:
-                fd = os.open(f"/proc/self/fd/{slot.fileno()}", os.O_RDWR)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                self.held = fd
-                return self
-            time.sleep(0.005)
+        for slot in self.files:  # a free slot, if there is one
+            fd = os.open(f"/proc/self/fd/{slot.fileno()}", os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.held = fd
+            return self
+        # else sleep in the kernel on one of them (by process id, so waiters spread over the
+        # slots), not poll: waiting sessions take no CPU from the ones computing
+        fd = os.open(f"/proc/self/fd/{self.files[os.getpid() % len(self.files)].fileno()}", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.held = fd
+        return self
 
     def __exit__(self, *_: object) -> None:
         if self.held is not None:
