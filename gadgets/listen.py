@@ -115,9 +115,13 @@ def warm_up() -> None:
     if torch.cuda.is_available():
         log.info("CUDA present: the network is loaded per session (CUDA does not survive a fork)")
         return
-    from gadgets.stages import loaded_model
+    from gadgets.stages import STAGE_CLASSES, loaded_model
 
     loaded_model("", "auto")  # without CUDA the same copy serves "cpu"
+    for spec in STAGE_CLASSES.values():  # the stage modules too, not once per session
+        module = spec.split(":")[0]
+        if module != "gadgets.redteam":  # evaluation only: imported by a session that asks for it
+            importlib.import_module(module)
 
 
 class ComputeSlots:

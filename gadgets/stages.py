@@ -317,29 +317,39 @@ def build_stages(module: str, target: str, config: Any, header_xml: str) -> list
 
 def run_stages(stages: list[Stage], items: Iterable[Any], gate: contextlib.AbstractContextManager[Any] | None = None) -> Iterator[Any]:
     """Push every item through the stages in order, then close them in order. ``gate`` is held
-    while a stage computes (one ``process`` or ``close`` call at a time, released before what it
-    gave moves on; collecting an acquisition that does not end its slice is not computing): a
-    warm gadget server bounds how many of its sessions compute at once."""
+    while an item goes through the stages (from the first stage to the last, so a slice once
+    begun is finished before the slot goes to another session) and while they close; what
+    leaves the chain is sent after it is released. Collecting an acquisition that does not end
+    its slice is not computing. A warm gadget server bounds with it how many of its sessions
+    compute at once."""
     held = gate if gate is not None else contextlib.nullcontext()
-    free = contextlib.nullcontext()
 
     def push(index: int, item: Any) -> Iterator[Any]:
         if index == len(stages):
             yield item
             return
-        light = isinstance(item, ismrmrd.Acquisition) and not item.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE)
-        with free if light else held:
-            outs = list(stages[index].process(item))
-        for out in outs:
+        for out in stages[index].process(item):
             yield from push(index + 1, out)
 
+    def closing() -> Iterator[Any]:
+        for index, stage in enumerate(stages):
+            for out in stage.close():
+                yield from push(index + 1, out)
+
     for item in items:
-        yield from push(0, item)
-    for index, stage in enumerate(stages):
+        light = isinstance(item, ismrmrd.Acquisition) and not item.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE)
+        if gate is None or light:
+            yield from push(0, item)
+            continue
         with held:
-            outs = list(stage.close())
-        for out in outs:
-            yield from push(index + 1, out)
+            outs = list(push(0, item))
+        yield from outs
+    if gate is None:
+        yield from closing()
+        return
+    with held:
+        outs = list(closing())
+    yield from outs
 
 
 COMPUTE_GATE: list[contextlib.AbstractContextManager[Any]] = []  # set by a warm gadget server's sessions (gadgets.listen)
