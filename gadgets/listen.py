@@ -12,7 +12,8 @@ take. That is what a ``<distributed>`` worker stream needs, where every slice is
 connection (``docs/DISTRIBUTED.md``). Gadgetron keeps each slice's connection open until the
 whole scan ends, so connections (``--max-sessions``, default 64) and compute are bounded apart:
 at most ``--max-busy`` sessions (default: the cores) compute at once, each with
-cores / max-busy torch threads, and a session waits for a free slot only while it computes. On a machine with CUDA the
+cores / max-busy torch threads; a session holds a slot from its slice's last line through that
+slice's stages (collecting lines takes none). On a machine with CUDA the
 network is not preloaded (CUDA does not survive a fork): each session loads its own.
 """
 
