@@ -26,7 +26,7 @@ from gadgetron.types.recon_data import ReconData
 
 from gadgets.convert import ContractError, buffer_slices, maps_message
 from gadgets.params import ReconSettings
-from gadgets.runner.frontend import Bucket, BucketToBuffer
+from gadgets.runner.frontend import Bucket, BucketToBuffer, slice_key
 from gadgets.stages import Resources, SliceError, gadget_logging, serve
 from recon.io.mrd import missing_slices
 from recon.io.mrd_write import to_ismrmrd_image
@@ -87,8 +87,7 @@ class ReconStage:
     def _collect(self, acq: ismrmrd.Acquisition) -> list[Any]:
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             raise ContractError("a noise scan reached gadgets.recon: put NoiseAdjustGadget before it (it consumes them and whitens the data)")
-        idx = acq.idx
-        key = (int(idx.slice), int(idx.contrast), int(idx.repetition), int(idx.set), int(idx.phase))
+        key = slice_key(acq)
         if key in self.released:
             if key in self.late:
                 return []

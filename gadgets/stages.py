@@ -322,7 +322,6 @@ def run_stages(stages: list[Stage], items: Iterable[Any], gate: contextlib.Abstr
     leaves the chain is sent after it is released. Collecting an acquisition that does not end
     its slice is not computing. A warm gadget server bounds with it how many of its sessions
     compute at once."""
-    held = gate if gate is not None else contextlib.nullcontext()
 
     def push(index: int, item: Any) -> Iterator[Any]:
         if index == len(stages):
@@ -341,13 +340,13 @@ def run_stages(stages: list[Stage], items: Iterable[Any], gate: contextlib.Abstr
         if gate is None or light:
             yield from push(0, item)
             continue
-        with held:
+        with gate:
             outs = list(push(0, item))
         yield from outs
     if gate is None:
         yield from closing()
         return
-    with held:
+    with gate:
         outs = list(closing())
     yield from outs
 

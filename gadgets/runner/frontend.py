@@ -164,6 +164,12 @@ class Bucket:
     acquisitions: list[ismrmrd.Acquisition] = field(default_factory=list)
 
 
+def slice_key(acq: ismrmrd.Acquisition) -> tuple[int, ...]:
+    """The 2-D slice an acquisition belongs to: (slice, contrast, repetition, set, phase)."""
+    idx = acq.idx
+    return (int(idx.slice), int(idx.contrast), int(idx.repetition), int(idx.set), int(idx.phase))
+
+
 def _counter(acq: ismrmrd.Acquisition, dimension: str) -> int:
     return int(getattr(acq.idx, dimension))
 
@@ -230,9 +236,7 @@ class BucketToBuffer:
         for acq in item.acquisitions:
             if any(acq.is_flag_set(flag) for flag in SKIPPED_FLAGS.values()):
                 continue
-            idx = acq.idx
-            key = (int(idx.slice), int(idx.contrast), int(idx.repetition), int(idx.set), int(idx.phase))
-            groups.setdefault(key, []).append(acq)
+            groups.setdefault(slice_key(acq), []).append(acq)
         return [self._buffer(acqs) for _, acqs in sorted(groups.items(), key=lambda kv: kv[1][0].scan_counter)]
 
     def _buffer(self, acqs: list[ismrmrd.Acquisition]) -> ReconData:
